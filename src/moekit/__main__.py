@@ -1,0 +1,7 @@
+"""``python -m moekit`` works like the ``moekit`` command (and under ``torchrun -m moekit``)."""
+
+import sys
+
+from moekit.cli import main
+
+sys.exit(main())

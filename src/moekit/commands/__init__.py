@@ -1,0 +1,1 @@
+"""One module per ``moekit`` subcommand; each exposes ``register(subparsers)``."""

@@ -1,0 +1,183 @@
+"""Sort-based token dispatch on one process: permute tokens into expert order, apply capacity, and undo it.
+
+This is how every fast dropless system moves tokens (MegaBlocks, ScatterMoE, torchtitan): a stable sort of the
+assignments by expert, one gather of the token rows, and one ``index_add`` back weighted by the gates. Its cost is
+O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (PERFORMANCE.md).
+
+Capacity and drop rules are ALGORITHMS.md section 1: ``C = max(min_capacity, ceil(CF * k * S / E))`` capped at S
+(per routing group); every first choice claims a slot before any second choice; within a choice rank tokens go in
+group order (or the router's batch-priority order); positions >= C are dropped and contribute zero; kept gates are
+not renormalised.
+
+Shape legend: S tokens of the call (G groups of T tokens each), D model width, E experts, K choices per token,
+A kept assignments (sorted by expert), N = S * K assignments in all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.routing.decision import RoutingDecision
+
+__all__ = [
+    "DispatchPlan",
+    "LocalDispatcher",
+    "combine",
+    "permute",
+    "plan_token_choice",
+    "token_choice_capacity",
+]
+
+
+def token_choice_capacity(
+    tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
+) -> int | None:
+    """``max(min_capacity, ceil(CF * k * T / E))`` capped at T; ``None`` (dropless) when ``capacity_factor`` is None.
+
+    With CF = 1.0 the slots exactly fit a perfectly balanced group. The cap at T holds because one expert can
+    receive each token of the group at most once.
+    """
+    if capacity_factor is None:
+        return None
+    cap = max(min_capacity, math.ceil(capacity_factor * top_k * tokens_per_group / num_experts))
+    return min(cap, tokens_per_group)
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept assignment goes, in expert order.
+
+    Attributes:
+        token_idx_A: int64 token index (in [0, S)) of each kept assignment, sorted by expert (then group).
+        assign_idx_A: int64 flat index ``s * K + k`` of each kept assignment, to gather its gate.
+        tokens_per_expert_E: int64 number of kept assignments per expert (sums to A).
+        num_assignments: number of assignments the router made (valid ones), before capacity.
+        num_dropped: assignments dropped for lack of capacity.
+        capacity: C per expert per group, or None for dropless.
+    """
+
+    token_idx_A: Tensor
+    assign_idx_A: Tensor
+    tokens_per_expert_E: Tensor
+    num_assignments: int
+    num_dropped: int
+    capacity: int | None
+
+    @property
+    def drop_fraction(self) -> float:
+        return self.num_dropped / self.num_assignments if self.num_assignments else 0.0
+
+
+def plan_token_choice(
+    expert_ids_SK: Tensor,
+    num_experts: int,
+    capacity: int | None,
+    *,
+    num_groups: int = 1,
+    valid_SK: Tensor | None = None,
+    priority_S: Tensor | None = None,
+) -> DispatchPlan:
+    """Sort the S * K assignments into expert order and apply the per-group capacity.
+
+    One stable sort does all the bookkeeping: the assignments are first laid out rank-major (all first choices,
+    then all second choices, ...) and, within a rank, in priority order (group order unless ``priority_S`` is
+    given); a stable sort by the bucket key ``expert * G + group`` then keeps that order inside each bucket, so a
+    bucket's first C entries are exactly the assignments that win its slots.
+    """
+    S, K = expert_ids_SK.shape
+    if num_groups < 1 or S % num_groups != 0:
+        raise ValueError(f"{S} tokens cannot be split into {num_groups} equal routing groups")
+    device = expert_ids_SK.device
+    T = S // num_groups
+    num_buckets = num_experts * num_groups
+
+    order_S = priority_S if priority_S is not None else torch.arange(S, device=device)
+    token_N = order_S.repeat(K)  # rank-major: [k=0: order..., k=1: order..., ...]
+    rank_N = torch.arange(K, device=device).repeat_interleave(S)
+    expert_N = expert_ids_SK[token_N, rank_N]
+    key_N = expert_N * num_groups + torch.div(token_N, T, rounding_mode="floor")
+    num_assignments = S * K
+    if valid_SK is not None:
+        valid_N = valid_SK[token_N, rank_N]
+        key_N = torch.where(valid_N, key_N, torch.full_like(key_N, num_buckets))  # sentinel bucket sorts last
+        num_assignments = int(valid_N.sum())
+
+    sorted_key_N, perm_N = torch.sort(key_N, stable=True)
+    counts_B = torch.bincount(key_N, minlength=num_buckets + 1)[:num_buckets]
+    if capacity is None:
+        n_kept = int(counts_B.sum())
+        kept_N = perm_N[:n_kept]
+        kept_counts_B = counts_B
+    else:
+        starts_B = torch.cumsum(counts_B, 0) - counts_B
+        in_bucket_N = sorted_key_N < num_buckets
+        pos_N = torch.arange(sorted_key_N.numel(), device=device) - starts_B[sorted_key_N.clamp(max=num_buckets - 1)]
+        keep_N = in_bucket_N & (pos_N < capacity)
+        kept_N = perm_N[keep_N]
+        kept_counts_B = counts_B.clamp(max=capacity)
+
+    token_idx_A = token_N[kept_N]
+    assign_idx_A = token_idx_A * K + rank_N[kept_N]
+    tokens_per_expert_E = kept_counts_B.view(num_experts, num_groups).sum(dim=1)
+    num_kept = int(token_idx_A.numel())
+    return DispatchPlan(
+        token_idx_A=token_idx_A,
+        assign_idx_A=assign_idx_A,
+        tokens_per_expert_E=tokens_per_expert_E,
+        num_assignments=num_assignments,
+        num_dropped=num_assignments - num_kept,
+        capacity=capacity,
+    )
+
+
+def permute(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
+    """Gather the token rows of the kept assignments into expert order: ``[A, D]``."""
+    return x_SD.index_select(0, plan.token_idx_A)
+
+
+def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int) -> Tensor:
+    """Weight each expert output by its gate and sum the k outputs of every token: ``[S, D]``.
+
+    Dropped assignments simply have no row, so they contribute zero, and the kept gates are used as they are (not
+    renormalised). The gate multiply happens before the scatter so the scatter moves one tensor, not two.
+    """
+    gates_A = gates_SK.reshape(-1).index_select(0, plan.assign_idx_A).to(y_AD.dtype)
+    weighted_AD = y_AD * gates_A.unsqueeze(-1)
+    out_SD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+    return out_SD.index_add(0, plan.token_idx_A, weighted_AD)
+
+
+@dataclass
+class _LocalState:
+    plan: DispatchPlan
+    gates_SK: Tensor
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """Single-process dispatcher. The expert-parallel dispatcher (``moekit.dispatch.all_to_all``) has the same
+    two methods, so a layer does not care where its experts live."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(
+        self, x_SD: Tensor, decision: RoutingDecision, capacity: int | None, num_groups: int = 1
+    ) -> tuple[Tensor, Tensor, _LocalState]:
+        """Returns ``(x_AD, tokens_per_expert_E, state)``: rows in expert order and the group sizes."""
+        plan = plan_token_choice(
+            decision.expert_ids_SK,
+            self.num_experts,
+            capacity,
+            num_groups=num_groups,
+            valid_SK=decision.valid_SK,
+            priority_S=decision.priority_S,
+        )
+        return permute(x_SD, plan), plan.tokens_per_expert_E, _LocalState(plan, decision.gates_SK, x_SD.shape[0])
+
+    def combine(self, y_AD: Tensor, state: _LocalState) -> Tensor:
+        return combine(y_AD, state.plan, state.gates_SK, state.num_tokens)

@@ -1,0 +1,102 @@
+"""The expert weights as one stacked bank ``[E, ...]``, run with a grouped matmul.
+
+Stacking (rather than an ``nn.ModuleList`` of FFNs) lets one kernel run every expert, lets an expert-parallel
+rank own a slice ``[E_local, ...]``, and keeps checkpoints as a handful of large tensors.
+
+Shape legend: A rows in expert order, D model width, F expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.experts.activations import ACTIVATIONS, GATED, check_activation
+from moekit.ops.grouped_mm import grouped_mm
+from moekit.routing._init import switch_init_
+
+__all__ = ["ExpertBank"]
+
+
+class ExpertBank(nn.Module):
+    """E feed-forward experts: ``w_out(dropout(act(x @ w_in)))``, or gated ``act(x @ w_gate) * (x @ w_in)``.
+
+    Args:
+        num_experts: E.
+        d_model: D.
+        d_ff: F, the hidden width of each expert.
+        activation: "relu", "gelu" (exact erf), "swiglu" or "geglu".
+        init_scale: Switch init, std = sqrt(init_scale / fan_in) (0.1 for MoE models).
+        dropout: expert dropout on the hidden activation (Switch fine-tuning uses 0.4).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        *,
+        init_scale: float = 0.1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_activation(activation)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expert dropout must be in [0, 1), got {dropout}")
+        self.num_experts = num_experts
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.activation = activation
+        self.init_scale = float(init_scale)
+        self.dropout = float(dropout)
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation in GATED else None
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        switch_init_(self.w_in, fan_in=self.d_model, init_scale=self.init_scale)
+        if self.w_gate is not None:
+            switch_init_(self.w_gate, fan_in=self.d_model, init_scale=self.init_scale)
+        switch_init_(self.w_out, fan_in=self.d_ff, init_scale=self.init_scale)
+
+    def forward(self, x_AD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Run rows ``x_AD`` (sorted by expert, ``tokens_per_expert_E`` rows each) through their experts."""
+        w_in, w_gate, w_out = self.w_in, self.w_gate, self.w_out
+        if x_AD.dtype != w_in.dtype:
+            # Under autocast the grouped op is not covered by the autocast lists: cast explicitly.
+            w_in = w_in.to(x_AD.dtype)
+            w_out = w_out.to(x_AD.dtype)
+            w_gate = w_gate.to(x_AD.dtype) if w_gate is not None else None
+        offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        act = ACTIVATIONS[self.activation]
+        h_AF = grouped_mm(x_AD, w_in, tokens_per_expert_E, offsets_E)
+        if w_gate is not None:
+            h_AF = act(grouped_mm(x_AD, w_gate, tokens_per_expert_E, offsets_E)) * h_AF
+        else:
+            h_AF = act(h_AF)
+        if self.dropout > 0:
+            h_AF = F.dropout(h_AF, self.dropout, self.training)
+        return grouped_mm(h_AF, w_out, tokens_per_expert_E, offsets_E)
+
+    def forward_slots(self, x_END: Tensor) -> Tensor:
+        """Run a fixed number N of rows per expert, ``[E, N, D] -> [E, N, D]`` (Soft MoE slots, expert choice).
+
+        Equal group sizes make this a plain batched matmul.
+        """
+        w_in, w_gate, w_out = self.w_in, self.w_gate, self.w_out
+        if x_END.dtype != w_in.dtype:
+            w_in = w_in.to(x_END.dtype)
+            w_out = w_out.to(x_END.dtype)
+            w_gate = w_gate.to(x_END.dtype) if w_gate is not None else None
+        act = ACTIVATIONS[self.activation]
+        h_ENF = torch.bmm(x_END, w_in)
+        h_ENF = act(torch.bmm(x_END, w_gate)) * h_ENF if w_gate is not None else act(h_ENF)
+        if self.dropout > 0:
+            h_ENF = F.dropout(h_ENF, self.dropout, self.training)
+        return torch.bmm(h_ENF, w_out)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"

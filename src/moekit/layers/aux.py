@@ -1,0 +1,57 @@
+"""What an MoE layer returns beside its output: its auxiliary losses and routing metrics.
+
+Layers return this value instead of stashing losses in module globals (DESIGN principle 5), so a model sums the
+losses of its layers explicitly and nothing leaks between forward passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["MoEAux", "router_entropy"]
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary losses (float32 scalars with gradients) and detached metrics of one layer call.
+
+    Attributes:
+        load_balancing_loss: Switch eq. 4 (k choices), mean over routing groups; 0 for expert choice and Soft MoE,
+            which are balanced by construction.
+        z_loss: ST-MoE router z-loss; 0 for Soft MoE (no router logits over experts).
+        tokens_per_expert: int64 ``[E]``, assignments each expert processed (after capacity).
+        drop_fraction: share of routed assignments dropped for lack of capacity (token choice); for expert choice,
+            the share of tokens no expert picked; 0 for Soft MoE.
+        router_entropy: mean entropy (nats) of the router distribution per token.
+        max_logit: the largest router logit (a precursor of instability in low precision).
+        routing: the router's decision, kept for analysis tools (routing traces).
+    """
+
+    load_balancing_loss: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    drop_fraction: Tensor
+    router_entropy: Tensor
+    max_logit: Tensor
+    routing: Any = None
+
+    def metrics(self) -> dict[str, float | list[int]]:
+        """Plain Python numbers for logging."""
+        return {
+            "load_balancing_loss": float(self.load_balancing_loss.detach()),
+            "z_loss": float(self.z_loss.detach()),
+            "tokens_per_expert": [int(t) for t in self.tokens_per_expert.tolist()],
+            "drop_fraction": float(self.drop_fraction),
+            "router_entropy": float(self.router_entropy),
+            "max_logit": float(self.max_logit),
+        }
+
+
+def router_entropy(probs_SE: Tensor) -> Tensor:
+    """Mean over tokens of ``-sum_e p log p`` (nats), detached, float32."""
+    p = probs_SE.detach().float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()

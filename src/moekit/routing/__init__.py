@@ -1,0 +1,18 @@
+"""Routers decide where tokens go and never move data (see moekit.dispatch for that)."""
+
+from moekit.routing.decision import ExpertChoiceDecision, RoutingDecision
+from moekit.routing.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from moekit.routing.losses import load_balancing_loss, router_z_loss
+from moekit.routing.soft import SoftRouter
+from moekit.routing.topk import TopKRouter
+
+__all__ = [
+    "ExpertChoiceDecision",
+    "ExpertChoiceRouter",
+    "RoutingDecision",
+    "SoftRouter",
+    "TopKRouter",
+    "expert_choice_capacity",
+    "load_balancing_loss",
+    "router_z_loss",
+]
