@@ -44,6 +44,24 @@ def _fast_ok(x_AD: Tensor, w_EDF: Tensor) -> bool:
     return (x_AD.shape[-1] * elt) % _ALIGN_BYTES == 0 and (w_EDF.shape[-1] * elt) % _ALIGN_BYTES == 0
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    Fix (found by tests/ops/test_grouped_mm.py): the backward of ``torch._grouped_mm`` raises "Invalid
+    strides/sizes" or "strides should be multiple of 16 bytes" when the incoming gradient is not
+    contiguous, e.g. the expanded gradient of ``y.sum()`` or a transposed one. The reference path accepts
+    any gradient layout.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def grouped_mm(x_AD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor | None = None) -> Tensor:
     """Fast grouped matmul where ``torch._grouped_mm`` applies, the reference otherwise (same result).
 
@@ -57,4 +75,5 @@ def grouped_mm(x_AD: Tensor, w_EDF: Tensor, counts_E: Tensor, offsets_E: Tensor 
         return grouped_mm_reference(x_AD, w_EDF, counts_E)
     if offsets_E is None:
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    return torch._grouped_mm(x_AD.contiguous(), w_EDF, offs=offsets_E)
+    y_AF = torch._grouped_mm(x_AD.contiguous(), w_EDF, offs=offsets_E)
+    return _ContiguousGrad.apply(y_AF) if y_AF.requires_grad else y_AF

@@ -135,7 +135,10 @@ class TopKRouter(nn.Module):
         priority_S = None
         if self.batch_priority:
             # Highest top-1 probability first; a stable sort keeps group order among ties.
-            priority_S = torch.sort(gates_SK[:, 0].float(), descending=True, stable=True).indices
+            # Fix (tests/routing/test_topk.py): sort by the router probability of the first choice, not by
+            # gates_SK[:, 0]; renormalised top-k gates (or noisy-gating gates) order tokens differently.
+            top1_prob_S = probs_SE.gather(-1, expert_ids_SK[:, :1]).squeeze(-1).float()
+            priority_S = torch.sort(top1_prob_S, descending=True, stable=True).indices
 
         return RoutingDecision(
             expert_ids_SK=expert_ids_SK,
