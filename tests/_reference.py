@@ -38,7 +38,7 @@ def expert_weights(layer, e: int):
 
 def router_probs(x_SD: Tensor, weight_ED: Tensor) -> tuple[Tensor, Tensor]:
     """float32 ``logits = x W^T`` and ``softmax`` over experts (ALGORITHMS.md 1)."""
-    logits = x_SD.float() @ weight_ED.float().t()
+    logits = F.linear(x_SD.float(), weight_ED.float())
     return logits, torch.softmax(logits, dim=-1)
 
 
@@ -51,12 +51,14 @@ def naive_token_choice(
     group_size: int | None = None,
     normalize_gates: bool | None = None,
     batch_priority: bool = False,
+    valid_SK: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Token-choice MoE by hand: returns ``(y_SD, info)``.
 
     Priority rule (ALGORITHMS.md 1): within each group, every first choice claims a slot before any second
     choice; within a rank, tokens go in group order (or by descending top-1 probability with batch priority).
     An assignment at position >= C is dropped and contributes 0; kept gates are not renormalised.
+    A choice with ``valid_SK`` False (declined by the second-expert policy) takes no slot and contributes 0.
     """
     S, D = x_SD.shape
     E = layer.config.num_experts
@@ -73,11 +75,13 @@ def naive_token_choice(
         tokens = list(range(g * T, (g + 1) * T))
         if batch_priority:
             # Python sort is stable: group order breaks ties.
-            tokens.sort(key=lambda t: -float(probs[t].max()))
+            tokens.sort(key=lambda t: -float(probs[t].detach().max()))
         used = [0] * E
         for r in range(top_k):
             for t in tokens:
                 e = int(ids[t, r])
+                if valid_SK is not None and not bool(valid_SK[t, r]):
+                    continue
                 if capacity is None or used[e] < capacity:
                     used[e] += 1
                     kept[t, r] = True
@@ -102,7 +106,7 @@ def naive_token_choice(
         "ids": ids,
         "gates": gates,
         "kept": kept,
-        "num_dropped": int((~kept).sum()),
+        "num_dropped": int((~kept).sum()) - (0 if valid_SK is None else int((~valid_SK).sum())),
         "tokens_per_expert": tokens_per_expert,
     }
     return torch.stack(rows), info
@@ -119,7 +123,7 @@ def naive_expert_choice(layer, x_SD: Tensor, *, capacity_factor: float, group_si
     picked = set()
     for g in range(S // T):
         for e in range(E):
-            order = sorted(range(g * T, (g + 1) * T), key=lambda t, e=e: -float(probs[t, e]))
+            order = sorted(range(g * T, (g + 1) * T), key=lambda t, e=e: -float(probs[t, e].detach()))
             for t in order[:C]:
                 picked.add(t)
                 contributions[t].append(
