@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moekit import MoE, MoEConfig
 from moekit.dispatch import token_choice_capacity
@@ -299,3 +301,48 @@ def test_group_size_must_divide_tokens():
 def test_moe_requires_config():
     with pytest.raises(ValueError, match="MoE expects a MoEConfig, got dict"):
         MoE({"d_model": 8})
+
+
+def test_aux_loss_gradients_reach_the_router():
+    layer = make_moe(top_k=2, capacity_factor=1.0)
+    x = torch.randn(S, D)
+    _, aux = layer(x)
+    w = layer.router.weight
+    g_lb, g_z = (torch.autograd.grad(loss, [w], retain_graph=True)[0] for loss in (aux.load_balancing_loss,
+                                                                                 aux.z_loss))
+    logits = torch.nn.functional.linear(x, w)
+    probs = torch.softmax(logits, dim=-1)
+    ids = torch.topk(probs, 2, dim=-1).indices
+    (want_lb,) = torch.autograd.grad(load_balancing_loss(probs, ids, E), [w], retain_graph=True)
+    (want_z,) = torch.autograd.grad(router_z_loss(logits), [w])
+    torch.testing.assert_close(g_lb, want_lb)
+    torch.testing.assert_close(g_z, want_z)
+    m = aux.metrics()
+    assert m["tokens_per_expert"] == aux.tokens_per_expert.tolist() and sum(m["tokens_per_expert"]) <= 2 * S
+    assert m["load_balancing_loss"] == pytest.approx(aux.load_balancing_loss.item())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    num_experts=st.integers(1, 5),
+    top_k=st.integers(1, 3),
+    tokens_per_group=st.integers(1, 8),
+    num_groups=st.integers(1, 3),
+    capacity_factor=st.sampled_from([None, 0.25, 0.5, 1.0, 1.5]),
+    min_capacity=st.integers(0, 2),
+)
+def test_token_choice_equals_naive_loop_property(
+    seed, num_experts, top_k, tokens_per_group, num_groups, capacity_factor, min_capacity
+):
+    top_k = min(top_k, num_experts)
+    torch.manual_seed(seed)
+    layer = make_moe(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                     min_capacity=min_capacity, group_size=tokens_per_group)
+    x = torch.randn(tokens_per_group * num_groups, D, requires_grad=True)
+    y, aux = layer(x)
+    C = token_choice_capacity(tokens_per_group, num_experts, top_k, capacity_factor, min_capacity)
+    y_ref, info = naive_token_choice(layer, x, top_k=top_k, capacity=C, group_size=tokens_per_group)
+    _compare(layer, x, y, y_ref)
+    assert torch.equal(aux.tokens_per_expert, info["tokens_per_expert"])
+    assert aux.drop_fraction.item() == pytest.approx(info["num_dropped"] / x.shape[0] / top_k, abs=1e-7)
