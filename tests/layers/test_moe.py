@@ -346,3 +346,21 @@ def test_token_choice_equals_naive_loop_property(
     _compare(layer, x, y, y_ref)
     assert torch.equal(aux.tokens_per_expert, info["tokens_per_expert"])
     assert aux.drop_fraction.item() == pytest.approx(info["num_dropped"] / x.shape[0] / top_k, abs=1e-7)
+
+
+def test_float32_layer_takes_the_fast_path_and_float64_the_reference(monkeypatch):
+    # The equivalence tests above cover the fast grouped matmul in float32 and the reference in float64.
+    calls = []
+    real = torch._grouped_mm
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    layer = make_moe(top_k=2, capacity_factor=1.0)
+    layer(torch.randn(S, D))
+    assert calls == [torch.float32] * 2  # w_in and w_out
+    calls.clear()
+    layer.double()(torch.randn(S, D, dtype=torch.float64))
+    assert calls == []
