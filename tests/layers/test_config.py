@@ -31,6 +31,7 @@ def test_capacity_factor_int_becomes_float():
         ({"top_k": 0}, r"top_k must be a positive integer, got 0"),
         ({"capacity_factor": 0.0}, r"capacity_factor must be > 0 \(or None for dropless\), got 0.0"),
         ({"capacity_factor": -1.0}, r"capacity_factor must be > 0 .* got -1.0"),
+        ({"capacity_factor": float("inf")}, r"capacity_factor must be finite \(None for dropless\), got inf"),
         ({"capacity_factor": "1.25"}, r"capacity_factor must be a number or None, got '1.25'"),
         ({"capacity_factor": True}, r"capacity_factor must be a number or None, got True"),
         ({"activation": "tan"}, r"activation must be one of \[.*'swiglu'\], got 'tan'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moekit.experts.activations import ACTIVATIONS
@@ -84,6 +85,11 @@ class MoEConfig:
                 raise ValueError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
             if not self.capacity_factor > 0:
                 raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
+            # Fix (tests/layers/test_config.py): inf passed here and crashed the first forward with an
+            # OverflowError in math.ceil; dropless is spelled None.
+            if not math.isfinite(self.capacity_factor):
+                cf = self.capacity_factor
+                raise ValueError(f"capacity_factor must be finite (None for dropless), got {cf}")
             self.capacity_factor = float(self.capacity_factor)
         elif self.router == "expert_choice":
             raise ValueError("capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None")
