@@ -1,0 +1,45 @@
+"""``moekit eval RUN_DIR``: validation loss and perplexity of a run's newest checkpoint that passes its checksum.
+
+A checkpoint that fails is reported by file name and the previous one is used; if none passes, the command fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run's checkpoint")
+    p.add_argument("run_dir", help="a run directory written by moekit train")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the whole split)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from moekit.data.batches import TokenBatches
+    from moekit.errors import MoekitError
+    from moekit.training import checkpoint as ckpt
+    from moekit.training.run import load_run
+    from moekit.training.trainer import Trainer
+
+    run_config, data, model = load_run(args.run_dir)
+
+    def report(msg: str) -> None:
+        print(f"moekit eval: warning: {msg}", file=sys.stderr)
+
+    found = ckpt.latest_valid_checkpoint(f"{args.run_dir}/checkpoints", report=report)
+    if found is None:
+        raise MoekitError(f"no checkpoint in {args.run_dir}/checkpoints passes its checksum")
+    path, blobs = found
+    state = ckpt.load_checkpoint(blobs, model)
+    train_cfg = dataclasses.replace(run_config.train, eval_batches=args.batches, progress="none")
+    batches = TokenBatches(data.train_tokens, 1, run_config.data.seq_len, 0)
+    trainer = Trainer(train_cfg, model, batches, data.val_tokens, args.run_dir, log=report)
+    loss = trainer.evaluate()
+    print(f"checkpoint {path.name} (step {state['step']}): validation loss {loss:.4f} nats/token, "
+          f"perplexity {math.exp(loss):.2f}")
+    return 0

@@ -1,0 +1,65 @@
+"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default Switch-style
+model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a language model (default: switch-tiny on the built-in corpus)")
+    p.add_argument("--config", default=None,
+                   help="TOML config file, or a name from configs/ (default: switch-tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<config>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest valid checkpoint")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.errors import MoekitError
+    from moekit.training.run import default_run_dir, train_run
+    from moekit.training.run_config import DEFAULT_CONFIG_NAME, load_run_config
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.resume:
+        if args.config or args.run_dir:
+            raise MoekitError("--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir")
+        run_dir = Path(args.resume)
+        from moekit.training.run import load_run
+
+        run_config, _, _ = load_run(run_dir)
+        if args.overrides:  # only [train] values may change on resume (e.g. a larger max_steps)
+            bad = [o for o in args.overrides if not o.strip().startswith("train.")]
+            if bad:
+                raise MoekitError(f"--resume accepts only train.* overrides, got {bad[0]!r}")
+            from moekit.training.run_config import build_run_config, parse_overrides
+
+            tables = run_config.resolved()
+            tables["train"].update(parse_overrides(args.overrides)["train"])
+            run_config = build_run_config(tables)
+        summary = train_run(run_config, run_dir, resume=True, log=log)
+    else:
+        config_name = args.config or DEFAULT_CONFIG_NAME
+        from moekit.training.run_config import find_named_config
+
+        source = args.config if args.config else find_named_config(DEFAULT_CONFIG_NAME)
+        run_config = load_run_config(source, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
+        log(f"run directory: {run_dir}")
+        summary = train_run(run_config, run_dir, log=log)
+    val, uni = summary["final_val_loss"], summary["unigram_val_loss"]
+    if val is not None:
+        print(f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
+              f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+              f"{summary['wall_seconds_this_session']:.0f}s")
+    if summary["skipped_steps"]:
+        print(f"skipped steps (non-finite): {summary['skipped_steps']}, roll-backs: {summary['rollbacks']}")
+    print(f"run directory: {summary['run_dir']}")
+    return 0

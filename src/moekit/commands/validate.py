@@ -1,0 +1,31 @@
+"""``moekit validate CONFIG``: check a run config strictly (the same checks ``moekit train`` runs first), and print
+the model's size and cost. No data is read and nothing is trained."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a config file strictly, without training")
+    p.add_argument("config", help="TOML config file or a name from configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.models import parameter_counts
+    from moekit.models.flops import flops_per_token
+    from moekit.training.run_config import load_run_config
+
+    cfg = load_run_config(args.config, args.overrides)
+    lm = cfg.lm_config(cfg.data.vocab_size)
+    counts = parameter_counts(lm)
+    flops = flops_per_token(lm, cfg.data.seq_len)
+    kind = "dense" if lm.moe is None else (f"MoE: {lm.moe.num_experts} experts, top-{lm.moe.top_k}, "
+                                            f"MoE blocks {lm.moe_layers()}")
+    print(f"{args.config}: OK ({kind})")
+    print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token "
+          f"(vocabulary {cfg.data.vocab_size} assumed)")
+    print(f"FLOPs per token: {flops['forward'] / 1e6:.2f} M forward, {flops['train'] / 1e6:.2f} M training")
+    return 0

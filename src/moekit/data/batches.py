@@ -1,0 +1,97 @@
+"""Deterministic batches of token windows whose position is a small JSON-able state (saved in checkpoints).
+
+Training windows are the non-overlapping ``seq_len + 1``-token slices of the training tokens, visited in a fresh
+permutation each epoch; the permutation is a pure function of ``(seed, epoch)``, so ``{"epoch", "index"}`` is all a
+checkpoint needs to continue exactly. Validation windows are fixed and visited in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moekit.errors import MoekitError
+
+__all__ = ["TokenBatches", "eval_windows", "unigram_cross_entropy"]
+
+
+def _windows(tokens: np.ndarray, seq_len: int) -> int:
+    return max(0, (len(tokens) - 1) // seq_len)
+
+
+def _window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+    idx_BT = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    win = torch.from_numpy(tokens[idx_BT].astype(np.int64))
+    return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+
+class TokenBatches:
+    """Endless shuffled batches ``(inputs_BT, targets_BT)`` (int64) with a resumable position."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.num_windows = _windows(tokens, seq_len)
+        if self.num_windows < batch_size:
+            raise MoekitError(
+                f"the training split has {len(tokens)} tokens: {self.num_windows} windows of {seq_len + 1}, fewer "
+                f"than train.batch_size={batch_size}; use more text or a smaller batch_size / seq_len"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._perm = rng.permutation(self.num_windows)
+        return self._perm
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self.index + self.batch_size > self.num_windows:  # drop the ragged tail of an epoch
+            self.epoch += 1
+            self.index = 0
+            self._perm = None
+        perm = self._permutation()
+        starts = perm[self.index: self.index + self.batch_size].astype(np.int64) * self.seq_len
+        self.index += self.batch_size
+        return _window_batch(self.tokens, starts, self.seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
+        self._perm = None
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> Iterator[
+        tuple[Tensor, Tensor]]:
+    """The fixed validation batches, in order (the last one may be smaller)."""
+    n = _windows(tokens, seq_len)
+    if n == 0:
+        raise MoekitError(f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    starts = np.arange(n, dtype=np.int64) * seq_len
+    for i in range(0, n, batch_size):
+        yield _window_batch(tokens, starts[i: i + batch_size], seq_len)
+
+
+def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, seq_len: int,
+                          max_windows: int | None = None) -> float:
+    """Cross-entropy (nats) of the validation targets under the training unigram distribution (add-one smoothed):
+    the loss a model that ignores context would reach, to judge whether a run learned anything beyond it."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    n = _windows(val_tokens, seq_len)
+    if max_windows is not None:
+        n = min(n, max_windows)
+    targets = val_tokens[1: n * seq_len + 1]
+    return float(-logp[targets].mean())

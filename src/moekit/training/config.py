@@ -1,0 +1,118 @@
+"""The ``[train]`` section of a run config: steps, batch, optimizer, schedule, precision, checkpoints, policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "NONFINITE_POLICIES", "PROGRESS_MODES"]
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "inverse_sqrt", "constant")
+PRECISIONS = ("float32", "bf16")
+NONFINITE_POLICIES = ("skip", "rollback", "raise")
+PROGRESS_MODES = ("auto", "bar", "plain", "none")
+
+
+def _int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _num(name: str, value: object, *, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        rule = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != float("inf") else "")
+        raise ValueError(f"train.{name} must be a number {rule}, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"train.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+        max_steps: optimizer steps to run (skipped steps count: they consumed a batch).
+        batch_size: sequences per step.
+        seed: seeds the model init, the data order and every random draw (dropout, router jitter).
+        log_every: write a metrics line every N steps.
+        eval_every: validation every N steps (0: only at the end).
+        eval_batches: validation batches per evaluation (None: the whole validation split).
+        checkpoint_every: checkpoint every N steps (0: only at the end).
+        keep_checkpoints: keep the last K checkpoints (>= 2 so a corrupted latest one has a fallback).
+        optimizer: "adamw" or "adafactor".
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (AdamW; Adafactor multiplies it by the lr as well).
+        beta1, beta2, eps: AdamW moments (beta1 is Adafactor's momentum when > 0).
+        update_clip_d: Adafactor update clipping ``U / max(1, RMS(U) / d)`` (ST-MoE: d = 1).
+        warmup_steps: linear warm-up from 0.
+        schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after warm-up.
+        min_lr_ratio: floor of the cosine decay.
+        grad_clip: clip the global gradient norm to this (0: off).
+        precision: "float32" or "bf16" (autocast; the router and the losses stay float32).
+        nonfinite: "skip" (GLaM: skip the update of a batch with a NaN/Inf loss or gradient; after
+            ``max_consecutive_skips`` in a row, roll back to the last checkpoint and go on with the next data),
+            "rollback" (roll back at once) or "raise".
+        max_consecutive_skips: see ``nonfinite``.
+        threads: torch intra-op threads (0: leave torch's default).
+        progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "none".
+        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+    """
+
+    max_steps: int = 600
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = 16
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    update_clip_d: float = 1.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "float32"
+    nonfinite: str = "skip"
+    max_consecutive_skips: int = 3
+    threads: int = 0
+    progress: str = "auto"
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        _int("max_steps", self.max_steps, 1)
+        _int("batch_size", self.batch_size, 1)
+        _int("seed", self.seed, 0)
+        _int("log_every", self.log_every, 1)
+        _int("eval_every", self.eval_every, 0)
+        if self.eval_batches is not None:
+            _int("eval_batches", self.eval_batches, 1)
+        _int("checkpoint_every", self.checkpoint_every, 0)
+        _int("keep_checkpoints", self.keep_checkpoints, 2)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _num("lr", self.lr, low=0.0, low_open=True)
+        _num("weight_decay", self.weight_decay, low=0.0)
+        _num("beta1", self.beta1, low=0.0, high=0.999999)
+        _num("beta2", self.beta2, low=0.0, high=0.999999)
+        _num("eps", self.eps, low=0.0, low_open=True)
+        _num("update_clip_d", self.update_clip_d, low=0.0, low_open=True)
+        _int("warmup_steps", self.warmup_steps, 0)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _num("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        _num("grad_clip", self.grad_clip, low=0.0)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _int("max_consecutive_skips", self.max_consecutive_skips, 1)
+        _int("threads", self.threads, 0)
+        _choice("progress", self.progress, PROGRESS_MODES)
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")

@@ -1,0 +1,103 @@
+"""Training metrics: one JSON object per line in ``metrics.jsonl``, and a progress display.
+
+The log's byte length is stored in every checkpoint; a resumed run truncates the log to it, so the log of an
+interrupted-and-resumed run holds exactly the lines of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["MetricsLog", "Progress", "read_metrics"]
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN / Infinity: write them as strings so every line stays standard JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Append-only JSON-lines log with an explicit flush before checkpoints."""
+
+    def __init__(self, path: str | Path, truncate_to: int | None = None) -> None:
+        self.path = Path(path)
+        if truncate_to is not None and self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(truncate_to)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def flush(self) -> int:
+        """Flush and return the file's length in bytes."""
+        self._f.flush()
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` (a torn last line from a killed process is ignored)."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class Progress:
+    """A one-line bar with ETA on a terminal; plain lines (one per call) otherwise; or nothing."""
+
+    def __init__(self, total: int, mode: str = "auto", stream: TextIO | None = None, start_step: int = 0) -> None:
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "plain"
+        self.mode = mode
+        self.total = total
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, text: str) -> None:
+        if self.mode == "none":
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta_s = f"{eta:4.0f}s" if math.isfinite(eta) else "  ?s"
+        if self.mode == "bar":
+            width = 24
+            filled = int(width * step / max(1, self.total))
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r[{bar}] {step}/{self.total} {text} eta {eta_s} ")
+        else:
+            self.stream.write(f"step {step}/{self.total} {text} eta {eta_s}\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.mode == "bar":
+            self.stream.write("\n")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.stream.write("\n")
+            self.stream.flush()

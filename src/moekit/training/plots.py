@@ -1,0 +1,77 @@
+"""PNG plots of a run from its ``metrics.jsonl``: train / validation loss, and per-layer expert load over time.
+
+matplotlib's Agg backend is selected explicitly so plotting works with no display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moekit.training.metrics import read_metrics
+
+__all__ = ["plot_run"]
+
+
+def _float(v: object) -> float:
+    try:
+        return float(v)  # "nan" / "inf" strings written for non-finite values
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list[Path]:
+    """Write ``plots/loss.png`` and (for MoE runs) ``plots/expert_load.png``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+
+    train = [(r["step"], _float(r["loss"])) for r in records if "loss" in r]
+    val = [(r["step"], _float(r["val_loss"])) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss (total)", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation cross-entropy", lw=2)
+    if unigram_baseline is not None:
+        ax.axhline(unigram_baseline, color="grey", ls="--", label=f"unigram baseline {unigram_baseline:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(run_dir.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    loads = [(r["step"], r["tokens_per_expert"]) for r in records if r.get("tokens_per_expert")]
+    if loads:
+        num_layers = len(loads[0][1])
+        fig, axes = plt.subplots(num_layers, 1, figsize=(7, 2.2 * num_layers + 0.6), squeeze=False)
+        steps = [s for s, _ in loads]
+        for layer in range(num_layers):
+            ax = axes[layer][0]
+            counts = [row[layer] for _, row in loads]
+            num_experts = len(counts[0])
+            fractions = [[c[e] / max(1, sum(c)) for c in counts] for e in range(num_experts)]
+            ax.stackplot(steps, fractions, labels=[f"expert {e}" for e in range(num_experts)])
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"MoE layer {layer}\nshare")
+            if layer == 0:
+                ax.set_title("share of routed tokens per expert (after capacity)")
+                ax.legend(loc="upper right", fontsize=6, ncol=4)
+        axes[-1][0].set_xlabel("step")
+        fig.tight_layout()
+        path = out_dir / "expert_load.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

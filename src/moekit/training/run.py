@@ -1,0 +1,181 @@
+"""One training run end to end: prepare the data (corpus -> split -> tokenizer -> token arrays), build the model,
+train, evaluate against the unigram baseline, plot, and write ``summary.json``. ``moekit train`` is a thin wrapper.
+
+Run directory layout::
+
+    config.toml            the resolved config (every default filled in)
+    tokenizer.json         byte-level BPE trained on the training split
+    data/tokens.safetensors  train and validation token ids (a resume or eval needs no corpus)
+    metrics.jsonl          one JSON object per logged step
+    checkpoints/step_*/    atomic checkpoints (see checkpoint.py)
+    plots/*.png            loss curves and per-layer expert load
+    summary.json           final figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+
+from moekit.data.batches import TokenBatches, unigram_cross_entropy
+from moekit.data.corpus import load_corpus
+from moekit.data.split import cut_pieces, split_pieces
+from moekit.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
+from moekit.errors import MoekitError
+from moekit.models import TransformerLM, parameter_counts
+from moekit.models.flops import flops_per_token
+from moekit.training.plots import plot_run
+from moekit.training.run_config import RunConfig, build_run_config, to_toml, tomllib
+from moekit.training.trainer import Trainer
+
+__all__ = ["PreparedData", "prepare_data", "train_run", "load_run", "default_run_dir"]
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENS_FILE = "data/tokens.safetensors"
+
+
+@dataclass
+class PreparedData:
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    vocab_size: int
+    tokenizer_path: Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> PreparedData:
+    """Reuse the run's tokenizer and token arrays when present; otherwise build them from the corpus."""
+    d = run_config.data
+    tok_path = run_dir / TOKENIZER_FILE
+    tokens_path = run_dir / TOKENS_FILE
+    if tok_path.is_file() and tokens_path.is_file():
+        tok = load_tokenizer(tok_path)
+        arrays = np_load_file(str(tokens_path))
+        return PreparedData(arrays["train"], arrays["val"], tok.get_vocab_size(), tok_path)
+    t0 = time.perf_counter()
+    docs = load_corpus(d.corpus, d.cache_dir)
+    pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
+    train_pieces, val_pieces = split_pieces(pieces, d.val_fraction)
+    tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size)
+    train_tokens = encode_pieces(tok, train_pieces)
+    val_tokens = encode_pieces(tok, val_pieces)
+    n_chars = sum(len(t) for _, t, _ in pieces)
+    log(f"corpus {d.corpus!r}: {n_chars:,} characters -> {len(train_tokens):,} training and {len(val_tokens):,} "
+        f"validation tokens (vocabulary {tok.get_vocab_size()}) in {time.perf_counter() - t0:.1f}s")
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tokens_path.with_name(tokens_path.name + f".tmp-{os.getpid()}")
+    np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
+    os.replace(tmp, tokens_path)
+    tok_tmp = tok_path.with_name(tok_path.name + f".tmp-{os.getpid()}")
+    tok.save(str(tok_tmp))
+    os.replace(tok_tmp, tok_path)
+    return PreparedData(train_tokens, val_tokens, tok.get_vocab_size(), tok_path)
+
+
+def default_run_dir(config_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config_name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerLM]:
+    """The config, data and (freshly initialised) model of an existing run directory."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not run_dir.is_dir():
+        raise MoekitError(f"run directory {str(run_dir)!r} does not exist")
+    if not cfg_path.is_file():
+        raise MoekitError(f"{run_dir} is not a moekit run directory (no config.toml)")
+    try:
+        run_config = build_run_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
+    except tomllib.TOMLDecodeError as exc:
+        raise MoekitError(f"{cfg_path}: not valid TOML: {exc}") from None
+    data = prepare_data(run_config, run_dir, lambda msg: None)
+    torch.manual_seed(run_config.train.seed)
+    model = TransformerLM(run_config.lm_config(data.vocab_size))
+    return run_config, data, model
+
+
+def train_run(run_config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    if resume:
+        loaded_config, _, _ = load_run(run_dir)
+        # Only [train] may change on resume (e.g. more steps); the model and data must stay what was trained.
+        if run_config is not None:
+            loaded_config.train = run_config.train
+        run_config = loaded_config
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / "config.toml").exists():
+            raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    if run_config.train.threads > 0:
+        torch.set_num_threads(run_config.train.threads)
+    data = prepare_data(run_config, run_dir, log)
+    _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+    lm_config = run_config.lm_config(data.vocab_size)
+    torch.manual_seed(run_config.train.seed)
+    model = TransformerLM(lm_config)
+    batches = TokenBatches(data.train_tokens, run_config.train.batch_size, run_config.data.seq_len,
+                           run_config.train.seed)
+    trainer = Trainer(run_config.train, model, batches, data.val_tokens, run_dir,
+                      extra_state={"config": run_config.resolved()}, log=log)
+    if resume:
+        trainer.resume()
+    counts = parameter_counts(lm_config)
+    flops = flops_per_token(lm_config, run_config.data.seq_len)
+    if trainer.step == 0:
+        log(f"model: {counts['total']:,} parameters, {counts['active']:,} active per token, "
+            f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
+            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens")
+    result = trainer.fit()
+    unigram = unigram_cross_entropy(
+        data.train_tokens, data.val_tokens, data.vocab_size, run_config.data.seq_len,
+        None if run_config.train.eval_batches is None
+        else run_config.train.eval_batches * run_config.train.batch_size)
+    try:
+        plots = [str(p) for p in plot_run(run_dir, unigram)]
+    except Exception as exc:  # a plotting failure must not lose a finished run
+        log(f"plotting failed: {exc}")
+        plots = []
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": result.step,
+        "final_val_loss": result.final_val_loss,
+        "final_val_perplexity": float(np.exp(result.final_val_loss)) if result.final_val_loss is not None else None,
+        "unigram_val_loss": unigram,
+        "skipped_steps": result.skipped_steps,
+        "rollbacks": result.rollbacks,
+        "train_seconds_this_session": result.elapsed_s,
+        "wall_seconds_this_session": time.perf_counter() - t0,
+        "tokens_per_s": result.tokens_per_s,
+        "parameters_total": counts["total"],
+        "parameters_active": counts["active"],
+        "train_flops_per_token": flops["train"],
+        "plots": plots,
+    }
+    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary

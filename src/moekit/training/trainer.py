@@ -1,0 +1,296 @@
+"""The training loop: schedule, clipping, precision, non-finite policy, metrics, evaluation and checkpoints.
+
+A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the torch RNG
+state, the data position and the metrics log length, and the learning rate is a pure function of the step. So a run
+killed with SIGKILL at any moment and resumed logs the same per-step losses as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moekit.data.batches import TokenBatches, eval_windows
+from moekit.errors import MoekitError
+from moekit.training import checkpoint as ckpt
+from moekit.training.config import TrainConfig
+from moekit.training.metrics import MetricsLog, Progress
+from moekit.training.optim import build_optimizer
+from moekit.training.schedule import lr_at
+
+__all__ = ["Trainer", "TrainResult"]
+
+# A run that keeps diverging after this many roll-backs is stopped instead of looping forever.
+MAX_ROLLBACKS = 10
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_val_loss: float | None
+    skipped_steps: int
+    rollbacks: int
+    elapsed_s: float
+    tokens_per_s: float
+
+
+class Trainer:
+    """Trains a :class:`~moekit.models.TransformerLM` (or any model whose ``forward(inputs, targets)`` returns an
+    object with ``loss``, ``ce_loss``, ``load_balancing_loss``, ``z_loss`` and ``aux``).
+
+    Args:
+        config: the ``[train]`` section.
+        model: the model, already initialised (seeded by the caller).
+        train_batches: resumable training batches.
+        val_tokens: held-out token ids (None: no validation).
+        run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
+        extra_state: JSON-able values saved in every checkpoint (e.g. the run config).
+        log: where user-facing messages go (one line each).
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module, train_batches: TokenBatches,
+                 val_tokens: np.ndarray | None, run_dir: str | Path, *, extra_state: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.batches = train_batches
+        self.val_tokens = val_tokens
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.extra_state = extra_state or {}
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.optimizer = build_optimizer(model, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self.tokens_seen = 0
+        self.last_val_loss: float | None = None
+        self._metrics_bytes: int | None = None  # log length at the loaded checkpoint
+        self._tb = None
+
+    # ----------------------------------------------------------------------------------------------------- state
+    def _state(self, metrics_bytes: int) -> dict[str, Any]:
+        return {
+            **self.extra_state,
+            "data": self.batches.state_dict(),
+            "rng": ckpt.rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+            "tokens_seen": self.tokens_seen,
+            "last_val_loss": self.last_val_loss,
+            "metrics_bytes": metrics_bytes,
+        }
+
+    def save(self, metrics: MetricsLog) -> Path:
+        size = metrics.flush()
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size),
+                                    self.config.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint that verifies (reporting any that do not). False when there is none."""
+        removed = ckpt.clean_partial(self.ckpt_dir)
+        for p in removed:
+            self.log(f"removed a partial checkpoint left by an interrupted write: {p}")
+        found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log)
+        if found is None:
+            if ckpt.list_checkpoints(self.ckpt_dir):
+                raise MoekitError(f"no checkpoint in {self.ckpt_dir} passes its checksum; cannot resume")
+            return False
+        path, data = found
+        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        self._apply_state(state, restore_data=True)
+        self.log(f"resumed from {path} (step {self.step})")
+        return True
+
+    def _apply_state(self, state: dict[str, Any], *, restore_data: bool) -> None:
+        self.step = int(state["step"])
+        if restore_data:
+            self.batches.load_state_dict(state["data"])
+            ckpt.set_rng_state(state["rng"])
+            self.skipped_steps = int(state["skipped_steps"])
+            self.rollbacks = int(state["rollbacks"])
+            self.tokens_seen = int(state["tokens_seen"])
+            self._metrics_bytes = int(state["metrics_bytes"])
+        self.last_val_loss = state.get("last_val_loss")
+
+    def _rollback(self, reason: str) -> None:
+        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with the
+        next data, as GLaM) and the RNG stream."""
+        self.rollbacks += 1
+        if self.rollbacks > MAX_ROLLBACKS:
+            raise MoekitError(f"training rolled back {MAX_ROLLBACKS} times and still produces non-finite values; "
+                              "lower train.lr or check the data")
+        found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log)
+        if found is None:
+            raise MoekitError(f"{reason} and there is no checkpoint to roll back to")
+        path, data = found
+        skipped, rollbacks, tokens = self.skipped_steps, self.rollbacks, self.tokens_seen
+        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        bad_step = self.step
+        self._apply_state(state, restore_data=False)
+        self.skipped_steps, self.rollbacks, self.tokens_seen = skipped, rollbacks, tokens
+        self.consecutive_skips = 0
+        self.log(f"{reason} at step {bad_step}: rolled back to {path.name} (step {self.step}), going on with the "
+                 "next data")
+
+    # ---------------------------------------------------------------------------------------------------- eval
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            device = self.params[0].device.type if self.params else "cpu"
+            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy (nats per token) over the fixed validation windows."""
+        if self.val_tokens is None:
+            raise MoekitError("no validation tokens")
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for inputs, targets in eval_windows(self.val_tokens, self.config.batch_size, self.batches.seq_len,
+                                                self.config.eval_batches):
+                with self._autocast():
+                    out = self.model(inputs, targets)
+                n = targets.numel()
+                total += float(out.ce_loss) * n
+                count += n
+        finally:
+            self.model.train(was_training)
+        return total / count
+
+    # ---------------------------------------------------------------------------------------------------- train
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, Any], bool]:
+        c = self.config
+        lr = lr_at(self.step, lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.max_steps, schedule=c.schedule,
+                   min_lr_ratio=c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            out = self.model(inputs, targets)
+        loss = out.loss
+        finite = bool(torch.isfinite(loss))
+        grad_norm = float("nan")
+        if finite:
+            loss.backward()
+            # clip_grad_norm_ with an infinite bound only measures (it multiplies by exactly 1.0).
+            bound = c.grad_clip if c.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, bound))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh pages.
+        self.optimizer.zero_grad(set_to_none=False)
+        record: dict[str, Any] = {
+            "loss": float(loss.detach()),
+            "ce_loss": float(out.ce_loss.detach()),
+            "lb_loss": float(out.load_balancing_loss.detach()),
+            "z_loss": float(out.z_loss.detach()),
+            "grad_norm": grad_norm,
+            "lr": lr,
+        }
+        if out.aux:
+            metrics = [a.metrics() for a in out.aux]
+            record["drop_fraction"] = float(np.mean([m["drop_fraction"] for m in metrics]))
+            record["router_entropy"] = float(np.mean([m["router_entropy"] for m in metrics]))
+            record["max_router_logit"] = max(m["max_logit"] for m in metrics)
+            record["tokens_per_expert"] = [m["tokens_per_expert"] for m in metrics]
+        return record, finite
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (continuing from ``self.step``), evaluating and checkpointing on the way."""
+        c = self.config
+        if c.threads > 0:
+            torch.set_num_threads(c.threads)
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=self._metrics_bytes)
+        if c.tensorboard and self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise MoekitError("train.tensorboard = true needs the 'tensorboard' package") from None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        progress = Progress(c.max_steps, c.progress, start_step=self.step)
+        self.model.train()
+        if self.step == 0 and not ckpt.list_checkpoints(self.ckpt_dir):
+            self.save(metrics)  # step 0: something to roll back to from the very first step
+        t_start = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        t_window, tokens_window = time.perf_counter(), 0
+        try:
+            while self.step < c.max_steps:
+                inputs, targets = self.batches.next_batch()
+                record, ok = self._train_step(inputs, targets)
+                self.step += 1
+                n_tok = inputs.numel()
+                self.tokens_seen += n_tok
+                tokens_window += n_tok
+                if ok:
+                    self.consecutive_skips = 0
+                else:
+                    self.skipped_steps += 1
+                    self.consecutive_skips += 1
+                record = {"step": self.step, **record, "skipped_steps": self.skipped_steps}
+                rolled = False
+                if not ok:
+                    reason = f"non-finite loss or gradient (loss {record['loss']}, grad norm {record['grad_norm']})"
+                    if c.nonfinite == "raise":
+                        metrics.write(record)
+                        raise MoekitError(f"{reason} at step {self.step} (train.nonfinite = 'raise')")
+                    if c.nonfinite == "rollback" or self.consecutive_skips >= c.max_consecutive_skips:
+                        metrics.write(record)
+                        self._rollback(reason)
+                        metrics.write({"step": self.step, "event": "rollback", "skipped_steps": self.skipped_steps})
+                        rolled = True
+                    else:
+                        self.log(f"step {self.step}: {reason}; update skipped "
+                                 f"({self.consecutive_skips} in a row)")
+                if rolled:
+                    continue
+                evaluate = self.val_tokens is not None and (
+                    (c.eval_every > 0 and self.step % c.eval_every == 0) or self.step == c.max_steps)
+                if evaluate:
+                    self.last_val_loss = self.evaluate()
+                    record["val_loss"] = self.last_val_loss
+                if self.step % c.log_every == 0 or evaluate or not ok or self.step == c.max_steps:
+                    now = time.perf_counter()
+                    record["tokens_per_s"] = tokens_window / max(1e-9, now - t_window)
+                    t_window, tokens_window = now, 0
+                    metrics.write(record)
+                    self._tensorboard(record)
+                    text = f"loss {record['loss']:.3f}"
+                    if "val_loss" in record:
+                        text += f" val {record['val_loss']:.3f}"
+                    progress.update(self.step, text + f" {record['tokens_per_s']:.0f} tok/s")
+                if (c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0) or self.step == c.max_steps:
+                    self.save(metrics)
+        finally:
+            metrics.flush()
+            metrics.close()
+            progress.close()
+            if self._tb is not None:
+                self._tb.flush()
+        elapsed = time.perf_counter() - t_start
+        return TrainResult(step=self.step, final_val_loss=self.last_val_loss, skipped_steps=self.skipped_steps,
+                           rollbacks=self.rollbacks, elapsed_s=elapsed,
+                           tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, elapsed))
+
+    def _tensorboard(self, record: dict[str, Any]) -> None:
+        if self._tb is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, record["step"])
