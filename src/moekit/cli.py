@@ -12,6 +12,7 @@ from moekit.errors import MoekitError
 # Each module defines register(subparsers) -> None, which adds its parser and sets ``func`` (args -> int).
 COMMAND_MODULES = [
     "moekit.commands.bench",
+    "moekit.commands.finetune",
     "moekit.commands.train",
     "moekit.commands.eval",
     "moekit.commands.generate",

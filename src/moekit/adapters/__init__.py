@@ -1,8 +1,9 @@
 """Parameter-efficient adapters over a frozen model: (IA)3, LoRA and their mixtures MoV and MoLoRA.
 
-``apply_adapters(model, MoVConfig(num_experts=10))`` injects the adapters into any ``torch.nn.Module`` (Hugging Face
-families are recognised by name), freezes the rest, and leaves the outputs unchanged until training moves the
-adapters. See ALGORITHMS.md section 5 for the math and ``moekit finetune`` for the multitask recipe.
+``apply_adapters(model, MoVConfig(num_experts=10))`` injects the adapters into any ``torch.nn.Module``
+(Hugging Face families are recognised by name), freezes the rest, and leaves the outputs unchanged until
+training moves the adapters. See ALGORITHMS.md section 5 for the math and ``moekit finetune`` for the
+multitask recipe.
 """
 
 from moekit.adapters.config import (
@@ -27,7 +28,8 @@ from moekit.adapters.io import load_adapters, save_adapters
 from moekit.adapters.recording import RouterRecorder, record_router_probs, set_sequence_mask
 
 __all__ = [
-    "AdapterConfig", "IA3Config", "LoRAConfig", "MoLoRAConfig", "MoVConfig", "RouterRecorder", "adapter_config",
+    "AdapterConfig", "IA3Config", "LoRAConfig", "MoLoRAConfig", "MoVConfig", "RouterRecorder",
+    "adapter_config",
     "adapter_sites", "adapter_state_dict", "apply_adapters", "config_from_dict", "config_to_dict",
     "iter_adapters", "load_adapters", "merge_adapters", "record_router_probs", "save_adapters",
     "set_sequence_mask", "trainable_parameters",

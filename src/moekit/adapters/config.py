@@ -1,8 +1,8 @@
 """Typed configs for the parameter-efficient adapters: (IA)3, LoRA, MoV and MoLoRA (ALGORITHMS.md section 5).
 
-One dataclass per adapter type, validated in ``__post_init__`` so a bad value fails when the config is built, with a
-``ValueError`` that names the field, the value and the rule. ``config_from_dict`` / ``config_to_dict`` are the JSON
-round trip that ``save_adapters`` / ``load_adapters`` rely on.
+One dataclass per adapter type, validated in ``__post_init__`` so a bad value fails when the config is
+built, with a ``ValueError`` that names the field, the value and the rule. ``config_from_dict`` /
+``config_to_dict`` are the JSON round trip that ``save_adapters`` / ``load_adapters`` rely on.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class IA3Config:
 
 @dataclass
 class LoRAConfig:
-    """LoRA: ``y = W0 x + (alpha / r) * B(A(dropout(x)))`` with B = 0 at init, on attention and FFN projections."""
+    """LoRA: ``y = W0 x + (alpha / r) * B(A(dropout(x)))`` with B = 0 at init, on attention and FFN
+    projections."""
 
     r: int = 4
     alpha: float = 16.0
@@ -67,9 +68,9 @@ class LoRAConfig:
 class MoVConfig:
     """Mixture of (IA)3 vectors: a float32 router per site mixes ``num_experts`` vectors ("soft merging").
 
-    ``routing="topk"`` keeps the ``top_k`` largest router probabilities (renormalised to sum to 1) instead of all;
-    ``router_input="sentence"`` routes on the (masked) mean over the sequence of the site's activation instead of on
-    each token. ``top_k`` is ignored with ``routing="soft"``.
+    ``routing="topk"`` keeps the ``top_k`` largest router probabilities (renormalised to sum to 1)
+    instead of all; ``router_input="sentence"`` routes on the (masked) mean over the sequence of the
+    site's activation instead of on each token. ``top_k`` is ignored with ``routing="soft"``.
     """
 
     num_experts: int = 10
@@ -84,7 +85,8 @@ class MoVConfig:
 
 @dataclass
 class MoLoRAConfig:
-    """Mixture of LoRA experts: ``y = W0 x + (alpha / r) * sum_i s_i B_i(A_i x)`` with ``s = softmax(x @ W_r)``.
+    """Mixture of LoRA experts: ``y = W0 x + (alpha / r) * sum_i s_i B_i(A_i x)`` with ``s = softmax(x @
+    W_r)``.
 
     The defaults are the paper's published configuration (r = 4, alpha = 16, 10 experts).
     """

@@ -1,9 +1,9 @@
 """Injecting adapters into any ``torch.nn.Module``, counting what trains, and merging (IA)3/LoRA back.
 
-Adapters attach to their target layer without replacing it: the adapter becomes a child ``moekit_adapter`` of the
-target ``nn.Linear`` and a forward hook applies it. The base model's parameter names therefore do not change
-(``save_pretrained`` and existing checkpoints keep working) and merging just edits the base weight and removes the
-hook. Everything but the adapters (and their routers) is frozen.
+Adapters attach to their target layer without replacing it: the adapter becomes a child
+``moekit_adapter`` of the target ``nn.Linear`` and a forward hook applies it. The base model's parameter
+names therefore do not change (``save_pretrained`` and existing checkpoints keep working) and merging
+just edits the base weight and removes the hook. Everything but the adapters (and their routers) is frozen.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def _make_adapter(config: AdapterConfig, site_kind: str, d_in: int, d_out: int) 
     if isinstance(config, LoRAConfig):
         return LoRADelta(d_in, d_out, config.r, config.alpha, config.dropout)
     if isinstance(config, MoLoRAConfig):
-        return MoLoRADelta(d_in, d_out, config.num_experts, config.r, config.alpha, config.routing, config.top_k,
-                           config.router_input, config.dropout)
-    raise ValueError(f"config must be IA3Config, LoRAConfig, MoVConfig or MoLoRAConfig, got {type(config).__name__}")
+        return MoLoRADelta(d_in, d_out, config.num_experts, config.r, config.alpha, config.routing,
+                           config.top_k, config.router_input, config.dropout)
+    raise ValueError(f"config must be IA3Config, LoRAConfig, MoVConfig or MoLoRAConfig, "
+                     f"got {type(config).__name__}")
 
 
 def _scale_input_hook(module: nn.Module, args: tuple) -> tuple:
@@ -60,10 +61,11 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]
 def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any = None) -> nn.Module:
     """Injects ``config``'s adapters into ``model`` in place (and returns it); freezes every other parameter.
 
-    ``target_modules`` defaults to the family's sites (BERT, RoBERTa, DistilBERT, T5, GPT-2, LLaMA): keys, values
-    and the FFN activation for (IA)3/MoV; q, k, v, o and both FFN projections for LoRA/MoLoRA. See
-    :func:`moekit.adapters.targets.normalise_targets` for the accepted forms. The adapted model computes exactly
-    what the frozen model computes until the adapters train.
+    ``target_modules`` defaults to the family's sites (BERT, RoBERTa, DistilBERT, T5, GPT-2, LLaMA):
+    keys, values and the FFN activation for (IA)3/MoV; q, k, v, o and both FFN projections for
+    LoRA/MoLoRA. See
+    :func:`moekit.adapters.targets.normalise_targets` for the accepted forms. The adapted model computes
+    exactly what the frozen model computes until the adapters train.
     """
     if any(True for _ in iter_adapters(model)):
         raise MoekitError("model already has moekit adapters; apply_adapters once per model "
@@ -134,9 +136,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, _, adapter in found:
         if isinstance(adapter, (MoVScaler, MoLoRADelta)):
             kind = "MoV" if isinstance(adapter, MoVScaler) else "MoLoRA"
-            raise MoekitError(f"cannot merge {kind} adapters (site {name!r}): the expert mixture is computed "
-                              f"from each input by the router, so no single weight matrix equals it; keep the "
-                              f"adapters unmerged")
+            raise MoekitError(f"cannot merge {kind} adapters (site {name!r}): the expert mixture is "
+                              f"computed from each input by the router, so no single weight matrix equals "
+                              f"it; keep the adapters unmerged")
     for _name, target, adapter in found:
         _, _, transposed = linear_shape(target)
         weight = target.weight  # [O, I] for nn.Linear, [I, O] for Conv1D

@@ -1,8 +1,9 @@
-"""Saving and loading adapters: ``adapters.safetensors`` (tensors) plus ``adapter_config.json`` (everything else).
+"""Saving and loading adapters: ``adapters.safetensors`` (tensors) plus ``adapter_config.json``
+(everything else).
 
-Never pickle. The JSON records the adapter config and the exact site names, so ``load_adapters`` can rebuild the
-adapters on a plain base model before loading the tensors. The directory is written to a temporary sibling and
-renamed, so a crash never leaves half a checkpoint behind.
+Never pickle. The JSON records the adapter config and the exact site names, so ``load_adapters`` can
+rebuild the adapters on a plain base model before loading the tensors. The directory is written to a
+temporary sibling and renamed, so a crash never leaves half a checkpoint behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ FORMAT = "moekit-adapters"
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Writes the adapter and router tensors of ``model`` and their config to ``directory``; returns the path."""
+    """Writes the adapter and router tensors of ``model`` and their config to ``directory``; returns the
+    path."""
     config = adapter_config(model)
     sites = adapter_sites(model)
     if config is None or not sites:
@@ -53,8 +55,9 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Loads adapters saved by :func:`save_adapters` into ``model`` (in place; also returned).
 
-    ``model`` may already carry the same adapters, or be the plain base model (the saved config is applied first).
-    A different adapter type, different sites or different tensor shapes are errors naming what differs.
+    ``model`` may already carry the same adapters, or be the plain base model (the saved config is
+    applied first). A different adapter type, different sites or different tensor shapes are errors
+    naming what differs.
     """
     directory = Path(directory)
     cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -74,12 +77,13 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         modules = dict(model.named_modules())
         missing = [n for n in saved_sites if n not in modules]
         if missing:
-            raise MoekitError(f"the model has no module(s) {missing[:5]} that the saved adapters in {directory} "
-                              f"target: is it the same base model?")
-        apply_adapters(model, config, by_kind if config.kind in ("ia3", "mov") else by_kind.get("lora", []))
+            raise MoekitError(f"the model has no module(s) {missing[:5]} that the saved adapters in "
+                              f"{directory} target: is it the same base model?")
+        targets = by_kind if config.kind in ("ia3", "mov") else by_kind.get("lora", [])
+        apply_adapters(model, config, targets)
     elif current != config:
-        raise MoekitError(f"model carries {current} but {directory} holds {config}; load into a plain base model "
-                          f"or one with the same adapters")
+        raise MoekitError(f"model carries {current} but {directory} holds {config}; load into a plain "
+                          f"base model or one with the same adapters")
     sites = adapter_sites(model)
     if sites != saved_sites:
         diff = sorted(set(sites) ^ set(saved_sites))

@@ -46,8 +46,8 @@ class LoRADelta(nn.Module):
 class MoLoRADelta(nn.Module):
     """``x_...I -> (alpha / r) * sum_e gates_e * B_e(A_e x)``; zero at init.
 
-    All experts are computed densely (E * r is tiny next to the frozen layer); top-k only zeroes the gates of the
-    unselected experts, which gives the same output as skipping them.
+    All experts are computed densely (E * r is tiny next to the frozen layer); top-k only zeroes the
+    gates of the unselected experts, which gives the same output as skipping them.
     """
 
     def __init__(self, d_in: int, d_out: int, num_experts: int, r: int, alpha: float, routing: str = "soft",

@@ -3,8 +3,8 @@
 Shape legend: ``...`` leading batch dims, ``S`` sequence, ``D`` router input width, ``E`` experts.
 
 Why float32: the softmax over router logits is the numerically sensitive step (ALGORITHMS.md section 5 and the
-ST-MoE lesson); in bfloat16 small logit differences vanish and the mixture collapses. No bias, init N(0, 0.02^2),
-no jitter and no auxiliary loss, as in the MoV/MoLoRA paper.
+ST-MoE lesson); in bfloat16 small logit differences vanish and the mixture collapses. No bias, init N(0,
+0.02^2), no jitter and no auxiliary loss, as in the MoV/MoLoRA paper.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from moekit.adapters.recording import RouterRecorder
 class AdapterRouter(nn.Module):
     """Maps a site's activation ``a_...D`` to mixing weights ``gates_...E`` (float32, rows sum to 1).
 
-    With ``router_input="sentence"`` the input must be ``[B, S, D]``; the router sees the mean over S (masked by
-    ``sequence_mask`` when one is set, see :func:`moekit.adapters.set_sequence_mask`) and returns ``[B, 1, E]``,
-    which broadcasts over the tokens.
+    With ``router_input="sentence"`` the input must be ``[B, S, D]``; the router sees the mean over S
+    (masked by ``sequence_mask`` when one is set, see :func:`moekit.adapters.set_sequence_mask`) and
+    returns ``[B, 1, E]``, which broadcasts over the tokens.
     """
 
     def __init__(self, d_in: int, num_experts: int, routing: str = "soft", top_k: int = 2,
@@ -41,7 +41,8 @@ class AdapterRouter(nn.Module):
         mask_BS = self.sequence_mask
         if self.router_input == "sentence":
             if a32_xD.dim() != 3:
-                raise ValueError(f"sentence-level routing needs a [batch, seq, dim] input, got {tuple(a_xD.shape)}")
+                raise ValueError(f"sentence-level routing needs a [batch, seq, dim] input, "
+                                 f"got {tuple(a_xD.shape)}")
             if mask_BS is not None and mask_BS.shape == a32_xD.shape[:2]:
                 w_BS1 = mask_BS.to(a32_xD.dtype).unsqueeze(-1)
                 a32_xD = (a32_xD * w_BS1).sum(1, keepdim=True) / w_BS1.sum(1, keepdim=True).clamp_min(1.0)

@@ -2,9 +2,11 @@
 
 Three kinds of site (ALGORITHMS.md section 5):
 - ``scale_output``: (IA)3/MoV rescale a linear layer's output (attention keys and values);
-- ``scale_input``: (IA)3/MoV rescale a linear layer's input, which for the FFN down projection is exactly the FFN
+- ``scale_input``: (IA)3/MoV rescale a linear layer's input, which for the FFN down projection is exactly
+the FFN
   activation after the nonlinearity;
-- ``lora``: LoRA/MoLoRA add a low-rank update to a linear layer (attention q, k, v, o and both FFN projections).
+- ``lora``: LoRA/MoLoRA add a low-rank update to a linear layer (attention q, k, v, o and both FFN
+projections).
 
 A pattern matches a module name when it is the whole name, a dotted suffix of it (``"query"`` matches
 ``encoder.layer.0.attention.self.query``), or a regular expression matching the whole name.
@@ -82,7 +84,8 @@ def _candidates(model: nn.Module) -> list[str]:
     seen: dict[str, None] = {}
     for name, module in model.named_modules():
         if name and is_adaptable(module):
-            seen[".".join(re.sub(r"\.\d+\.", ".", "." + name + ".").strip(".").split(".")[-2:])] = None
+            parts = [p for p in name.split(".") if not p.isdigit()]
+            seen[".".join(parts[-2:]) or name] = None
     return list(seen)
 
 
@@ -102,10 +105,11 @@ def _family_patterns(model: nn.Module) -> dict[str, list[str]]:
 
 
 def normalise_targets(target_modules: Any, kind: str) -> dict[str, list[str]]:
-    """User ``target_modules`` -> ``{site kind: patterns}`` for adapter ``kind`` (``ia3``/``mov``/``lora``/...).
+    """User ``target_modules`` -> ``{site kind: patterns}`` for adapter ``kind``
+    (``ia3``/``mov``/``lora``/...).
 
-    A list means ``lora`` sites for LoRA/MoLoRA and ``scale_output`` sites for (IA)3/MoV; a dict names the site
-    kinds explicitly (``{"scale_output": [...], "scale_input": [...]}``).
+    A list means ``lora`` sites for LoRA/MoLoRA and ``scale_output`` sites for (IA)3/MoV; a dict names
+    the site kinds explicitly (``{"scale_output": [...], "scale_input": [...]}``).
     """
     scale = kind in ("ia3", "mov")
     if isinstance(target_modules, str):
@@ -126,7 +130,8 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Any = None) -> di
     """``{module name: site kind}`` for every module that gets an adapter, in model order."""
     if target_modules is None:
         family = _family_patterns(model)
-        wanted = {k: family[k] for k in (("scale_output", "scale_input") if kind in ("ia3", "mov") else ("lora",))}
+        keys = ("scale_output", "scale_input") if kind in ("ia3", "mov") else ("lora",)
+        wanted = {k: family[k] for k in keys}
     else:
         wanted = normalise_targets(target_modules, kind)
     sites: dict[str, str] = {}
@@ -143,6 +148,6 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Any = None) -> di
                 sites[name] = site_kind
     if not sites:
         cands = _candidates(model)
-        raise MoekitError(f"no module of {type(model).__name__} matches target_modules {wanted}; linear layers "
-                          f"include {cands[:30]}{' ...' if len(cands) > 30 else ''}")
+        raise MoekitError(f"no module of {type(model).__name__} matches target_modules {wanted}; "
+                          f"linear layers include {cands[:30]}{' ...' if len(cands) > 30 else ''}")
     return sites

