@@ -72,7 +72,23 @@ def _describe(r: dict[str, Any]) -> str:
             "full": "full fine-tuning"}[m]
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
+def majority_baseline(result: dict[str, Any]) -> dict[str, float]:
+    """Accuracy of always giving each test split's most frequent gold answer (a reference, not a method)."""
+    from collections import Counter
+
+    from moekit.adapters.tasks import build_tasks
+
+    c = result["config"]
+    _, test = build_tasks(c["n_train"], c["n_test"], c["seed"], tuple(c["seen_tasks"]),
+                          tuple(c["heldout_tasks"]))
+    out = {}
+    for name, examples in test.items():
+        counts = Counter(e.candidates[e.label] for e in examples)
+        out[name] = counts.most_common(1)[0][1] / max(len(examples), 1)
+    return out
+
+
+def results_table(results: list[dict[str, Any]], majority: dict[str, float] | None = None) -> str:
     """A Markdown table: trainable fraction, seen/held-out means and accuracy per task."""
     if not results:
         return "(no results)"
@@ -81,6 +97,12 @@ def results_table(results: list[dict[str, Any]]) -> str:
     head = (["run", "method", "trainable", "% of base", "seen mean", "held-out mean"] + seen + held
             + ["train s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if majority:
+        s_mean = sum(majority[t] for t in seen) / len(seen)
+        h_mean = sum(majority[t] for t in held) / len(held)
+        row = ["majority", "most frequent answer of each test split (reference)", "-", "-", f"{s_mean:.3f}",
+               f"{h_mean:.3f}"] + [f"{majority[t]:.3f}" for t in seen + held] + ["-"]
+        lines.append("| " + " | ".join(row) + " |")
     for r in results:
         acc = r["accuracy"]
         row = [r["name"], _describe(r), f"{r['trainable_params']:,}", f"{100 * r['trainable_fraction']:.3f}",

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.report:
         results = experiments.load_results(args.report)
-        print(experiments.results_table(results))
+        majority = experiments.majority_baseline(results[0]) if results else None
+        print(experiments.results_table(results, majority))
         if args.plot:
             chosen = [r for r in results if r["name"] == args.plot_run and "routing" in r]
             if not chosen:
