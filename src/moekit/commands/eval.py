@@ -1,6 +1,8 @@
-"""``moekit eval RUN_DIR``: validation loss and perplexity of a run's newest checkpoint that passes its checksum.
+"""``moekit eval RUN_DIR``: validation loss and perplexity of a run's newest checkpoint that passes its
+checksum.
 
-A checkpoint that fails is reported by file name and the previous one is used; if none passes, the command fails.
+A checkpoint that fails is reported by file name and the previous one is used; if none passes, the command
+fails.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
         raise MoekitError(f"no checkpoint in {args.run_dir}/checkpoints passes its checksum")
     path, blobs = found
     state = ckpt.load_checkpoint(blobs, model)
-    train_cfg = dataclasses.replace(run_config.train, eval_batches=args.batches, progress="none")
+    train_cfg = dataclasses.replace(run_config.train, eval_batches=args.batches, progress="off")
     batches = TokenBatches(data.train_tokens, 1, run_config.data.seq_len, 0)
     trainer = Trainer(train_cfg, model, batches, data.val_tokens, args.run_dir, log=report)
     loss = trainer.evaluate()
-    print(f"checkpoint {path.name} (step {state['step']}): validation loss {loss:.4f} nats/token, "
-          f"perplexity {math.exp(loss):.2f}")
+    print(
+        f"checkpoint {path.name} (step {state['step']}): validation loss {loss:.4f} nats/token, "
+        f"perplexity {math.exp(loss):.2f}"
+    )
     return 0

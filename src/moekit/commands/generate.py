@@ -44,7 +44,12 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(f"{args.run_dir}/{TOKENIZER_FILE}")
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(torch.tensor(ids, dtype=torch.long), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, generator=gen)
+    out = model.generate(
+        torch.tensor(ids, dtype=torch.long),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=gen,
+    )
     print(tok.decode(out.tolist()))
     return 0

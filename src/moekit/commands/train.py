@@ -1,5 +1,7 @@
-"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default Switch-style
-model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram model."""
+"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default
+Switch-style
+model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram
+model."""
 
 from __future__ import annotations
 
@@ -10,13 +12,24 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a language model (default: switch-tiny on the built-in corpus)")
-    p.add_argument("--config", default=None,
-                   help="TOML config file, or a name from configs/ (default: switch-tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument(
+        "--config", default=None, help="TOML config file, or a name from configs/ (default: switch-tiny)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.max_steps=100",
+    )
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<config>-<time>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its newest valid checkpoint")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest valid checkpoint",
+    )
     p.set_defaults(func=run)
 
 
@@ -30,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config or args.run_dir:
-            raise MoekitError("--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir")
+            raise MoekitError(
+                "--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir"
+            )
         run_dir = Path(args.resume)
         from moekit.training.run import load_run
 
@@ -56,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
         summary = train_run(run_config, run_dir, log=log)
     val, uni = summary["final_val_loss"], summary["unigram_val_loss"]
     if val is not None:
-        print(f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
-              f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
-              f"{summary['wall_seconds_this_session']:.0f}s")
+        print(
+            f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
+            f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+            f"{summary['wall_seconds_this_session']:.0f}s"
+        )
     if summary["skipped_steps"]:
         print(f"skipped steps (non-finite): {summary['skipped_steps']}, roll-backs: {summary['rollbacks']}")
     print(f"run directory: {summary['run_dir']}")

@@ -1,4 +1,5 @@
-"""``moekit validate CONFIG``: check a run config strictly (the same checks ``moekit train`` runs first), and print
+"""``moekit validate CONFIG``: check a run config strictly (the same checks ``moekit train`` runs first), and
+print
 the model's size and cost. No data is read and nothing is trained."""
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def run(args: argparse.Namespace) -> int:
     lm = cfg.lm_config(cfg.data.vocab_size)
     counts = parameter_counts(lm)
     flops = flops_per_token(lm, cfg.data.seq_len)
-    kind = "dense" if lm.moe is None else (f"MoE: {lm.moe.num_experts} experts, top-{lm.moe.top_k}, "
-                                            f"MoE blocks {lm.moe_layers()}")
+    kind = (
+        "dense"
+        if lm.moe is None
+        else (f"MoE: {lm.moe.num_experts} experts, top-{lm.moe.top_k}, MoE blocks {lm.moe_layers()}")
+    )
     print(f"{args.config}: OK ({kind})")
-    print(f"parameters: {counts['total']:,} total, {counts['active']:,} active per token "
-          f"(vocabulary {cfg.data.vocab_size} assumed)")
+    print(
+        f"parameters: {counts['total']:,} total, {counts['active']:,} active per token "
+        f"(vocabulary {cfg.data.vocab_size} assumed)"
+    )
     print(f"FLOPs per token: {flops['forward'] / 1e6:.2f} M forward, {flops['train'] / 1e6:.2f} M training")
     return 0

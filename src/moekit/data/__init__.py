@@ -6,6 +6,11 @@ from moekit.data.corpus import load_corpus
 from moekit.data.tokenizer import load_tokenizer, train_tokenizer
 
 __all__ = [
-    "DataConfig", "TokenBatches", "eval_windows", "load_corpus", "load_tokenizer", "train_tokenizer",
+    "DataConfig",
+    "TokenBatches",
+    "eval_windows",
+    "load_corpus",
+    "load_tokenizer",
+    "train_tokenizer",
     "unigram_cross_entropy",
 ]

@@ -1,7 +1,9 @@
 """Deterministic batches of token windows whose position is a small JSON-able state (saved in checkpoints).
 
-Training windows are the non-overlapping ``seq_len + 1``-token slices of the training tokens, visited in a fresh
-permutation each epoch; the permutation is a pure function of ``(seed, epoch)``, so ``{"epoch", "index"}`` is all a
+Training windows are the non-overlapping ``seq_len + 1``-token slices of the training tokens, visited in a
+fresh
+permutation each epoch; the permutation is a pure function of ``(seed, epoch)``, so ``{"epoch", "index"}`` is
+all a
 checkpoint needs to continue exactly. Validation windows are fixed and visited in order.
 """
 
@@ -39,8 +41,8 @@ class TokenBatches:
         self.num_windows = _windows(tokens, seq_len)
         if self.num_windows < batch_size:
             raise MoekitError(
-                f"the training split has {len(tokens)} tokens: {self.num_windows} windows of {seq_len + 1}, fewer "
-                f"than train.batch_size={batch_size}; use more text or a smaller batch_size / seq_len"
+                f"the training split has {len(tokens)} tokens: {self.num_windows} windows of {seq_len + 1},"
+                f" fewer than train.batch_size={batch_size}; use more text or a smaller batch_size / seq_len"
             )
         self.epoch = 0
         self.index = 0
@@ -58,7 +60,7 @@ class TokenBatches:
             self.index = 0
             self._perm = None
         perm = self._permutation()
-        starts = perm[self.index: self.index + self.batch_size].astype(np.int64) * self.seq_len
+        starts = perm[self.index : self.index + self.batch_size].astype(np.int64) * self.seq_len
         self.index += self.batch_size
         return _window_batch(self.tokens, starts, self.seq_len)
 
@@ -71,27 +73,36 @@ class TokenBatches:
         self._perm = None
 
 
-def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> Iterator[
-        tuple[Tensor, Tensor]]:
+def eval_windows(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """The fixed validation batches, in order (the last one may be smaller)."""
     n = _windows(tokens, seq_len)
     if n == 0:
-        raise MoekitError(f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+        raise MoekitError(
+            f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}"
+        )
     if max_batches is not None:
         n = min(n, max_batches * batch_size)
     starts = np.arange(n, dtype=np.int64) * seq_len
     for i in range(0, n, batch_size):
-        yield _window_batch(tokens, starts[i: i + batch_size], seq_len)
+        yield _window_batch(tokens, starts[i : i + batch_size], seq_len)
 
 
-def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int, seq_len: int,
-                          max_windows: int | None = None) -> float:
-    """Cross-entropy (nats) of the validation targets under the training unigram distribution (add-one smoothed):
+def unigram_cross_entropy(
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    vocab_size: int,
+    seq_len: int,
+    max_windows: int | None = None,
+) -> float:
+    """Cross-entropy (nats) of the validation targets under the training unigram distribution (add-one
+    smoothed):
     the loss a model that ignores context would reach, to judge whether a run learned anything beyond it."""
     counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     n = _windows(val_tokens, seq_len)
     if max_windows is not None:
         n = min(n, max_windows)
-    targets = val_tokens[1: n * seq_len + 1]
+    targets = val_tokens[1 : n * seq_len + 1]
     return float(-logp[targets].mean())

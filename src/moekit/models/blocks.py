@@ -1,4 +1,5 @@
-"""Transformer building blocks of the decoder LM: RMSNorm, rotary positions, causal attention, one pre-norm block.
+"""Transformer building blocks of the decoder LM: RMSNorm, rotary positions, causal attention, one pre-norm
+block.
 
 Shape legend: B batch, T sequence, D model width, H heads, Hd head width.
 """
@@ -18,7 +19,8 @@ __all__ = ["RMSNorm", "Rotary", "CausalSelfAttention", "Block"]
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` (Zhang & Sennrich 2019), computed in float32 because the mean of squares of a bf16
+    """``x / rms(x) * weight`` (Zhang & Sennrich 2019), computed in float32 because the mean of squares of a
+    bf16
     tensor loses the small components; the result is cast back to the input dtype."""
 
     def __init__(self, d_model: int, eps: float = 1e-6) -> None:
@@ -33,7 +35,8 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), "rotate half" layout. Tables are buffers that are not saved:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout. Tables are buffers that are not
+    saved:
     they are a pure function of the config."""
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
@@ -56,7 +59,9 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention through ``F.scaled_dot_product_attention(is_causal=True)``; no biases."""
 
-    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, rope_base: float, init_scale: float) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, max_seq_len: int, rope_base: float, init_scale: float
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -79,12 +84,24 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``; the FFN is dense or MoE.
 
-    ``forward`` returns ``(out, aux)`` where ``aux`` is the MoE layer's :class:`MoEAux` or None for a dense FFN.
-    A token that no expert processes (dropped for capacity) gets FFN output 0 and passes on through the residual.
+    ``forward`` returns ``(out, aux)`` where ``aux`` is the MoE layer's :class:`MoEAux` or None for a dense
+    FFN.
+    A token that no expert processes (dropped for capacity) gets FFN output 0 and passes on through the
+    residual.
     """
 
-    def __init__(self, ffn: nn.Module, d_model: int, n_heads: int, max_seq_len: int, *, rope_base: float,
-                 init_scale: float, dropout: float, norm_eps: float) -> None:
+    def __init__(
+        self,
+        ffn: nn.Module,
+        d_model: int,
+        n_heads: int,
+        max_seq_len: int,
+        *,
+        rope_base: float,
+        init_scale: float,
+        dropout: float,
+        norm_eps: float,
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(d_model, norm_eps)
         self.attn = CausalSelfAttention(d_model, n_heads, max_seq_len, rope_base, init_scale)

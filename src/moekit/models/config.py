@@ -1,6 +1,7 @@
 """The decoder-only language model's config: widths, depth, which FFNs are MoE, and the loss coefficients.
 
-Kept apart from the model code so the command line, ``moekit validate`` and the FLOP counter can build and check a
+Kept apart from the model code so the command line, ``moekit validate`` and the FLOP counter can build and
+check a
 config without building a model.
 """
 
@@ -39,7 +40,8 @@ class LMConfig:
         moe: the MoE layer (any causal-safe token-choice ``MoEConfig``), or None for a dense model.
         moe_every: every ``moe_every``-th FFN is MoE (2 = Switch, GLaM; 4 = ST-MoE).
         moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``.
-        dense_d_ff_at_moe: dense model only: hidden width of the FFNs at the MoE positions (a FLOP-matched dense
+        dense_d_ff_at_moe: dense model only: hidden width of the FFNs at the MoE positions (a FLOP-matched
+        dense
             model of a top-k MoE uses ``k * moe.d_ff`` there); None means ``d_ff``.
         tie_embeddings: share the input embedding and the output projection.
         init_scale: Switch init scale for attention and dense FFN weights (std = sqrt(s / fan_in)).
@@ -74,14 +76,17 @@ class LMConfig:
             _positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads != 0 or (self.d_model // self.n_heads) % 2 != 0:
             raise ValueError(
-                f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even width "
-                "(rotary positions rotate pairs of channels)"
+                f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of"
+                " even width (rotary positions rotate pairs of channels)"
             )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
             raise ValueError(
-                f"model.moe_offset must be an integer in [0, moe_every={self.moe_every}), got {self.moe_offset!r}"
+                f"model.moe_offset must be an integer in [0, moe_every={self.moe_every}),"
+                f" got {self.moe_offset!r}"
             )
         if self.dense_d_ff_at_moe is not None:
             _positive_int("dense_d_ff_at_moe", self.dense_d_ff_at_moe)
@@ -108,8 +113,9 @@ class LMConfig:
         if not self.moe.is_causal_safe:
             what = "expert choice routing" if self.moe.router == "expert_choice" else "batch-priority routing"
             raise ValueError(
-                f"{what} looks across the whole sequence (a token's routing would depend on later tokens), so it "
-                "is refused in the causal TransformerLM; use moe.router = 'topk' without batch_priority"
+                f"{what} looks across the whole sequence (a token's routing would depend on later tokens),"
+                " so it is refused in the causal TransformerLM;"
+                " use moe.router = 'topk' without batch_priority"
             )
         if self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")

@@ -1,7 +1,9 @@
-"""``TransformerLM``: a decoder-only language model whose FFNs are dense or MoE (Switch / GLaM / ST-MoE layouts).
+"""``TransformerLM``: a decoder-only language model whose FFNs are dense or MoE (Switch / GLaM / ST-MoE
+layouts).
 
 The model returns its logits together with every MoE layer's aux (losses and metrics) and, given targets, the
-training loss ``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2; averaging over MoE
+training loss ``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2; averaging
+over MoE
 layers follows T5X). Nothing is stashed in module state between calls.
 
 Shape legend: B batch, T sequence, D model width, V vocabulary.
@@ -67,11 +69,22 @@ class TransformerLM(nn.Module):
                 moe_position = c.moe is None and i % c.moe_every == c.moe_offset
                 d_ff = c.dense_d_ff_at_moe if (moe_position and c.dense_d_ff_at_moe) else c.d_ff
                 ffn = dense_ffn(c.d_model, d_ff, c.activation, c.init_scale)
-            blocks.append(Block(ffn, c.d_model, c.n_heads, c.max_seq_len, rope_base=c.rope_base,
-                                init_scale=c.init_scale, dropout=c.dropout, norm_eps=c.norm_eps))
+            blocks.append(
+                Block(
+                    ffn,
+                    c.d_model,
+                    c.n_heads,
+                    c.max_seq_len,
+                    rope_base=c.rope_base,
+                    init_scale=c.init_scale,
+                    dropout=c.dropout,
+                    norm_eps=c.norm_eps,
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
-        # With tied embeddings there is no separate head parameter: safetensors refuses shared storage, and one
+        # With tied embeddings there is no separate head parameter: safetensors refuses shared storage, and
+        # one
         # tensor is what gets saved either way.
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if self.head is not None:
@@ -82,7 +95,9 @@ class TransformerLM(nn.Module):
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BT.shape)}")
         if tokens_BT.shape[1] > c.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BT.shape[1]} exceeds model.max_seq_len={c.max_seq_len}")
+            raise ValueError(
+                f"sequence length {tokens_BT.shape[1]} exceeds model.max_seq_len={c.max_seq_len}"
+            )
         x_BTD = self.embed(tokens_BT)
         aux: list[MoEAux] = []
         for block in self.blocks:
@@ -111,8 +126,15 @@ class TransformerLM(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     @torch.no_grad()
-    def generate(self, prompt_T: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        prompt_T: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Sample ``max_new_tokens`` after a 1-D prompt (recomputing the window each step; tiny models only).
 
         Temperature 0 means greedy decoding. Returns the prompt followed by the new tokens.
@@ -121,7 +143,7 @@ class TransformerLM(nn.Module):
             raise ValueError("the prompt must encode to at least one token")
         seq_T = prompt_T.clone()
         for _ in range(max_new_tokens):
-            window_1T = seq_T[-self.config.max_seq_len:].unsqueeze(0)
+            window_1T = seq_T[-self.config.max_seq_len :].unsqueeze(0)
             logits_V = self(window_1T).logits_BTV[0, -1].float()
             if temperature <= 0:
                 nxt = logits_V.argmax().view(1)

@@ -1,9 +1,12 @@
 """Adafactor (Shazeer & Stern 2018) with ST-MoE update clipping, as used to train T5, Switch and ST-MoE.
 
-Second moments of a matrix (or of each matrix of a stacked expert bank ``[E, D, F]``) are factored into row and
-column means, so the optimizer state is O(D + F) per matrix instead of O(D * F). The update is clipped by its RMS:
+Second moments of a matrix (or of each matrix of a stacked expert bank ``[E, D, F]``) are factored into row
+and
+column means, so the optimizer state is O(D + F) per matrix instead of O(D * F). The update is clipped by its
+RMS:
 ``U <- U / max(1, RMS(U) / d)`` (ST-MoE section 3.1; d = 1 default; d = 0.1 stabilises but hurts quality). The
-learning rate comes from the run's schedule (no relative step size), so the schedule is the same for both optimizers.
+learning rate comes from the run's schedule (no relative step size), so the schedule is the same for both
+optimizers.
 """
 
 from __future__ import annotations
@@ -16,21 +19,36 @@ __all__ = ["Adafactor"]
 
 class Adafactor(torch.optim.Optimizer):
     """Args:
-        params: parameters or groups.
-        lr: learning rate (set every step by the trainer's schedule).
-        update_clip_d: d of the update clipping.
-        decay_rate: second-moment decay ``beta2_t = 1 - t^(-decay_rate)`` (0.8).
-        beta1: momentum on the clipped update; 0 disables it (the T5 default, which saves memory).
-        eps: added to squared gradients (1e-30, as in the paper).
-        weight_decay: decoupled, multiplied by the learning rate.
+    params: parameters or groups.
+    lr: learning rate (set every step by the trainer's schedule).
+    update_clip_d: d of the update clipping.
+    decay_rate: second-moment decay ``beta2_t = 1 - t^(-decay_rate)`` (0.8).
+    beta1: momentum on the clipped update; 0 disables it (the T5 default, which saves memory).
+    eps: added to squared gradients (1e-30, as in the paper).
+    weight_decay: decoupled, multiplied by the learning rate.
     """
 
-    def __init__(self, params, lr: float = 1e-2, *, update_clip_d: float = 1.0, decay_rate: float = 0.8,
-                 beta1: float = 0.0, eps: float = 1e-30, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        *,
+        update_clip_d: float = 1.0,
+        decay_rate: float = 0.8,
+        beta1: float = 0.0,
+        eps: float = 1e-30,
+        weight_decay: float = 0.0,
+    ) -> None:
         if lr <= 0 or update_clip_d <= 0:
             raise ValueError(f"Adafactor needs lr > 0 and update_clip_d > 0, got lr={lr}, d={update_clip_d}")
-        defaults = dict(lr=lr, update_clip_d=update_clip_d, decay_rate=decay_rate, beta1=beta1, eps=eps,
-                        weight_decay=weight_decay)
+        defaults = dict(
+            lr=lr,
+            update_clip_d=update_clip_d,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()

@@ -1,10 +1,14 @@
 """Atomic, verifiable checkpoints: safetensors for tensors, JSON for everything else, never pickle.
 
-Layout: ``<root>/step_00000120/`` holding ``model.safetensors``, ``optimizer.safetensors`` (every optimizer state
+Layout: ``<root>/step_00000120/`` holding ``model.safetensors``, ``optimizer.safetensors`` (every optimizer
+state
 tensor), ``state.json`` (config, step, RNG state, data position, counters, optimizer hyper-parameters) and
-``manifest.json`` (the sha256 and size of each file). A checkpoint is written into ``<root>/.tmp-...``, each file
-fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either the
-old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is checked
+``manifest.json`` (the sha256 and size of each file). A checkpoint is written into ``<root>/.tmp-...``, each
+file
+fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either
+the
+old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is
+checked
 byte for byte; a checkpoint that fails is reported by name and the previous one is tried.
 """
 
@@ -27,14 +31,25 @@ from torch import nn
 from moekit.errors import MoekitError
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "list_checkpoints", "verify_checkpoint", "load_checkpoint",
-    "latest_valid_checkpoint", "clean_partial", "rng_state", "set_rng_state",
+    "CheckpointError",
+    "save_checkpoint",
+    "list_checkpoints",
+    "verify_checkpoint",
+    "load_checkpoint",
+    "latest_valid_checkpoint",
+    "clean_partial",
+    "rng_state",
+    "set_rng_state",
 ]
 
 FORMAT = "moekit-checkpoint-1"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = (
-    "model.safetensors", "optimizer.safetensors", "state.json", "manifest.json")
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+    "manifest.json",
+)
 
 
 class CheckpointError(MoekitError):
@@ -74,7 +89,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(list(bytes.fromhex(state["torch_cpu"])), dtype=torch.uint8))
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(
-            [torch.tensor(list(bytes.fromhex(s)), dtype=torch.uint8) for s in state["torch_cuda"]])
+            [torch.tensor(list(bytes.fromhex(s)), dtype=torch.uint8) for s in state["torch_cuda"]]
+        )
 
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -101,8 +117,14 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep``. Returns its directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -181,13 +203,16 @@ def verify_checkpoint(path: str | Path) -> dict[str, bytes]:
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} is incomplete: {fpath} is missing") from None
         if len(raw) != files[name]["bytes"] or hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
-            raise CheckpointError(f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)")
+            raise CheckpointError(
+                f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)"
+            )
         data[name] = raw
     return data
 
 
-def latest_valid_checkpoint(root: str | Path, report: Callable[[str], None] | None = None
-                            ) -> tuple[Path, dict[str, bytes]] | None:
+def latest_valid_checkpoint(
+    root: str | Path, report: Callable[[str], None] | None = None
+) -> tuple[Path, dict[str, bytes]] | None:
     """The newest checkpoint that verifies, with its bytes; each one that fails is passed to ``report``."""
     for path in list_checkpoints(root):
         try:
@@ -198,8 +223,9 @@ def latest_valid_checkpoint(root: str | Path, report: Callable[[str], None] | No
     return None
 
 
-def load_checkpoint(data: dict[str, bytes], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    data: dict[str, bytes], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Load verified checkpoint bytes into ``model`` (and ``optimizer``); returns the JSON state."""
     state = json.loads(data[STATE_FILE])
     try:

@@ -1,4 +1,5 @@
-"""The ``[train]`` section of a run config: steps, batch, optimizer, schedule, precision, checkpoints, policies."""
+"""The ``[train]`` section of a run config: steps, batch, optimizer, schedule, precision, checkpoints,
+policies."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("float32", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback", "raise")
-PROGRESS_MODES = ("auto", "bar", "plain", "none")
+PROGRESS_MODES = ("auto", "bar", "plain", "off")
 
 
 def _int(name: str, value: object, minimum: int) -> None:
@@ -35,31 +36,33 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 @dataclass
 class TrainConfig:
     """Attributes:
-        max_steps: optimizer steps to run (skipped steps count: they consumed a batch).
-        batch_size: sequences per step.
-        seed: seeds the model init, the data order and every random draw (dropout, router jitter).
-        log_every: write a metrics line every N steps.
-        eval_every: validation every N steps (0: only at the end).
-        eval_batches: validation batches per evaluation (None: the whole validation split).
-        checkpoint_every: checkpoint every N steps (0: only at the end).
-        keep_checkpoints: keep the last K checkpoints (>= 2 so a corrupted latest one has a fallback).
-        optimizer: "adamw" or "adafactor".
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay (AdamW; Adafactor multiplies it by the lr as well).
-        beta1, beta2, eps: AdamW moments (beta1 is Adafactor's momentum when > 0).
-        update_clip_d: Adafactor update clipping ``U / max(1, RMS(U) / d)`` (ST-MoE: d = 1).
-        warmup_steps: linear warm-up from 0.
-        schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after warm-up.
-        min_lr_ratio: floor of the cosine decay.
-        grad_clip: clip the global gradient norm to this (0: off).
-        precision: "float32" or "bf16" (autocast; the router and the losses stay float32).
-        nonfinite: "skip" (GLaM: skip the update of a batch with a NaN/Inf loss or gradient; after
-            ``max_consecutive_skips`` in a row, roll back to the last checkpoint and go on with the next data),
-            "rollback" (roll back at once) or "raise".
-        max_consecutive_skips: see ``nonfinite``.
-        threads: torch intra-op threads (0: leave torch's default).
-        progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "none".
-        tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+    max_steps: optimizer steps to run (skipped steps count: they consumed a batch).
+    batch_size: sequences per step.
+    seed: seeds the model init, the data order and every random draw (dropout, router jitter).
+    log_every: write a metrics line every N steps.
+    eval_every: validation every N steps (0: only at the end).
+    eval_batches: validation batches per evaluation (None: the whole validation split).
+    checkpoint_every: checkpoint every N steps (0: only at the end).
+    keep_checkpoints: keep the last K checkpoints (>= 2 so a corrupted latest one has a fallback).
+    optimizer: "adamw" or "adafactor".
+    lr: peak learning rate.
+    weight_decay: decoupled weight decay (AdamW; Adafactor multiplies it by the lr as well).
+    beta1, beta2, eps: AdamW moments (beta1 is Adafactor's momentum when > 0).
+    update_clip_d: Adafactor update clipping ``U / max(1, RMS(U) / d)`` (ST-MoE: d = 1).
+    warmup_steps: linear warm-up from 0.
+    schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after
+    warm-up.
+    min_lr_ratio: floor of the cosine decay.
+    grad_clip: clip the global gradient norm to this (0: off).
+    precision: "float32" or "bf16" (autocast; the router and the losses stay float32).
+    nonfinite: "skip" (GLaM: skip the update of a batch with a NaN/Inf loss or gradient; after
+        ``max_consecutive_skips`` in a row, roll back to the last checkpoint and go on with the next
+        data),
+        "rollback" (roll back at once) or "raise".
+    max_consecutive_skips: see ``nonfinite``.
+    threads: torch intra-op threads (0: leave torch's default).
+    progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "off".
+    tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     """
 
     max_steps: int = 600

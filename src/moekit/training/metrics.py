@@ -62,9 +62,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A one-line bar with ETA on a terminal; plain lines (one per call) otherwise; or nothing."""
+    """A one-line bar with ETA on a terminal; plain lines (one per call) otherwise; or nothing ("off")."""
 
-    def __init__(self, total: int, mode: str = "auto", stream: TextIO | None = None, start_step: int = 0) -> None:
+    def __init__(
+        self, total: int, mode: str = "auto", stream: TextIO | None = None, start_step: int = 0
+    ) -> None:
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "plain"
@@ -74,7 +76,7 @@ class Progress:
         self.t0 = time.perf_counter()
 
     def update(self, step: int, text: str) -> None:
-        if self.mode == "none":
+        if self.mode == "off":
             return
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
@@ -90,7 +92,7 @@ class Progress:
         self.stream.flush()
 
     def message(self, text: str) -> None:
-        if self.mode == "none":
+        if self.mode == "off":
             return
         if self.mode == "bar":
             self.stream.write("\n")

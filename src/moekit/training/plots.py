@@ -1,4 +1,5 @@
-"""PNG plots of a run from its ``metrics.jsonl``: train / validation loss, and per-layer expert load over time.
+"""PNG plots of a run from its ``metrics.jsonl``: train / validation loss, and per-layer expert load over
+time.
 
 matplotlib's Agg backend is selected explicitly so plotting works with no display.
 """

@@ -1,5 +1,7 @@
-"""One training run end to end: prepare the data (corpus -> split -> tokenizer -> token arrays), build the model,
-train, evaluate against the unigram baseline, plot, and write ``summary.json``. ``moekit train`` is a thin wrapper.
+"""One training run end to end: prepare the data (corpus -> split -> tokenizer -> token arrays), build the
+model,
+train, evaluate against the unigram baseline, plot, and write ``summary.json``. ``moekit train`` is a thin
+wrapper.
 
 Run directory layout::
 
@@ -76,8 +78,11 @@ def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None
     train_tokens = encode_pieces(tok, train_pieces)
     val_tokens = encode_pieces(tok, val_pieces)
     n_chars = sum(len(t) for _, t, _ in pieces)
-    log(f"corpus {d.corpus!r}: {n_chars:,} characters -> {len(train_tokens):,} training and {len(val_tokens):,} "
-        f"validation tokens (vocabulary {tok.get_vocab_size()}) in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"corpus {d.corpus!r}: {n_chars:,} characters -> {len(train_tokens):,} training and"
+        f" {len(val_tokens):,} validation tokens (vocabulary {tok.get_vocab_size()})"
+        f" in {time.perf_counter() - t0:.1f}s"
+    )
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tokens_path.with_name(tokens_path.name + f".tmp-{os.getpid()}")
     np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
@@ -116,8 +121,13 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerL
     return run_config, data, model
 
 
-def train_run(run_config: RunConfig, run_dir: str | Path, *, resume: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train_run(
+    run_config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
@@ -139,23 +149,38 @@ def train_run(run_config: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     lm_config = run_config.lm_config(data.vocab_size)
     torch.manual_seed(run_config.train.seed)
     model = TransformerLM(lm_config)
-    batches = TokenBatches(data.train_tokens, run_config.train.batch_size, run_config.data.seq_len,
-                           run_config.train.seed)
-    trainer = Trainer(run_config.train, model, batches, data.val_tokens, run_dir,
-                      extra_state={"config": run_config.resolved()}, log=log)
+    batches = TokenBatches(
+        data.train_tokens, run_config.train.batch_size, run_config.data.seq_len, run_config.train.seed
+    )
+    trainer = Trainer(
+        run_config.train,
+        model,
+        batches,
+        data.val_tokens,
+        run_dir,
+        extra_state={"config": run_config.resolved()},
+        log=log,
+    )
     if resume:
         trainer.resume()
     counts = parameter_counts(lm_config)
     flops = flops_per_token(lm_config, run_config.data.seq_len)
     if trainer.step == 0:
-        log(f"model: {counts['total']:,} parameters, {counts['active']:,} active per token, "
+        log(
+            f"model: {counts['total']:,} parameters, {counts['active']:,} active per token, "
             f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
-            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens")
+            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens"
+        )
     result = trainer.fit()
     unigram = unigram_cross_entropy(
-        data.train_tokens, data.val_tokens, data.vocab_size, run_config.data.seq_len,
-        None if run_config.train.eval_batches is None
-        else run_config.train.eval_batches * run_config.train.batch_size)
+        data.train_tokens,
+        data.val_tokens,
+        data.vocab_size,
+        run_config.data.seq_len,
+        None
+        if run_config.train.eval_batches is None
+        else run_config.train.eval_batches * run_config.train.batch_size,
+    )
     try:
         plots = [str(p) for p in plot_run(run_dir, unigram)]
     except Exception as exc:  # a plotting failure must not lose a finished run
@@ -165,7 +190,9 @@ def train_run(run_config: RunConfig, run_dir: str | Path, *, resume: bool = Fals
         "run_dir": str(run_dir),
         "steps": result.step,
         "final_val_loss": result.final_val_loss,
-        "final_val_perplexity": float(np.exp(result.final_val_loss)) if result.final_val_loss is not None else None,
+        "final_val_perplexity": float(np.exp(result.final_val_loss))
+        if result.final_val_loss is not None
+        else None,
         "unigram_val_loss": unigram,
         "skipped_steps": result.skipped_steps,
         "rollbacks": result.rollbacks,

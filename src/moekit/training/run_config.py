@@ -1,9 +1,14 @@
-"""A run config: the TOML file with sections ``[model]``, ``[moe]``, ``[data]``, ``[train]`` and ``[parallel]``.
+"""A run config: the TOML file with sections ``[model]``, ``[moe]``, ``[data]``, ``[train]`` and
+``[parallel]``.
 
-Every key is checked (unknown keys are errors with a "did you mean"; bad values name the key and the rule) when the
-file is read, so ``moekit validate`` and ``moekit train`` refuse a bad config before any work starts. TOML has no
-null: the string ``"none"`` stands for None (``moe.capacity_factor = "none"`` is dropless routing). The resolved
-config, every default filled in, is written back as ``config.toml`` in the run directory by a small writer here
+Every key is checked (unknown keys are errors with a "did you mean"; bad values name the key and the rule)
+when the
+file is read, so ``moekit validate`` and ``moekit train`` refuse a bad config before any work starts. TOML has
+no
+null: the string ``"none"`` stands for None (``moe.capacity_factor = "none"`` is dropless routing). The
+resolved
+config, every default filled in, is written back as ``config.toml`` in the run directory by a small writer
+here
 (no TOML-writing dependency).
 """
 
@@ -29,30 +34,50 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["RunConfig", "ParallelConfig", "build_run_config", "load_run_config", "parse_overrides", "to_toml", "find_named_config",
-           "SECTIONS", "DEFAULT_CONFIG_NAME"]
+__all__ = [
+    "RunConfig",
+    "ParallelConfig",
+    "build_run_config",
+    "load_run_config",
+    "parse_overrides",
+    "to_toml",
+    "find_named_config",
+    "SECTIONS",
+    "DEFAULT_CONFIG_NAME",
+]
 
 SECTIONS = ("model", "moe", "data", "train", "parallel")
 DEFAULT_CONFIG_NAME = "switch-tiny"
 _MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")]
-# The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works anywhere.
-_DEFAULT_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512, "moe_every": 2, "moe_offset": 1,
-                  "z_loss_coef": 0.0}
+# The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works
+# anywhere.
+_DEFAULT_MODEL = {
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 4,
+    "d_ff": 512,
+    "moe_every": 2,
+    "moe_offset": 1,
+    "z_loss_coef": 0.0,
+}
 _DEFAULT_MOE = {"num_experts": 8, "top_k": 1, "capacity_factor": 1.25, "jitter_eps": 1e-2, "init_scale": 0.1}
 
 
 @dataclass
 class ParallelConfig:
     """Attributes:
-        expert_parallel: processes the experts are spread over (reserved: only 1 is available in this version).
+    expert_parallel: processes the experts are spread over (reserved: only 1 is available in this
+    version).
     """
 
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.expert_parallel != 1:
-            raise ValueError(f"parallel.expert_parallel must be 1 in this version (expert parallelism is not "
-                             f"available yet), got {self.expert_parallel!r}")
+            raise ValueError(
+                f"parallel.expert_parallel must be 1 in this version (expert parallelism is not "
+                f"available yet), got {self.expert_parallel!r}"
+            )
 
 
 @dataclass
@@ -70,12 +95,16 @@ class RunConfig:
         for key in self.model:
             if key not in _MODEL_KEYS:
                 hint = " (it is set by the tokenizer: use data.vocab_size)" if key == "vocab_size" else ""
-                raise ValueError(f"unknown config key 'model.{key}'{hint or suggest(key, _MODEL_KEYS)}; "
-                                 f"valid keys: {', '.join(_MODEL_KEYS)}")
+                raise ValueError(
+                    f"unknown config key 'model.{key}'{hint or suggest(key, _MODEL_KEYS)}; "
+                    f"valid keys: {', '.join(_MODEL_KEYS)}"
+                )
         self.model.setdefault("max_seq_len", self.data.seq_len)
         if self.data.seq_len > self.model["max_seq_len"]:
-            raise ValueError(f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "
-                             f"({self.model['max_seq_len']})")
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "
+                f"({self.model['max_seq_len']})"
+            )
         self.lm_config(self.data.vocab_size)  # runs every LMConfig / MoEConfig check now
 
     def moe_config(self) -> MoEConfig | None:
@@ -89,7 +118,9 @@ class RunConfig:
 
     def lm_config(self, vocab_size: int) -> LMConfig:
         model = dict(self.model)
-        return config_from_dict(LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model")
+        return config_from_dict(
+            LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model"
+        )
 
     def resolved(self) -> dict[str, dict[str, Any]]:
         """Every section with every default filled in (what ``config.toml`` in a run holds)."""
@@ -118,8 +149,9 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from parsed TOML tables (strict keys)."""
     for key in tables:
         if key not in SECTIONS:
-            raise ValueError(f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: "
-                             f"{', '.join(SECTIONS)}")
+            raise ValueError(
+                f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"
+            )
     for key, value in tables.items():
         if not isinstance(value, dict):
             raise ValueError(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
@@ -173,7 +205,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if not p.is_file():
             named = find_named_config(str(path))
             if named is None:
-                raise MoekitError(f"config file {str(path)!r} not found (give a .toml path or a name from configs/)")
+                raise MoekitError(
+                    f"config file {str(path)!r} not found (give a .toml path or a name from configs/)"
+                )
             p = named
         try:
             tables = tomllib.loads(p.read_text(encoding="utf-8"))

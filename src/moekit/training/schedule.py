@@ -7,8 +7,11 @@ import math
 __all__ = ["lr_at"]
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Learning rate for the update made at ``step`` (0-based): linear warm-up to ``lr`` over ``warmup_steps``, then
+def lr_at(
+    step: int, *, lr: float, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float
+) -> float:
+    """Learning rate for the update made at ``step`` (0-based): linear warm-up to ``lr`` over
+    ``warmup_steps``, then
 
     - "cosine": half a cosine from ``lr`` down to ``min_lr_ratio * lr`` at ``max_steps``;
     - "inverse_sqrt": ``lr * sqrt(warmup / step)`` (T5 / ST-MoE style, with ``warmup >= 1``);

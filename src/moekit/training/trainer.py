@@ -1,7 +1,9 @@
 """The training loop: schedule, clipping, precision, non-finite policy, metrics, evaluation and checkpoints.
 
-A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the torch RNG
-state, the data position and the metrics log length, and the learning rate is a pure function of the step. So a run
+A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the
+torch RNG
+state, the data position and the metrics log length, and the learning rate is a pure function of the step. So
+a run
 killed with SIGKILL at any moment and resumed logs the same per-step losses as one that was never interrupted.
 """
 
@@ -45,7 +47,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains a :class:`~moekit.models.TransformerLM` (or any model whose ``forward(inputs, targets)`` returns an
+    """Trains a :class:`~moekit.models.TransformerLM` (or any model whose ``forward(inputs, targets)`` returns
+    an
     object with ``loss``, ``ce_loss``, ``load_balancing_loss``, ``z_loss`` and ``aux``).
 
     Args:
@@ -58,9 +61,17 @@ class Trainer:
         log: where user-facing messages go (one line each).
     """
 
-    def __init__(self, config: TrainConfig, model: nn.Module, train_batches: TokenBatches,
-                 val_tokens: np.ndarray | None, run_dir: str | Path, *, extra_state: dict[str, Any] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        train_batches: TokenBatches,
+        val_tokens: np.ndarray | None,
+        run_dir: str | Path,
+        *,
+        extra_state: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.model = model
         self.batches = train_batches
@@ -81,7 +92,8 @@ class Trainer:
         self._metrics_bytes: int | None = None  # log length at the loaded checkpoint
         self._tb = None
 
-    # ----------------------------------------------------------------------------------------------------- state
+    # -----------------------------------------------------------------------------------------------------
+    # state
     def _state(self, metrics_bytes: int) -> dict[str, Any]:
         return {
             **self.extra_state,
@@ -96,8 +108,14 @@ class Trainer:
 
     def save(self, metrics: MetricsLog) -> Path:
         size = metrics.flush()
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size),
-                                    self.config.keep_checkpoints)
+        return ckpt.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self._state(size),
+            self.config.keep_checkpoints,
+        )
 
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies (reporting any that do not). False when there is none."""
@@ -127,12 +145,15 @@ class Trainer:
         self.last_val_loss = state.get("last_val_loss")
 
     def _rollback(self, reason: str) -> None:
-        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with the
+        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with
+        the
         next data, as GLaM) and the RNG stream."""
         self.rollbacks += 1
         if self.rollbacks > MAX_ROLLBACKS:
-            raise MoekitError(f"training rolled back {MAX_ROLLBACKS} times and still produces non-finite values; "
-                              "lower train.lr or check the data")
+            raise MoekitError(
+                f"training rolled back {MAX_ROLLBACKS} times and still produces non-finite values; "
+                "lower train.lr or check the data"
+            )
         found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log)
         if found is None:
             raise MoekitError(f"{reason} and there is no checkpoint to roll back to")
@@ -143,10 +164,13 @@ class Trainer:
         self._apply_state(state, restore_data=False)
         self.skipped_steps, self.rollbacks, self.tokens_seen = skipped, rollbacks, tokens
         self.consecutive_skips = 0
-        self.log(f"{reason} at step {bad_step}: rolled back to {path.name} (step {self.step}), going on with the "
-                 "next data")
+        self.log(
+            f"{reason} at step {bad_step}: rolled back to {path.name} (step {self.step}), going on with the "
+            "next data"
+        )
 
-    # ---------------------------------------------------------------------------------------------------- eval
+    # ----------------------------------------------------------------------------------------------------
+    # eval
     def _autocast(self):
         if self.config.precision == "bf16":
             device = self.params[0].device.type if self.params else "cpu"
@@ -162,8 +186,9 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         try:
-            for inputs, targets in eval_windows(self.val_tokens, self.config.batch_size, self.batches.seq_len,
-                                                self.config.eval_batches):
+            for inputs, targets in eval_windows(
+                self.val_tokens, self.config.batch_size, self.batches.seq_len, self.config.eval_batches
+            ):
                 with self._autocast():
                     out = self.model(inputs, targets)
                 n = targets.numel()
@@ -173,11 +198,18 @@ class Trainer:
             self.model.train(was_training)
         return total / count
 
-    # ---------------------------------------------------------------------------------------------------- train
+    # ----------------------------------------------------------------------------------------------------
+    # train
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, Any], bool]:
         c = self.config
-        lr = lr_at(self.step, lr=c.lr, warmup_steps=c.warmup_steps, max_steps=c.max_steps, schedule=c.schedule,
-                   min_lr_ratio=c.min_lr_ratio)
+        lr = lr_at(
+            self.step,
+            lr=c.lr,
+            warmup_steps=c.warmup_steps,
+            max_steps=c.max_steps,
+            schedule=c.schedule,
+            min_lr_ratio=c.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self._autocast():
@@ -193,7 +225,8 @@ class Trainer:
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh pages.
+        # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh
+        # pages.
         self.optimizer.zero_grad(set_to_none=False)
         record: dict[str, Any] = {
             "loss": float(loss.detach()),
@@ -246,22 +279,27 @@ class Trainer:
                 record = {"step": self.step, **record, "skipped_steps": self.skipped_steps}
                 rolled = False
                 if not ok:
-                    reason = f"non-finite loss or gradient (loss {record['loss']}, grad norm {record['grad_norm']})"
+                    loss_v, norm_v = record["loss"], record["grad_norm"]
+                    reason = f"non-finite loss or gradient (loss {loss_v}, grad norm {norm_v})"
                     if c.nonfinite == "raise":
                         metrics.write(record)
                         raise MoekitError(f"{reason} at step {self.step} (train.nonfinite = 'raise')")
                     if c.nonfinite == "rollback" or self.consecutive_skips >= c.max_consecutive_skips:
                         metrics.write(record)
                         self._rollback(reason)
-                        metrics.write({"step": self.step, "event": "rollback", "skipped_steps": self.skipped_steps})
+                        metrics.write(
+                            {"step": self.step, "event": "rollback", "skipped_steps": self.skipped_steps}
+                        )
                         rolled = True
                     else:
-                        self.log(f"step {self.step}: {reason}; update skipped "
-                                 f"({self.consecutive_skips} in a row)")
+                        self.log(
+                            f"step {self.step}: {reason}; update skipped ({self.consecutive_skips} in a row)"
+                        )
                 if rolled:
                     continue
                 evaluate = self.val_tokens is not None and (
-                    (c.eval_every > 0 and self.step % c.eval_every == 0) or self.step == c.max_steps)
+                    (c.eval_every > 0 and self.step % c.eval_every == 0) or self.step == c.max_steps
+                )
                 if evaluate:
                     self.last_val_loss = self.evaluate()
                     record["val_loss"] = self.last_val_loss
@@ -275,7 +313,9 @@ class Trainer:
                     if "val_loss" in record:
                         text += f" val {record['val_loss']:.3f}"
                     progress.update(self.step, text + f" {record['tokens_per_s']:.0f} tok/s")
-                if (c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0) or self.step == c.max_steps:
+                if (
+                    c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0
+                ) or self.step == c.max_steps:
                     self.save(metrics)
         finally:
             metrics.flush()
@@ -284,9 +324,14 @@ class Trainer:
             if self._tb is not None:
                 self._tb.flush()
         elapsed = time.perf_counter() - t_start
-        return TrainResult(step=self.step, final_val_loss=self.last_val_loss, skipped_steps=self.skipped_steps,
-                           rollbacks=self.rollbacks, elapsed_s=elapsed,
-                           tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, elapsed))
+        return TrainResult(
+            step=self.step,
+            final_val_loss=self.last_val_loss,
+            skipped_steps=self.skipped_steps,
+            rollbacks=self.rollbacks,
+            elapsed_s=elapsed,
+            tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, elapsed),
+        )
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         if self._tb is None:
