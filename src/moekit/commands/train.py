@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
         source = args.config if args.config else find_named_config(DEFAULT_CONFIG_NAME)
         run_config = load_run_config(source, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
-        log(f"run directory: {run_dir}")
         summary = train_run(run_config, run_dir, log=log)
     val, uni = summary["final_val_loss"], summary["unigram_val_loss"]
     if val is not None:

@@ -65,13 +65,13 @@ class TrainConfig:
     tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     """
 
-    max_steps: int = 600
+    max_steps: int = 500
     batch_size: int = 16
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int | None = 16
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_checkpoints: int = 3
     optimizer: str = "adamw"
     lr: float = 3e-3

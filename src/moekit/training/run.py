@@ -83,6 +83,7 @@ def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None
         f" {len(val_tokens):,} validation tokens (vocabulary {tok.get_vocab_size()})"
         f" in {time.perf_counter() - t0:.1f}s"
     )
+    # The run directory is created only now, once the corpus has loaded: bad input leaves nothing behind.
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tokens_path.with_name(tokens_path.name + f".tmp-{os.getpid()}")
     np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
@@ -138,13 +139,13 @@ def train_run(
         if run_config is not None:
             loaded_config.train = run_config.train
         run_config = loaded_config
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "config.toml").exists():
-            raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    elif (run_dir / "config.toml").exists():
+        raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     if run_config.train.threads > 0:
         torch.set_num_threads(run_config.train.threads)
     data = prepare_data(run_config, run_dir, log)
+    if not resume:
+        log(f"run directory: {run_dir}")
     _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     lm_config = run_config.lm_config(data.vocab_size)
     torch.manual_seed(run_config.train.seed)
