@@ -26,8 +26,7 @@ def test_schedules_golden():
 @pytest.mark.parametrize("shape", [(6,), (3, 4), (2, 3, 4)])
 def test_adafactor_first_step_is_lr_times_sign_and_clipping_scales_it(shape):
     # Step 1: beta2_1 = 1 - 1^-0.8 = 0, so the second moment is g^2 itself. For a rank-1 g = a b^T the
-    # factored
-    # estimate row_i col_j / mean(row) = a_i^2 b_j^2 is exact, so U = g / |g| = sign(g), RMS(U) = 1.
+    # factored estimate row_i col_j / mean(row) = a_i^2 b_j^2 is exact, so U = g / |g| = sign(g), RMS(U) = 1.
     torch.manual_seed(0)
     if len(shape) == 1:
         g = torch.randn(shape)
