@@ -81,6 +81,13 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.extra_state = extra_state or {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if val_tokens is not None and len(val_tokens) < train_batches.seq_len + 1:
+            # Found now rather than at the first evaluation, after minutes of training.
+            raise MoekitError(
+                f"the validation split has {len(val_tokens)} tokens, fewer than one window of"
+                f" {train_batches.seq_len + 1}; use more text, a larger data.val_fraction or a smaller"
+                " data.seq_len"
+            )
         self.optimizer = build_optimizer(model, config)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
@@ -249,7 +256,10 @@ class Trainer:
         c = self.config
         if c.threads > 0:
             torch.set_num_threads(c.threads)
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=self._metrics_bytes)
+        # A fresh start empties a log left by a process killed before its first checkpoint; a resume cuts
+        # the log back to its length at the checkpoint.
+        truncate = 0 if self.step == 0 else self._metrics_bytes
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=truncate)
         if c.tensorboard and self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
