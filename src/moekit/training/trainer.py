@@ -38,6 +38,9 @@ MAX_ROLLBACKS = 10
 
 @dataclass
 class TrainResult:
+    """What ``Trainer.fit`` returns. ``tokens_per_s`` counts the time of training steps only (this session);
+    ``elapsed_s`` is the wall time of the whole ``fit`` call, evaluations and checkpoints included."""
+
     step: int
     final_val_loss: float | None
     skipped_steps: int
@@ -272,11 +275,16 @@ class Trainer:
             self.save(metrics)  # step 0: something to roll back to from the very first step
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_seen
-        t_window, tokens_window = time.perf_counter(), 0
+        # tokens/s counts training steps only (not evaluation or checkpoint writes)
+        step_time_window, tokens_window, step_time_total = 0.0, 0, 0.0
         try:
             while self.step < c.max_steps:
+                t_step = time.perf_counter()
                 inputs, targets = self.batches.next_batch()
                 record, ok = self._train_step(inputs, targets)
+                dt = time.perf_counter() - t_step
+                step_time_window += dt
+                step_time_total += dt
                 self.step += 1
                 n_tok = inputs.numel()
                 self.tokens_seen += n_tok
@@ -314,9 +322,8 @@ class Trainer:
                     self.last_val_loss = self.evaluate()
                     record["val_loss"] = self.last_val_loss
                 if self.step % c.log_every == 0 or evaluate or not ok or self.step == c.max_steps:
-                    now = time.perf_counter()
-                    record["tokens_per_s"] = tokens_window / max(1e-9, now - t_window)
-                    t_window, tokens_window = now, 0
+                    record["tokens_per_s"] = tokens_window / max(1e-9, step_time_window)
+                    step_time_window, tokens_window = 0.0, 0
                     metrics.write(record)
                     self._tensorboard(record)
                     text = f"loss {record['loss']:.3f}"
@@ -340,7 +347,7 @@ class Trainer:
             skipped_steps=self.skipped_steps,
             rollbacks=self.rollbacks,
             elapsed_s=elapsed,
-            tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, elapsed),
+            tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, step_time_total),
         )
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
