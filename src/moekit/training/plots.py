@@ -53,21 +53,34 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     plt.close(fig)
     written.append(path)
 
-    loads = [(r["step"], r["tokens_per_expert"]) for r in records if r.get("tokens_per_expert")]
+    loads = [
+        (r["step"], r["tokens_per_expert"], r.get("drop_fraction_per_layer"))
+        for r in records
+        if r.get("tokens_per_expert")
+    ]
     if loads:
         num_layers = len(loads[0][1])
         fig, axes = plt.subplots(num_layers, 1, figsize=(7, 2.2 * num_layers + 0.6), squeeze=False)
-        steps = [s for s, _ in loads]
+        steps = [s for s, _, _ in loads]
         for layer in range(num_layers):
             ax = axes[layer][0]
-            counts = [row[layer] for _, row in loads]
+            counts = [row[layer] for _, row, _ in loads]
+            # Shares of all routed assignments (kept + dropped): the white gap on top is the dropped share.
+            totals = []
+            for (_, _, drops), c in zip(loads, counts, strict=True):
+                drop = _float(drops[layer]) if drops else 0.0
+                totals.append(sum(c) / (1.0 - drop) if drop < 1.0 else max(1, sum(c)))
             num_experts = len(counts[0])
-            fractions = [[c[e] / max(1, sum(c)) for c in counts] for e in range(num_experts)]
+            fractions = [
+                [c[e] / max(1e-9, t) for c, t in zip(counts, totals, strict=True)] for e in range(num_experts)
+            ]
             ax.stackplot(steps, fractions, labels=[f"expert {e}" for e in range(num_experts)])
             ax.set_ylim(0, 1)
             ax.set_ylabel(f"MoE layer {layer}\nshare")
             if layer == 0:
-                ax.set_title("share of routed tokens per expert (after capacity)")
+                ax.set_title(
+                    "share of routed assignments each expert processed (white: dropped for capacity)"
+                )
                 ax.legend(loc="upper right", fontsize=6, ncol=4)
         axes[-1][0].set_xlabel("step")
         fig.tight_layout()

@@ -249,6 +249,7 @@ class Trainer:
         if out.aux:
             metrics = [a.metrics() for a in out.aux]
             record["drop_fraction"] = float(np.mean([m["drop_fraction"] for m in metrics]))
+            record["drop_fraction_per_layer"] = [m["drop_fraction"] for m in metrics]
             record["router_entropy"] = float(np.mean([m["router_entropy"] for m in metrics]))
             record["max_router_logit"] = max(m["max_logit"] for m in metrics)
             record["tokens_per_expert"] = [m["tokens_per_expert"] for m in metrics]
