@@ -17,9 +17,18 @@ from moekit.training.metrics import read_metrics
 def _run(tmp_path, **cfg):
     torch.manual_seed(0)
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, capacity_factor=None)
-    lm = TransformerLM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe))
-    values = dict(max_steps=6, batch_size=2, log_every=1, eval_every=3, checkpoint_every=0, warmup_steps=2,
-                  progress="off")
+    lm = TransformerLM(
+        LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe)
+    )
+    values = dict(
+        max_steps=6,
+        batch_size=2,
+        log_every=1,
+        eval_every=3,
+        checkpoint_every=0,
+        warmup_steps=2,
+        progress="off",
+    )
     values.update(cfg)
     tokens = np.random.default_rng(0).integers(0, 40, 2000).astype(np.int32)
     trainer = Trainer(TrainConfig(**values), lm, TokenBatches(tokens, 2, 8, seed=0), tokens[:200], tmp_path)
