@@ -78,9 +78,7 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
             ax.set_ylim(0, 1)
             ax.set_ylabel(f"MoE layer {layer}\nshare")
             if layer == 0:
-                ax.set_title(
-                    "share of routed assignments each expert processed (white: dropped for capacity)"
-                )
+                ax.set_title("share of routed assignments per expert (white on top: dropped)")
                 ax.legend(loc="upper right", fontsize=6, ncol=4)
         axes[-1][0].set_xlabel("step")
         fig.tight_layout()
