@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke test)")
+    p.add_argument(
+        "--no-tune-malloc", action="store_true",
+        help="keep glibc's default allocator settings (by default large freed blocks are kept for reuse, for all "
+        "variants alike; see moekit.runtime.tune_malloc)",
+    )
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
     p.set_defaults(func=run)
 

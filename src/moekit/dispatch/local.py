@@ -1,8 +1,13 @@
 """Sort-based token dispatch on one process: permute tokens into expert order, apply capacity, and undo it.
 
 This is how every fast dropless system moves tokens (MegaBlocks, ScatterMoE, torchtitan): a stable sort of the
-assignments by expert, one gather of the token rows, and one ``index_add`` back weighted by the gates. Its cost is
+assignments by expert, one gather of the token rows into expert order, and a gate-weighted sum back. Its cost is
 O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (PERFORMANCE.md).
+
+Every data movement here is a *gather*, forward and backward: the plan keeps both directions of the mapping
+(``token_idx_A``: row -> token, ``pos_SK``: (token, choice) -> row), so the backward of a gather is another gather
+rather than autograd's default ``index_add`` scatter, which runs several times slower on CPU (ScatterMoE makes the
+same choice on GPU: sort indices, never scatter padded copies).
 
 Capacity and drop rules are ALGORITHMS.md section 1: ``C = max(min_capacity, ceil(CF * k * S / E))`` capped at S
 (per routing group); every first choice claims a slot before any second choice; within a choice rank tokens go in
@@ -58,6 +63,7 @@ class DispatchPlan:
         num_assignments: number of assignments the router made (valid ones), before capacity.
         num_dropped: assignments dropped for lack of capacity.
         capacity: C per expert per group, or None for dropless.
+        pos_SK: int64 row (in [0, A)) of each token's k-th choice, or -1 where it was dropped or declined.
     """
 
     token_idx_A: Tensor
@@ -66,6 +72,15 @@ class DispatchPlan:
     num_assignments: int
     num_dropped: int
     capacity: int | None
+    pos_SK: Tensor | None = None
+
+    @property
+    def all_kept(self) -> bool:
+        """Every (token, choice) has a row: no capacity drops and no declined choices."""
+        return self.pos_SK is not None and self.token_idx_A.numel() == self.pos_SK.numel()
+
+    def kept_mask_SK(self) -> Tensor:
+        return self.pos_SK >= 0
 
     @property
     def drop_fraction(self) -> float:
@@ -124,6 +139,8 @@ def plan_token_choice(
     assign_idx_A = token_idx_A * K + rank_N[kept_N]
     tokens_per_expert_E = kept_counts_B.view(num_experts, num_groups).sum(dim=1)
     num_kept = int(token_idx_A.numel())
+    pos_SK = torch.full((S * K,), -1, dtype=torch.int64, device=device)
+    pos_SK[assign_idx_A] = torch.arange(num_kept, device=device)
     return DispatchPlan(
         token_idx_A=token_idx_A,
         assign_idx_A=assign_idx_A,
@@ -131,24 +148,80 @@ def plan_token_choice(
         num_assignments=num_assignments,
         num_dropped=num_assignments - num_kept,
         capacity=capacity,
+        pos_SK=pos_SK.view(S, K),
     )
+
+
+def _sum_rows_by_token(rows_AD: Tensor, plan: DispatchPlan) -> Tensor:
+    """``out[s] = sum_k rows[pos[s, k]]`` over kept choices, by gathers only: ``[S, D]``."""
+    S, K = plan.pos_SK.shape
+    if rows_AD.shape[0] == 0:
+        return rows_AD.new_zeros(S, rows_AD.shape[-1])
+    if plan.all_kept and K == 1:
+        return rows_AD.index_select(0, plan.pos_SK.view(-1))
+    g_SKD = rows_AD.index_select(0, plan.pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
+    if plan.all_kept:
+        return g_SKD.sum(dim=1)
+    mask_S1K = plan.kept_mask_SK().to(rows_AD.dtype).unsqueeze(1)
+    return torch.bmm(mask_S1K, g_SKD).squeeze(1)  # masked sum over k in one pass
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x_AD = x_SD[token_idx_A]``; backward gathers the gradient back per token instead of scattering it."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, plan: DispatchPlan) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        return x_SD.index_select(0, plan.token_idx_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _sum_rows_by_token(grad_AD.contiguous(), ctx.plan), None
+
+
+class _GatherChoices(torch.autograd.Function):
+    """``y_SKD = y_AD[pos_SK]`` (rows of dropped choices are arbitrary and must get gate 0); backward gathers the
+    gradient of each row from its one (token, choice) slot."""
+
+    @staticmethod
+    def forward(ctx, y_AD: Tensor, plan: DispatchPlan) -> Tensor:  # type: ignore[override]
+        ctx.plan = plan
+        S, K = plan.pos_SK.shape
+        if y_AD.shape[0] == 0:
+            return y_AD.new_zeros(S, K, y_AD.shape[-1])
+        return y_AD.index_select(0, plan.pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
+
+    @staticmethod
+    def backward(ctx, grad_SKD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        plan = ctx.plan
+        D = grad_SKD.shape[-1]
+        return grad_SKD.reshape(-1, D).index_select(0, plan.assign_idx_A), None
 
 
 def permute(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token rows of the kept assignments into expert order: ``[A, D]``."""
-    return x_SD.index_select(0, plan.token_idx_A)
+    if plan.pos_SK is None or not torch.is_grad_enabled() or not x_SD.requires_grad:
+        return x_SD.index_select(0, plan.token_idx_A)
+    return _GatherTokens.apply(x_SD, plan)
 
 
 def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int) -> Tensor:
     """Weight each expert output by its gate and sum the k outputs of every token: ``[S, D]``.
 
-    Dropped assignments simply have no row, so they contribute zero, and the kept gates are used as they are (not
-    renormalised). The gate multiply happens before the scatter so the scatter moves one tensor, not two.
+    Dropped assignments contribute zero (their gate is masked to 0) and the kept gates are used as they are (not
+    renormalised).
     """
-    gates_A = gates_SK.reshape(-1).index_select(0, plan.assign_idx_A).to(y_AD.dtype)
-    weighted_AD = y_AD * gates_A.unsqueeze(-1)
-    out_SD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
-    return out_SD.index_add(0, plan.token_idx_A, weighted_AD)
+    if plan.pos_SK is None:  # a plan built by hand without the inverse map: scatter
+        gates_A = gates_SK.reshape(-1).index_select(0, plan.assign_idx_A).to(y_AD.dtype)
+        out_SD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+        return out_SD.index_add(0, plan.token_idx_A, y_AD * gates_A.unsqueeze(-1))
+    y_SKD = _GatherChoices.apply(y_AD, plan)
+    gates_SK = gates_SK.to(y_AD.dtype)
+    if not plan.all_kept:
+        gates_SK = gates_SK * plan.kept_mask_SK().to(y_AD.dtype)
+    if gates_SK.shape[1] == 1:
+        return y_SKD.squeeze(1) * gates_SK
+    return torch.bmm(gates_SK.unsqueeze(1), y_SKD).squeeze(1)
 
 
 @dataclass

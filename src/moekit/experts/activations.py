@@ -1,4 +1,7 @@
-"""Activations for experts and dense FFNs. ``swiglu`` / ``geglu`` are gated (Shazeer 2020): ``act(x W_gate) * (x W_in)``."""
+"""Activations for experts and dense FFNs.
+
+``swiglu`` / ``geglu`` are gated (Shazeer 2020): ``act(x W_gate) * (x W_in)``.
+"""
 
 from __future__ import annotations
 

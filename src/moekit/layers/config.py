@@ -92,7 +92,9 @@ class MoEConfig:
                 raise ValueError(f"capacity_factor must be finite (None for dropless), got {cf}")
             self.capacity_factor = float(self.capacity_factor)
         elif self.router == "expert_choice":
-            raise ValueError("capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None")
+            raise ValueError(
+                "capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None"
+            )
         _check_activation(self.activation)
         if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")

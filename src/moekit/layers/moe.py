@@ -114,7 +114,6 @@ class MoE(nn.Module):
         return y_SD, aux
 
     def _expert_choice(self, x_SD: Tensor, num_groups: int) -> tuple[Tensor, MoEAux]:
-        c = self.config
         S, D = x_SD.shape
         T = S // num_groups
         decision = self.router(x_SD.view(num_groups, T, D))

@@ -1,0 +1,97 @@
+"""Baseline formulations the layer benchmark measures moekit against, written here from their published
+descriptions (PERFORMANCE.md):
+
+- ``EinsumMoE``: the GShard / Switch (Mesh-TensorFlow) formulation: a one-hot ``dispatch[S, E, C]`` tensor built from
+  cumulative positions, einsums into a padded ``[E, C, D]`` buffer, a batched matmul, and an einsum back. Static
+  shapes (what TPUs need), at O(S * E * C) memory and FLOPs.
+- ``LoopMoE``: the Hugging Face Mixtral eager block's method: a one-hot expert mask, then a Python loop over the
+  experts that were hit, each gathering its tokens (``where``), running its own linear layers and ``index_add``-ing
+  the gate-weighted result back.
+
+Both share the router weight and expert weights of a moekit ``MoE`` so all three compute the same function (up to
+the einsum's capacity drops), which the benchmark checks before timing.
+
+Shape legend: S tokens, D width, F expert hidden, E experts, K choices, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moekit.experts.activations import ACTIVATIONS
+from moekit.layers.moe import MoE
+
+__all__ = ["EinsumMoE", "LoopMoE"]
+
+
+def _route(x_SD: Tensor, weight_ED: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    logits_SE = x_SD.float() @ weight_ED.float().t()
+    probs_SE = torch.softmax(logits_SE, dim=-1)
+    gates_SK, ids_SK = torch.topk(probs_SE, k, dim=-1)
+    if normalize:
+        gates_SK = gates_SK / (gates_SK.sum(-1, keepdim=True) + 1e-9)
+    return probs_SE, gates_SK, ids_SK
+
+
+class EinsumMoE(nn.Module):
+    """One-hot dispatch / combine einsums at a fixed capacity factor (GShard / Switch reference formulation)."""
+
+    def __init__(self, source: MoE, capacity_factor: float = 1.25) -> None:
+        super().__init__()
+        c = source.config
+        self.k, self.E, self.cf = c.top_k, c.num_experts, capacity_factor
+        self.normalize = source.router.normalize_gates
+        self.act = ACTIVATIONS[c.activation]
+        self.router_weight = nn.Parameter(source.router.weight.detach().clone())
+        self.w_in = nn.Parameter(source.experts.w_in.detach().clone())
+        self.w_out = nn.Parameter(source.experts.w_out.detach().clone())
+
+    def forward(self, x_SD: Tensor) -> Tensor:
+        S = x_SD.shape[0]
+        C = min(S, max(4, math.ceil(self.cf * self.k * S / self.E)))
+        _, gates_SK, ids_SK = _route(x_SD, self.router_weight, self.k, self.normalize)
+        combine_SEC = x_SD.new_zeros(S, self.E, C)
+        used_E = torch.zeros(self.E, dtype=torch.long, device=x_SD.device)
+        for r in range(self.k):  # all first choices claim slots before any second choice
+            onehot_SE = torch.nn.functional.one_hot(ids_SK[:, r], self.E)
+            pos_SE = torch.cumsum(onehot_SE, dim=0) - 1 + used_E
+            used_E = used_E + onehot_SE.sum(0)
+            pos_S = (pos_SE * onehot_SE).sum(-1)
+            keep_S = pos_S < C
+            onehot_SC = torch.nn.functional.one_hot(pos_S.clamp(max=C - 1), C) * keep_S.unsqueeze(-1)
+            combine_SEC = combine_SEC + gates_SK[:, r, None, None] * onehot_SE.unsqueeze(-1) * onehot_SC.unsqueeze(1)
+        dispatch_SEC = (combine_SEC > 0).to(x_SD.dtype)
+        xin_ECD = torch.einsum("sec,sd->ecd", dispatch_SEC, x_SD)
+        h_ECF = self.act(torch.einsum("ecd,edf->ecf", xin_ECD, self.w_in))
+        out_ECD = torch.einsum("ecf,efd->ecd", h_ECF, self.w_out)
+        return torch.einsum("sec,ecd->sd", combine_SEC, out_ECD)
+
+
+class LoopMoE(nn.Module):
+    """Per-expert loop over separate parameters with ``where`` / ``index_add_`` (the HF Mixtral eager method)."""
+
+    def __init__(self, source: MoE) -> None:
+        super().__init__()
+        c = source.config
+        self.k, self.E = c.top_k, c.num_experts
+        self.normalize = source.router.normalize_gates
+        self.act = ACTIVATIONS[c.activation]
+        self.router_weight = nn.Parameter(source.router.weight.detach().clone())
+        # One (w_in, w_out) pair per expert, as a ModuleList of expert MLPs would hold them.
+        self.w_in = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in source.experts.w_in])
+        self.w_out = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in source.experts.w_out])
+
+    def forward(self, x_SD: Tensor) -> Tensor:
+        _, gates_SK, ids_SK = _route(x_SD, self.router_weight, self.k, self.normalize)
+        out_SD = torch.zeros_like(x_SD)
+        mask_EKS = torch.nn.functional.one_hot(ids_SK, self.E).permute(2, 1, 0)
+        hit = torch.nonzero(mask_EKS.sum(dim=(-1, -2)) > 0).flatten().tolist()  # one host sync, as in HF
+        for e in hit:
+            rank_idx, tok_idx = torch.where(mask_EKS[e])
+            h = self.act(x_SD[tok_idx] @ self.w_in[e])
+            y = (h @ self.w_out[e]) * gates_SK[tok_idx, rank_idx, None].to(x_SD.dtype)
+            out_SD.index_add_(0, tok_idx, y)
+        return out_SD
