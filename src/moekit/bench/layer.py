@@ -223,7 +223,6 @@ def run_benchmark(
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    tuned = False if args.no_tune_malloc else tune_malloc()
     if args.quick:
         experts, top_ks, tokens, d_model, d_ff, rounds = [4], [1, 2], 256, 64, 128, 3
     else:
@@ -234,6 +233,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                     ("threads", args.threads)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
+    tuned = False if args.no_tune_malloc else tune_malloc()
     out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))
     command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
     run_benchmark(experts, top_ks, tokens, d_model, d_ff, rounds, args.threads, out, command,

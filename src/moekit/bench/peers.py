@@ -47,12 +47,15 @@ class EinsumMoE(nn.Module):
         self.act = ACTIVATIONS[c.activation]
         self.router_weight = nn.Parameter(source.router.weight.detach().clone())
         self.w_in = nn.Parameter(source.experts.w_in.detach().clone())
+        w_gate = source.experts.w_gate
+        self.w_gate = nn.Parameter(w_gate.detach().clone()) if w_gate is not None else None
         self.w_out = nn.Parameter(source.experts.w_out.detach().clone())
 
     def forward(self, x_SD: Tensor) -> Tensor:
         S = x_SD.shape[0]
         C = min(S, max(4, math.ceil(self.cf * self.k * S / self.E)))
         _, gates_SK, ids_SK = _route(x_SD, self.router_weight, self.k, self.normalize)
+        gates_SK = gates_SK.to(x_SD.dtype)
         combine_SEC = x_SD.new_zeros(S, self.E, C)
         used_E = torch.zeros(self.E, dtype=torch.long, device=x_SD.device)
         for r in range(self.k):  # all first choices claim slots before any second choice
@@ -62,10 +65,15 @@ class EinsumMoE(nn.Module):
             pos_S = (pos_SE * onehot_SE).sum(-1)
             keep_S = pos_S < C
             onehot_SC = torch.nn.functional.one_hot(pos_S.clamp(max=C - 1), C) * keep_S.unsqueeze(-1)
-            combine_SEC = combine_SEC + gates_SK[:, r, None, None] * onehot_SE.unsqueeze(-1) * onehot_SC.unsqueeze(1)
+            mask_SEC = (onehot_SE.unsqueeze(-1) * onehot_SC.unsqueeze(1)).to(x_SD.dtype)
+            combine_SEC = combine_SEC + gates_SK[:, r, None, None] * mask_SEC
         dispatch_SEC = (combine_SEC > 0).to(x_SD.dtype)
         xin_ECD = torch.einsum("sec,sd->ecd", dispatch_SEC, x_SD)
-        h_ECF = self.act(torch.einsum("ecd,edf->ecf", xin_ECD, self.w_in))
+        h_ECF = torch.einsum("ecd,edf->ecf", xin_ECD, self.w_in)
+        if self.w_gate is not None:
+            h_ECF = self.act(torch.einsum("ecd,edf->ecf", xin_ECD, self.w_gate)) * h_ECF
+        else:
+            h_ECF = self.act(h_ECF)
         out_ECD = torch.einsum("ecf,efd->ecd", h_ECF, self.w_out)
         return torch.einsum("sec,ecd->sd", combine_SEC, out_ECD)
 
@@ -83,6 +91,10 @@ class LoopMoE(nn.Module):
         # One (w_in, w_out) pair per expert, as a ModuleList of expert MLPs would hold them.
         self.w_in = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in source.experts.w_in])
         self.w_out = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in source.experts.w_out])
+        w_gate = source.experts.w_gate
+        self.w_gate = (
+            nn.ParameterList([nn.Parameter(w.detach().clone()) for w in w_gate]) if w_gate is not None else None
+        )
 
     def forward(self, x_SD: Tensor) -> Tensor:
         _, gates_SK, ids_SK = _route(x_SD, self.router_weight, self.k, self.normalize)
@@ -91,7 +103,9 @@ class LoopMoE(nn.Module):
         hit = torch.nonzero(mask_EKS.sum(dim=(-1, -2)) > 0).flatten().tolist()  # one host sync, as in HF
         for e in hit:
             rank_idx, tok_idx = torch.where(mask_EKS[e])
-            h = self.act(x_SD[tok_idx] @ self.w_in[e])
+            x_e = x_SD[tok_idx]
+            h = x_e @ self.w_in[e]
+            h = self.act(x_e @ self.w_gate[e]) * h if self.w_gate is not None else self.act(h)
             y = (h @ self.w_out[e]) * gates_SK[tok_idx, rank_idx, None].to(x_SD.dtype)
             out_SD.index_add_(0, tok_idx, y)
         return out_SD

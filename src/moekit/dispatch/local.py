@@ -122,9 +122,12 @@ def plan_token_choice(
         num_assignments = int(valid_N.sum())
 
     sorted_key_N, perm_N = torch.sort(key_N, stable=True)
-    counts_B = torch.bincount(key_N, minlength=num_buckets + 1)[:num_buckets]
+    # Scatter-add counts instead of bincount, which reads max(key) back to the host first (a sync on GPU).
+    counts_B = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
+    counts_B = counts_B.index_add_(0, key_N, torch.ones_like(key_N))[:num_buckets]
     if capacity is None:
-        n_kept = int(counts_B.sum())
+        # Without declined choices every assignment is kept: no need to ask the device how many (a host sync).
+        n_kept = S * K if valid_SK is None else num_assignments
         kept_N = perm_N[:n_kept]
         kept_counts_B = counts_B
     else:

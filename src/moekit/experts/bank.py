@@ -54,6 +54,8 @@ class ExpertBank(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation in GATED else None
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        # Which grouped-matmul path runs the experts (moekit.ops.BACKENDS); "auto" picks by device and dtype.
+        self.backend = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,14 +74,14 @@ class ExpertBank(nn.Module):
             w_gate = w_gate.to(x_AD.dtype) if w_gate is not None else None
         offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         act = ACTIVATIONS[self.activation]
-        h_AF = grouped_mm(x_AD, w_in, tokens_per_expert_E, offsets_E)
+        h_AF = grouped_mm(x_AD, w_in, tokens_per_expert_E, offsets_E, backend=self.backend)
         if w_gate is not None:
-            h_AF = act(grouped_mm(x_AD, w_gate, tokens_per_expert_E, offsets_E)) * h_AF
+            h_AF = act(grouped_mm(x_AD, w_gate, tokens_per_expert_E, offsets_E, backend=self.backend)) * h_AF
         else:
             h_AF = act(h_AF)
         if self.dropout > 0:
             h_AF = F.dropout(h_AF, self.dropout, self.training)
-        return grouped_mm(h_AF, w_out, tokens_per_expert_E, offsets_E)
+        return grouped_mm(h_AF, w_out, tokens_per_expert_E, offsets_E, backend=self.backend)
 
     def forward_slots(self, x_END: Tensor) -> Tensor:
         """Run a fixed number N of rows per expert, ``[E, N, D] -> [E, N, D]`` (Soft MoE slots, expert choice).

@@ -45,7 +45,9 @@ def load_balancing_loss(
     T = S // num_groups
     group_S = torch.arange(S, device=expert_ids_SK.device) // T
     key = (group_S.unsqueeze(1) * num_experts + expert_ids_SK).reshape(-1)
-    counts_GE = torch.bincount(key, minlength=num_groups * num_experts).view(num_groups, num_experts)
+    # A scatter-add rather than bincount: bincount asks the device for max(key) first, a host sync on GPU.
+    counts_GE = torch.zeros(num_groups * num_experts, dtype=torch.int64, device=key.device)
+    counts_GE = counts_GE.index_add_(0, key, torch.ones_like(key)).view(num_groups, num_experts)
     f_GE = counts_GE.to(torch.float32) / max(T * K, 1)
     P_GE = probs_SE.float().view(num_groups, T, num_experts).mean(dim=1)
     return num_experts * torch.sum(f_GE * P_GE, dim=-1).mean()

@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on tiny shapes and report numbers that are internally consistent."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from moekit.bench.layer import render_markdown, run_benchmark
+from moekit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_layer_benchmark_tiny(tmp_path):
+    cases = run_benchmark([4], [1, 2], tokens=64, d_model=16, d_ff=32, rounds=2, threads=1, out_dir=tmp_path,
+                          command="test", measure_memory=False)
+    assert [(c.num_experts, c.top_k) for c in cases] == [(4, 1), (4, 2)]
+    for c in cases:
+        assert set(c.times_ms) == {"moe", "moe_cf1.25", "dense", "einsum", "loop"}
+        assert all(len(v) == 2 and min(v) > 0 for v in c.times_ms.values())
+    data = json.loads((tmp_path / "layer_throughput.json").read_text())
+    assert data["meta"]["tokens"] == 64 and len(data["cases"]) == 2
+    md = (tmp_path / "layer_throughput.md").read_text()
+    assert md == render_markdown(cases, data["meta"])
+    # The moe/dense ratio printed is the ratio of the medians.
+    c = cases[0]
+    row = [line for line in md.splitlines() if line.startswith("| 4 | 1 |")][0].split("|")
+    assert float(row[8]) == pytest.approx(c.median_ms("moe") / c.median_ms("dense"), abs=0.006)
+
+
+def test_bench_command_rejects_bad_sizes(capsys):
+    assert main(["bench", "--tokens", "0"]) == 2
+    assert "--tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_layer", ROOT / "benchmarks" / "gpu_layer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--small", "--iters", "1", "--cases", "b", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_layer_cpu.json").read_text())
+    b = data["cases"]["b"]
+    assert b["moe_over_dense_tflops"] == pytest.approx(b["moe"]["tflops"] / b["dense"]["tflops"])
+    assert b["loop_over_moe_time"] == pytest.approx(b["loop"]["ms"] / b["moe"]["ms"])
