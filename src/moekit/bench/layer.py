@@ -2,8 +2,10 @@
 
 Forward + backward time of one layer call on S tokens, measured interleaved (each round runs every variant once,
 in a rotating order) so that this machine's intermittent slow-downs hit all variants alike; we report medians and
-ratios to the dense FFN measured in the same run. Gradient buffers are kept between steps (``zero_grad`` with
-``set_to_none=False``), as a trainer does, for every variant. Peak memory is measured per variant in a fresh
+ratios to the dense FFN measured in the same run. Gradients are reset between steps as a trainer would, the same
+way for every variant: ``--grad-policy none`` (``zero_grad(set_to_none=True)``, PyTorch's default: autograd hands
+the fresh weight gradient over without an extra add) or ``reuse`` (``set_to_none=False``: buffers are zeroed and
+the new gradient added into them). Peak memory is measured per variant in a fresh
 subprocess as the growth of the resident set (VmHWM) over the state after building the layer.
 
 Variants: ``moe`` (moekit, dropless), ``moe_cf1.25`` (moekit with capacity factor 1.25), ``dense`` (hidden
@@ -78,10 +80,13 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     y.backward(grad)
 
 
+GRAD_POLICIES = ("none", "reuse")
+_SET_TO_NONE = {"value": True}
+
+
 def _zero(module: nn.Module, x: torch.Tensor) -> None:
-    module.zero_grad(set_to_none=False)
-    if x.grad is not None:
-        x.grad.zero_()
+    module.zero_grad(set_to_none=_SET_TO_NONE["value"])
+    x.grad = None
 
 
 def make_inputs(case: Case, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +121,9 @@ def _rss_kb(field_name: str) -> int:
     return -1
 
 
-def peak_memory_child(variant: str, case_json: str) -> None:
+def peak_memory_child(variant: str, case_json: str, set_to_none: bool = True) -> None:
     """Run in a fresh process: print the peak resident-set growth (MB) of two forward+backward steps."""
+    _SET_TO_NONE["value"] = set_to_none
     case = Case(**json.loads(case_json))
     x, grad = make_inputs(case)
     module = build_variant(variant, case)
@@ -135,7 +141,7 @@ def measure_peak(variant: str, case: Case, threads: int, tuned: bool) -> float:
     code = (
         f"import torch; torch.set_num_threads({threads}); from moekit.bench.layer import peak_memory_child; "
         f"from moekit.runtime import tune_malloc; {'tune_malloc(); ' if tuned else ''}"
-        f"peak_memory_child({variant!r}, {json.dumps(json.dumps(spec))})"
+        f"peak_memory_child({variant!r}, {json.dumps(json.dumps(spec))}, {_SET_TO_NONE['value']})"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
@@ -156,7 +162,8 @@ def render_markdown(cases: list[Case], meta: dict) -> str:
         "",
         f"{meta['tokens']} tokens, d_model {meta['d_model']}, d_ff {meta['d_ff']}, {meta['activation']}, float32, "
         f"{meta['threads']} threads, torch {meta['torch']}, {meta['rounds']} interleaved rounds (median), "
-        f"glibc malloc {'tuned (moekit.runtime.tune_malloc)' if meta['malloc_tuned'] else 'defaults'}. "
+        f"glibc malloc {'tuned (moekit.runtime.tune_malloc)' if meta['malloc_tuned'] else 'defaults'}, "
+        f"gradients reset with set_to_none={meta['grad_policy'] == 'none'}. "
         f"Command: `{meta['command']}`. Measured {meta['date']} on {meta['machine']}.",
         "",
         "Ratios are to the dense FFN with the same active FLOPs (hidden = k * d_ff), measured in the same run.",
@@ -209,7 +216,7 @@ def run_benchmark(
             "tokens": tokens, "d_model": d_model, "d_ff": d_ff, "activation": "gelu", "threads": threads,
             "rounds": rounds, "torch": torch.__version__, "command": command,
             "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-            "malloc_tuned": tuned,
+            "malloc_tuned": tuned, "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse",
         }
         data = {"meta": meta, "cases": [asdict(c) for c in cases]}
         tmp = out_dir / "layer_throughput.json.tmp"
@@ -233,6 +240,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                     ("threads", args.threads)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
+    _SET_TO_NONE["value"] = args.grad_policy == "none"
     tuned = False if args.no_tune_malloc else tune_malloc()
     out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))
     command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)

@@ -20,6 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep glibc's default allocator settings (by default large freed blocks are kept for reuse, for all "
         "variants alike; see moekit.runtime.tune_malloc)",
     )
+    p.add_argument(
+        "--grad-policy", choices=("none", "reuse"), default="none",
+        help="between steps: zero_grad(set_to_none=True) ('none', PyTorch's default) or reuse zeroed buffers",
+    )
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
     p.set_defaults(func=run)
 
