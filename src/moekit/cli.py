@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "moekit.commands.eval",
     "moekit.commands.generate",
     "moekit.commands.validate",
+    "moekit.commands.data",
 ]
 
 
