@@ -351,16 +351,21 @@ class QualityClassifier:
         return cls(config, w.detach().numpy().astype(np.float32), float(b.detach()[0]))
 
     def decision(self, documents: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """The logits ``x . weight + bias`` (float64 [N])."""
+        """The logits ``x . weight + bias`` (float64 [N]); ``-inf`` for a blank document (only whitespace)."""
         feats = featurize(documents, self.config, progress)
         contrib = feats.values * self.weight[feats.indices].astype(np.float64)
-        rows = np.repeat(np.arange(feats.n_rows), np.diff(feats.indptr))
-        return np.bincount(rows, weights=contrib, minlength=feats.n_rows) + self.bias
+        counts = np.diff(feats.indptr)
+        rows = np.repeat(np.arange(feats.n_rows), counts)
+        z = np.bincount(rows, weights=contrib, minlength=feats.n_rows) + self.bias
+        # A blank document would otherwise get about sigmoid(bias), a number about the class balance, not about
+        # the text: it has nothing curated in it, so it scores 0.
+        blank = np.fromiter((not d.strip() for d in documents), bool, len(documents)) | (counts == 0)
+        return np.where(blank, -np.inf, z)
 
     def score(self, documents: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """P(curated) of each document, in [0, 1] (float64 [N])."""
+        """P(curated) of each document, in [0, 1] (float64 [N]); 0 for a blank document."""
         z = self.decision(documents, progress)
-        # Stable sigmoid written with exp of a non-positive number only.
+        # Stable sigmoid written with exp of a non-positive number only (exp(-inf) = 0 gives 0 for blanks).
         e = np.exp(-np.abs(z))
         return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
