@@ -259,3 +259,49 @@ def test_apply_twice_is_an_error():
     model = apply_adapters(tiny_bert(), IA3Config())
     with pytest.raises(MoekitError, match="already has moekit adapters"):
         apply_adapters(model, IA3Config())
+
+
+def _tiny_family(family: str) -> tuple[torch.nn.Module, dict]:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    if family == "t5":
+        cfg = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        return tf.T5Model(cfg).eval(), {"input_ids": ids, "decoder_input_ids": ids}
+    if family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2)
+        return tf.LlamaModel(cfg).eval(), {"input_ids": ids}
+    cfg = tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=40)
+    return tf.RobertaModel(cfg).eval(), {"input_ids": ids}
+
+
+# (family, (IA)3/MoV sites, LoRA/MoLoRA sites) for one layer (T5: encoder + decoder with cross-attention).
+FAMILY_SITES = [("t5", 3 + 5, 6 + 10), ("llama", 3, 7), ("roberta", 3, 6)]
+
+
+@pytest.mark.parametrize(("family", "n_scale", "n_lora"), FAMILY_SITES)
+@pytest.mark.parametrize("config", [MoVConfig(num_experts=2), MoLoRAConfig(num_experts=2, r=2)], ids=repr)
+def test_known_families_identity_and_sites(family, n_scale, n_lora, config):
+    model, inputs = _tiny_family(family)
+    # Compare with the *frozen* model: T5 itself computes a few 1e-7 differently once nothing requires grad.
+    model.requires_grad_(False)
+    y0 = model(**inputs).last_hidden_state
+    apply_adapters(model, config)
+    assert len(list(iter_adapters(model))) == (n_scale if config.kind == "mov" else n_lora)
+    assert torch.equal(model(**inputs).last_hidden_state, y0)
+
+
+def test_merge_works_on_a_deep_copy(ids_BS):
+    import copy
+
+    model = apply_adapters(tiny_bert(), IA3Config())
+    _perturb(model)
+    twin = copy.deepcopy(model)
+    y = _out(twin, ids_BS)
+    merge_adapters(twin)
+    torch.testing.assert_close(_out(twin, ids_BS), y, rtol=1e-5, atol=1e-5)
+    assert list(iter_adapters(model))  # the original keeps its adapters
+    torch.testing.assert_close(_out(model, ids_BS), y)

