@@ -12,11 +12,11 @@ from moekit.errors import MoekitError
 # Each module defines register(subparsers) -> None, which adds its parser and sets ``func`` (args -> int).
 COMMAND_MODULES = [
     "moekit.commands.bench",
-    "moekit.commands.finetune",
     "moekit.commands.train",
     "moekit.commands.eval",
     "moekit.commands.generate",
     "moekit.commands.validate",
+    "moekit.commands.finetune",
     "moekit.commands.data",
 ]
 
