@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_lm import tiny_config_text
 
-from conftest import tiny_config_text
 from moekit.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

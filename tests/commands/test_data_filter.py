@@ -15,10 +15,13 @@ _WORDS = "the river city council harvest winter letter village crossed described
 
 
 def _clean(rng: random.Random) -> str:
-    return " ".join(
-        f"The {rng.choice(_WORDS)} {rng.choice(_WORDS)} of the {rng.choice(_WORDS)} {rng.choice(_WORDS)}."
-        for _ in range(rng.randint(3, 6))
-    ) + "\n"
+    return (
+        " ".join(
+            f"The {rng.choice(_WORDS)} {rng.choice(_WORDS)} of the {rng.choice(_WORDS)} {rng.choice(_WORDS)}."
+            for _ in range(rng.randint(3, 6))
+        )
+        + "\n"
+    )
 
 
 def _noisy(rng: random.Random) -> str:
@@ -50,8 +53,23 @@ def data(tmp_path: Path) -> Path:
 
 
 def _args(d: Path, out: str, *extra: str) -> list[str]:
-    return ["data", "filter", "--positives", str(d / "pos"), "--negatives", str(d / "neg"), "--input",
-            str(d / "corpus"), "--output", str(d / out), "--progress", "off", "--n-features", "4096", *extra]
+    return [
+        "data",
+        "filter",
+        "--positives",
+        str(d / "pos"),
+        "--negatives",
+        str(d / "neg"),
+        "--input",
+        str(d / "corpus"),
+        "--output",
+        str(d / out),
+        "--progress",
+        "off",
+        "--n-features",
+        "4096",
+        *extra,
+    ]
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -137,7 +155,20 @@ def test_bad_arguments(data, capsys):
     assert "--positives and --negatives" in capsys.readouterr().err
     assert main(_args(data, "o3", "--pareto-alpha", "-1")) == 2
     assert "pareto_alpha" in capsys.readouterr().err
-    assert main(["data", "filter", "--classifier", str(data / "pos"), "--input", str(data / "corpus"),
-                 "--output", str(data / "o4")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "filter",
+                "--classifier",
+                str(data / "pos"),
+                "--input",
+                str(data / "corpus"),
+                "--output",
+                str(data / "o4"),
+            ]
+        )
+        == 2
+    )
     assert "not a saved quality classifier" in capsys.readouterr().err
     assert not any((data / o).exists() for o in ("o2", "o3", "o4"))

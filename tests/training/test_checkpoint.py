@@ -15,11 +15,7 @@ from moekit.training.adafactor import Adafactor
 def _model_and_opt(kind: str = "adamw"):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt = (
-        torch.optim.AdamW(model.parameters(), lr=1e-2)
-        if kind == "adamw"
-        else Adafactor(model.parameters(), 1e-2)
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2) if kind == "adamw" else Adafactor(model.parameters(), 1e-2)
     for _ in range(2):
         model(torch.randn(5, 4)).pow(2).sum().backward()
         opt.step()

@@ -43,9 +43,7 @@ class NaNInjector(nn.Module):
 def _trainer(tmp_path, bad, **cfg) -> Trainer:
     torch.manual_seed(0)
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=1, capacity_factor=1.25)
-    lm = TransformerLM(
-        LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe)
-    )
+    lm = TransformerLM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe))
     values = dict(
         max_steps=10,
         batch_size=2,
@@ -59,9 +57,7 @@ def _trainer(tmp_path, bad, **cfg) -> Trainer:
     values.update(cfg)
     tokens = np.random.default_rng(0).integers(0, 40, 2000).astype(np.int32)
     batches = TokenBatches(tokens, 2, 8, seed=0)
-    return Trainer(
-        TrainConfig(**values), NaNInjector(lm, bad), batches, tokens[:200], tmp_path, log=lambda m: None
-    )
+    return Trainer(TrainConfig(**values), NaNInjector(lm, bad), batches, tokens[:200], tmp_path, log=lambda m: None)
 
 
 def _weights(tmp_path, step):

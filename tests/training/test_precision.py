@@ -17,9 +17,7 @@ from moekit.training.metrics import read_metrics
 def _run(tmp_path, **cfg):
     torch.manual_seed(0)
     moe = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2, capacity_factor=None)
-    lm = TransformerLM(
-        LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe)
-    )
+    lm = TransformerLM(LMConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=8, moe=moe))
     values = dict(
         max_steps=6,
         batch_size=2,

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_lm import tiny_config_text
 
-from conftest import tiny_config_text
 from moekit.training.metrics import read_metrics
 from moekit.training.run import train_run
 from moekit.training.run_config import load_run_config
@@ -33,9 +33,7 @@ def _config(tmp_path: Path, corpus: Path, **train):
 
 
 def test_loss_decreases_and_resume_in_process_is_bit_exact(tmp_path, tiny_corpus, monkeypatch):
-    cfg_path = _config(
-        tmp_path, tiny_corpus, max_steps=40, checkpoint_every=20, eval_every=20, lr=1e-2, batch_size=16
-    )
+    cfg_path = _config(tmp_path, tiny_corpus, max_steps=40, checkpoint_every=20, eval_every=20, lr=1e-2, batch_size=16)
     ref = train_run(load_run_config(cfg_path), tmp_path / "ref", log=lambda m: None)
     losses = _losses(tmp_path / "ref")
     assert len(losses) == 40

@@ -88,9 +88,11 @@ def test_unknown_section_in_a_file_and_bad_toml(tmp_path):
 
 
 def test_set_parses_toml_values_and_none_means_dropless():
-    assert parse_overrides(
-        ["train.lr=1e-3", "data.corpus=sotu", "train.tensorboard=true", "moe.top_k=2"]
-    ) == {"train": {"lr": 1e-3, "tensorboard": True}, "data": {"corpus": "sotu"}, "moe": {"top_k": 2}}
+    assert parse_overrides(["train.lr=1e-3", "data.corpus=sotu", "train.tensorboard=true", "moe.top_k=2"]) == {
+        "train": {"lr": 1e-3, "tensorboard": True},
+        "data": {"corpus": "sotu"},
+        "moe": {"top_k": 2},
+    }
     cfg = load_run_config(None, ["moe.capacity_factor=none"])
     assert cfg.moe_config().capacity_factor is None
     assert 'capacity_factor = "none"' in to_toml(cfg.resolved())
