@@ -1,0 +1,102 @@
+"""PNG figures of a routing analysis, returned as bytes so the HTML report can embed them (base64 data URIs: the
+report is one self-contained file that opens offline).
+
+matplotlib's Agg backend is selected explicitly so this works with no display.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_figure", "specialisation_figure", "agreement_figure"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def load_figure(summary: dict[str, Any]) -> bytes:
+    """Per MoE layer: each expert's share of routed assignments (kept and dropped stacked), then router entropy
+    and dropped share per layer."""
+    plt = _plt()
+    layers = summary["layers"]
+    E = summary["num_experts"]
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4 * (len(layers) + 1), 3.4), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=False):
+        load = layer["load"]
+        total = max(sum(load["chosen_per_expert"]), 1)
+        kept = np.array(load["kept_per_expert"]) / total
+        dropped = (np.array(load["chosen_per_expert"]) - np.array(load["kept_per_expert"])) / total
+        x = np.arange(E)
+        ax.bar(x, kept, label="kept")
+        ax.bar(x, dropped, bottom=kept, color="tab:red", label="dropped")
+        ax.axhline(1 / E, color="grey", ls="--", lw=1, label="uniform")
+        ax.set_xticks(x, [f"e{e}" for e in range(E)])
+        ax.set_title(f"block {layer['block']}: load (dropped {load['dropped_share']:.1%})", fontsize=9)
+        ax.set_ylabel("share of assignments")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    blocks = [str(la["block"]) for la in layers]
+    x = np.arange(len(layers))
+    ax.bar(x - 0.2, [la["load"]["entropy_normalised"] for la in layers], 0.4, label="entropy / log E")
+    ax.bar(x + 0.2, [la["load"]["dropped_share"] for la in layers], 0.4, color="tab:red", label="dropped share")
+    ax.set_xticks(x, [f"block {b}" for b in blocks])
+    ax.set_ylim(0, 1)
+    ax.set_title("router entropy and drops per layer", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
+    """Heatmap of log2(expert share / corpus share) per expert and category for one layer, with the counts."""
+    plt = _plt()
+    layer = summary["layers"][layer_index]
+    names = summary["categories"]
+    enr = np.array([[np.nan if v is None else v for v in ex["enrichment"]] for ex in layer["experts"]], dtype=float)
+    with np.errstate(divide="ignore"):
+        log_enr = np.log2(np.where(enr > 0, enr, np.nan))
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2.5, 0.42 * len(layer["experts"]) + 1.6))
+    im = ax.imshow(np.nan_to_num(log_enr, nan=-3.0).clip(-3, 3), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
+    for e, ex in enumerate(layer["experts"]):
+        for c, n in enumerate(ex["category_counts"]):
+            ax.text(c, e, str(n), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layer["experts"])),
+                  [f"e{ex['expert']} (p={ex['p_value']:.1g})" for ex in layer["experts"]], fontsize=8)
+    ax.set_title(f"block {layer['block']}: log2(expert share / corpus share); numbers are counts", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _png(fig)
+
+
+def agreement_figure(summary: dict[str, Any], index: int) -> bytes:
+    """Row-normalised transition matrix of the top-1 expert between two consecutive MoE layers."""
+    plt = _plt()
+    a = summary["agreement"][index]
+    M = np.array(a["transition_share"])
+    E = M.shape[0]
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)
+    ax.set_yticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)
+    ax.set_xlabel(f"expert in block {a['to_block']}")
+    ax.set_ylabel(f"expert in block {a['from_block']}")
+    ax.set_title(f"P(next expert | expert); MI {a['mutual_information_bits']:.3f} bits", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _png(fig)
