@@ -43,20 +43,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config or args.run_dir:
-            raise MoekitError(
-                "--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir"
-            )
+            raise MoekitError("--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir")
         run_dir = Path(args.resume)
-        from moekit.training.run import load_run
-
-        run_config, _, _ = load_run(run_dir)
+        run_config = None
         if args.overrides:  # only [train] values may change on resume (e.g. a larger max_steps)
             bad = [o for o in args.overrides if not o.strip().startswith("train.")]
             if bad:
                 raise MoekitError(f"--resume accepts only train.* overrides, got {bad[0]!r}")
+            from moekit.training.run import read_run_config
             from moekit.training.run_config import build_run_config, parse_overrides
 
-            tables = run_config.resolved()
+            tables = read_run_config(run_dir).resolved()
             tables["train"].update(parse_overrides(args.overrides)["train"])
             run_config = build_run_config(tables)
         summary = train_run(run_config, run_dir, resume=True, log=log)

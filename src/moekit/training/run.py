@@ -41,7 +41,7 @@ from moekit.training.plots import plot_run
 from moekit.training.run_config import RunConfig, build_run_config, to_toml, tomllib
 from moekit.training.trainer import Trainer
 
-__all__ = ["PreparedData", "prepare_data", "train_run", "load_run", "default_run_dir"]
+__all__ = ["PreparedData", "prepare_data", "train_run", "load_run", "read_run_config", "default_run_dir"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENS_FILE = "data/tokens.safetensors"
@@ -104,8 +104,8 @@ def default_run_dir(config_name: str) -> Path:
     return path
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerLM]:
-    """The config, data and (freshly initialised) model of an existing run directory."""
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not run_dir.is_dir():
@@ -113,9 +113,15 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerL
     if not cfg_path.is_file():
         raise MoekitError(f"{run_dir} is not a moekit run directory (no config.toml)")
     try:
-        run_config = build_run_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
+        return build_run_config(tomllib.loads(cfg_path.read_text(encoding="utf-8")))
     except tomllib.TOMLDecodeError as exc:
         raise MoekitError(f"{cfg_path}: not valid TOML: {exc}") from None
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerLM]:
+    """The config, data and (freshly initialised) model of an existing run directory."""
+    run_dir = Path(run_dir)
+    run_config = read_run_config(run_dir)
     data = prepare_data(run_config, run_dir, lambda msg: None)
     torch.manual_seed(run_config.train.seed)
     model = TransformerLM(run_config.lm_config(data.vocab_size))
@@ -123,22 +129,27 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerL
 
 
 def train_run(
-    run_config: RunConfig,
+    run_config: RunConfig | None,
     run_dir: str | Path,
     *,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``."""
+    """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``.
+
+    On resume the run's saved config is used; ``run_config`` (may be None) only supplies a new ``[train]``
+    section (e.g. a larger ``max_steps``): the model and data must stay what was trained.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     if resume:
-        loaded_config, _, _ = load_run(run_dir)
-        # Only [train] may change on resume (e.g. more steps); the model and data must stay what was trained.
+        loaded_config = read_run_config(run_dir)
         if run_config is not None:
             loaded_config.train = run_config.train
         run_config = loaded_config
+    elif run_config is None:
+        raise ValueError("train_run needs a run_config for a new run")
     elif (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     if run_config.train.threads > 0:
