@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "moekit.commands.validate",
     "moekit.commands.finetune",
     "moekit.commands.data",
+    "moekit.commands.analyze",
+    "moekit.commands.distill",
 ]
 
 
