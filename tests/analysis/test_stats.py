@@ -1,0 +1,126 @@
+"""Category rules and statistics on hand-made inputs, against numbers computed by hand (arithmetic in comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from moekit.analysis.categories import CATEGORIES, categorize, piece_text
+from moekit.analysis.stats import (
+    category_ids,
+    chi2_sf,
+    contingency,
+    expert_specialisation,
+    layer_agreement,
+    load_stats,
+    mi_permutation_test,
+    mutual_information_bits,
+    top_tokens,
+)
+
+
+def test_piece_text_undoes_byte_level_mapping():
+    assert piece_text("Ġthe") == " the"
+    assert piece_text("Ċ") == "\n"
+    assert piece_text("ĠĠ") == "  "
+    assert piece_text("Ã©") == "é"  # the two UTF-8 bytes of é
+
+
+def test_categories_of_a_hand_made_token_list():
+    pieces = ["ĠThe", "Ġpresident", "ial", ",", "Ġ1990", "Ġof", "Ċ", "ĠWashington", "Ġbudget", "s", "Ġ$", "2,000"]
+    cats = categorize([piece_text(p) for p in pieces])
+    assert cats == [
+        "function",  # " The": a function word (the rule comes before capitalised)
+        "other",  # " president": lowercase content word
+        "continuation",  # "ial": no leading space, follows a word ending in a letter
+        "punctuation",
+        "number",
+        "function",
+        "whitespace",
+        "capitalised",
+        "other",
+        "continuation",
+        "punctuation",  # " $" is a symbol
+        "number",  # digits with a thousands comma
+    ]
+    # A word piece at the start of a window, or after punctuation, is not a continuation.
+    assert categorize(["ing"]) == ["other"]
+    assert categorize([",", "ing"]) == ["punctuation", "other"]
+
+
+def test_chi2_sf_matches_closed_form():
+    # For 1 degree of freedom, P(X >= x) = erfc(sqrt(x / 2)); for 2, exp(-x / 2).
+    assert chi2_sf(4.0, 1) == pytest.approx(math.erfc(math.sqrt(2.0)), rel=1e-9)  # 0.0455003
+    assert chi2_sf(3.0, 2) == pytest.approx(math.exp(-1.5), rel=1e-9)
+
+
+def test_specialisation_hand_computed():
+    # 10 tokens: 5 of category 0, then 5 of category 1; expert 0 gets tokens 0-3, expert 1 gets tokens 4-9.
+    cats_N = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    ids_NK = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])[:, None]
+    counts = contingency(ids_NK, cats_N, 2, 2)
+    np.testing.assert_array_equal(counts, [[4, 0], [1, 5]])
+    spec = expert_specialisation(counts, np.bincount(cats_N))
+    np.testing.assert_allclose(spec.corpus_share_C, [0.5, 0.5])
+    # Expert 0: n = 4, expected (2, 2): chi2 = (4-2)^2/2 + (0-2)^2/2 = 4, 1 dof, p = erfc(sqrt(2)) = 0.0455.
+    # Expert 1: n = 6, expected (3, 3): chi2 = (1-3)^2/3 + (5-3)^2/3 = 8/3, p = erfc(sqrt(4/3)) = 0.1025.
+    assert spec.dof == 1
+    np.testing.assert_allclose(spec.chi2_E, [4.0, 8 / 3])
+    np.testing.assert_allclose(spec.p_E, [math.erfc(math.sqrt(2)), math.erfc(math.sqrt(4 / 3))], rtol=1e-9)
+    assert spec.p_E[0] == pytest.approx(0.0455003, abs=1e-6)
+    # Enrichment = share / corpus share: expert 0 (1, 0) / 0.5 = (2, 0); expert 1 (1/6, 5/6) / 0.5 = (1/3, 5/3).
+    np.testing.assert_allclose(spec.enrichment_EC, [[2.0, 0.0], [1 / 3, 5 / 3]])
+    # MI: joint p = [[.4, 0], [.1, .5]], p(expert) = (.4, .6), p(cat) = (.5, .5):
+    # .4 log2(.4/.2) + .1 log2(.1/.3) + .5 log2(.5/.3) = .4 - .158496 + .368483 = .609987 bits.
+    assert mutual_information_bits(ids_NK[:, 0], cats_N) == pytest.approx(0.609987, abs=1e-6)
+    mi, chance, p = mi_permutation_test(ids_NK[:, 0], cats_N, num_permutations=200, seed=0)
+    assert mi == pytest.approx(0.609987, abs=1e-6) and chance < mi and 0 < p < 0.1
+
+
+def test_every_choice_counts_in_the_contingency_table():
+    # Top-2: token 0 (category 1) goes to experts 0 and 2; token 1 (category 0) to experts 2 and 1.
+    counts = contingency(np.array([[0, 2], [2, 1]]), np.array([1, 0]), 3, 2)
+    np.testing.assert_array_equal(counts, [[0, 1], [1, 0], [1, 1]])
+
+
+def test_category_absent_from_corpus_takes_no_degree_of_freedom():
+    spec = expert_specialisation(np.array([[3, 1, 0]]), np.array([6, 2, 0]))
+    # q = (.75, .25, 0); expert matches the corpus exactly: chi2 = 0, p = 1, dof = 2 - 1 = 1.
+    assert spec.dof == 1 and spec.chi2_E[0] == 0.0 and spec.p_E[0] == pytest.approx(1.0)
+    assert np.isnan(spec.enrichment_EC[0, 2])
+
+
+def test_load_stats_hand_computed():
+    ids_NK = np.array([[0], [0], [1], [0]])
+    kept_NK = np.array([[True], [True], [True], [False]])
+    probs_NE = np.full((4, 2), 0.5, dtype=np.float32)
+    s = load_stats(ids_NK, kept_NK, probs_NE, 2)
+    assert s["chosen_per_expert"] == [3, 1] and s["kept_per_expert"] == [2, 1]
+    assert s["share_per_expert"] == [0.75, 0.25]
+    assert s["dropped_share"] == pytest.approx(0.25)  # 1 of 4 assignments
+    assert s["dropped_share_per_expert"] == pytest.approx([1 / 3, 0.0])
+    assert s["entropy"] == pytest.approx(math.log(2), rel=1e-6)  # uniform over 2 experts
+    assert s["entropy_normalised"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_top_tokens_counts_and_order():
+    ids_NK = np.array([[0, 1], [1, 0], [0, 2], [2, 1]])
+    token_ids_N = np.array([7, 7, 3, 7])
+    # Expert 0 sees tokens 0, 1, 2 -> ids 7, 7, 3; expert 1 sees tokens 0, 1, 3 -> 7 three times.
+    assert top_tokens(ids_NK, token_ids_N, 0) == [(7, 2), (3, 1)]
+    assert top_tokens(ids_NK, token_ids_N, 1) == [(7, 3)]
+
+
+def test_layer_agreement_hand_computed():
+    # Layer a routes (0, 0, 1, 1), layer b (1, 1, 0, 0): a perfect relabelling.
+    a = layer_agreement(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0]), 2, num_permutations=20)
+    assert a["transitions"] == [[0, 2], [2, 0]]
+    assert a["best_successor_share"] == 1.0  # every token follows its expert's usual successor
+    assert a["chance_successor_share"] == 0.5  # the largest next-layer load, 2 of 4
+    assert a["mutual_information_bits"] == pytest.approx(1.0)  # b is a function of a, H(b) = 1 bit
+
+
+def test_category_ids_follow_the_category_order():
+    np.testing.assert_array_equal(category_ids(["other", "whitespace"], CATEGORIES), [6, 0])

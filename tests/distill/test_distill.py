@@ -1,0 +1,116 @@
+"""Distillation: the non-expert weights are copied exactly, the FFN initialisations are what they say, and the loss
+is the stated 0.75 / 0.25 mix (checked on hand-made logits)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moekit.analysis.trace import iter_windows, trace_model
+from moekit.distill import (
+    DistilledLM,
+    copy_non_expert_weights,
+    distillation_loss,
+    gain_kept,
+    init_student_ffns,
+    student_config,
+)
+from moekit.distill.student import expert_usage
+from moekit.models import TransformerLM
+from tests.analysis.tiny_moe import tiny_moe
+
+
+def _usage(teacher: TransformerLM):
+    tokens = torch.arange(128) % 50
+    return expert_usage(trace_model(teacher, iter_windows(tokens.numpy(), 16, 4, None)))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_non_expert_weights_are_copied_exactly(top_k):
+    teacher = tiny_moe(top_k=top_k)
+    cfg = student_config(teacher.config)
+    assert cfg.moe is None and (cfg.dense_d_ff_at_moe or cfg.d_ff) == top_k * 24
+    torch.manual_seed(5)
+    student = DistilledLM(cfg)
+    copied = copy_non_expert_weights(teacher, student)
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    expected = {n for n in t_state if not (n.startswith(("blocks.1.ffn.", "blocks.3.ffn.")))}
+    assert set(copied) == expected
+    assert "embed.weight" in expected and "blocks.0.ffn.w_in" in expected and "blocks.2.attn.w_qkv" in expected
+    for name in expected:
+        assert torch.equal(s_state[name], t_state[name]), name
+    # The student is a plain TransformerLM state dict (the teacher is not a submodule).
+    assert set(s_state) == set(TransformerLM(cfg).state_dict())
+
+
+def test_mean_and_top_initialisations():
+    teacher = tiny_moe(top_k=2)
+    usage = _usage(teacher)
+    student = DistilledLM(student_config(teacher.config))
+    done = init_student_ffns(teacher, student, "mean", usage)
+    bank, dense = teacher.blocks[1].ffn.experts, student.blocks[1].ffn
+    F = 24
+    for j in range(2):  # two side-by-side copies of the mean expert, w_out scaled by the mean total gate / k
+        torch.testing.assert_close(dense.w_in[:, j * F : (j + 1) * F], bank.w_in.mean(0))
+        scale = usage[0]["mean_total_gate"] / 2
+        torch.testing.assert_close(dense.w_out[j * F : (j + 1) * F], bank.w_out.mean(0) * scale)
+    assert done[0]["method"] == "mean"
+
+    done = init_student_ffns(teacher, student, "top", usage)
+    kept = usage[1]["kept_per_expert"]
+    top2 = sorted(range(4), key=lambda e: (-kept[e], e))[:2]
+    assert done[1]["experts"] == top2
+    bank, dense = teacher.blocks[3].ffn.experts, student.blocks[3].ffn
+    for j, e in enumerate(top2):
+        torch.testing.assert_close(dense.w_in[:, j * F : (j + 1) * F], bank.w_in[e])
+        scale = usage[1]["mean_gate_per_expert"][e]
+        torch.testing.assert_close(dense.w_out[j * F : (j + 1) * F], bank.w_out[e] * scale)
+
+    before = student.blocks[1].ffn.w_in.clone()
+    init_student_ffns(teacher, student, "random")  # leaves the student's own initialisation
+    assert torch.equal(student.blocks[1].ffn.w_in, before)
+    with pytest.raises(ValueError, match="unknown student initialisation"):
+        init_student_ffns(teacher, student, "median", usage)
+
+
+def test_loss_is_the_stated_mix_on_hand_made_logits():
+    # One token, 2-word vocabulary. Student logits (ln 1, ln 3) -> q = (.25, .75); teacher (ln 3, ln 1) ->
+    # p = (.75, .25); label 0.
+    student = torch.tensor([[[0.0, math.log(3.0)]]])
+    teacher = torch.tensor([[[math.log(3.0), 0.0]]])
+    targets = torch.tensor([[0]])
+    out = distillation_loss(student, teacher, targets)
+    # hard = -ln .25 = 1.386294; soft = -(.75 ln .25 + .25 ln .75) = 1.039721 + 0.071921 = 1.111641
+    # loss = .75 * 1.386294 + .25 * 1.111641 = 1.039721 + 0.277910 = 1.317631
+    assert float(out.hard_ce) == pytest.approx(1.386294, abs=1e-6)
+    assert float(out.soft_ce) == pytest.approx(1.111641, abs=1e-6)
+    assert float(out.loss) == pytest.approx(1.317631, abs=1e-6)
+
+
+def test_distilled_lm_trains_on_the_mix_and_evaluates_on_plain_ce():
+    teacher = tiny_moe(top_k=1)
+    student = DistilledLM(student_config(teacher.config), teacher)
+    tokens = torch.randint(0, 50, (2, 16))
+    targets = torch.roll(tokens, -1, 1)
+    student.train()
+    out = student(tokens, targets)
+    with torch.no_grad():
+        t_logits = teacher(tokens).logits_BTV
+    mix = distillation_loss(out.logits_BTV, t_logits, targets)
+    torch.testing.assert_close(out.loss, mix.loss)
+    torch.testing.assert_close(out.ce_loss, mix.hard_ce)
+    out.loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+    assert not teacher.training  # and stays in eval mode while the student trains
+    student.eval()
+    plain = student(tokens, targets)
+    torch.testing.assert_close(plain.loss, plain.ce_loss)
+    assert "_teacher" not in dict(student.named_modules())
+
+
+def test_gain_kept():
+    # dense 5.0, teacher 4.0 (gain 1.0), student 4.7: it keeps (5.0 - 4.7) / 1.0 = 30%.
+    assert gain_kept(5.0, 4.0, 4.7) == pytest.approx(0.3)
+    assert gain_kept(5.0, 5.2, 4.9) is None  # no teacher gain to keep
