@@ -141,6 +141,8 @@ def heldout_loss(run_dir: str | Path, texts: list[str], batch_size: int = 16) ->
     from moekit.training.run import load_run
 
     run_config, _, model = load_run(run_dir)
+    if run_config.train.threads > 0:  # as the run trained: share the machine
+        torch.set_num_threads(run_config.train.threads)
     found = ckpt.latest_valid_checkpoint(Path(run_dir) / "checkpoints")
     if found is None:
         raise MoekitError(f"no valid checkpoint in {run_dir}")
