@@ -8,12 +8,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from tiny_lm import tiny_config_text, write_tiny_corpus  # tests/training is on sys.path (conftest)
 
 from moekit.cli import main
 from moekit.training.run import train_run
 from moekit.training.run_config import build_run_config, tomllib
-
-from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: I001 (tests/training is on sys.path, see conftest)
 
 
 def _train(tmp: Path, name: str, corpus: Path, dense: bool = False, copy_data_from: Path | None = None) -> Path:
