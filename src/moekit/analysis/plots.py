@@ -32,6 +32,10 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _p(p: float) -> str:
+    return "<1e-300" if p <= 0 else f"={p:.1g}"
+
+
 def load_figure(summary: dict[str, Any]) -> bytes:
     """Per MoE layer: each expert's share of routed assignments (kept and dropped stacked), then router entropy
     and dropped share per layer."""
@@ -76,10 +80,12 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
     im = ax.imshow(np.nan_to_num(log_enr, nan=-3.0).clip(-3, 3), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
     for e, ex in enumerate(layer["experts"]):
         for c, n in enumerate(ex["category_counts"]):
-            ax.text(c, e, str(n), ha="center", va="center", fontsize=7)
+            # White on the dark ends of the colour map, black in the middle.
+            dark = not np.isfinite(log_enr[e, c]) or abs(log_enr[e, c]) > 1.8
+            ax.text(c, e, str(n), ha="center", va="center", fontsize=7, color="white" if dark else "black")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(layer["experts"])),
-                  [f"e{ex['expert']} (p={ex['p_value']:.1g})" for ex in layer["experts"]], fontsize=8)
+                  [f"e{ex['expert']} (p{_p(ex['p_value'])})" for ex in layer["experts"]], fontsize=8)
     ax.set_title(f"block {layer['block']}: log2(expert share / corpus share); numbers are counts", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _png(fig)
