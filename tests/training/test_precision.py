@@ -50,3 +50,14 @@ def test_logged_learning_rate_follows_warmup_then_cosine(tmp_path):
     # warm-up over 2 steps: 0.5e-3, 1e-3; then cosine over 4 steps from 1e-3: step index 2 -> progress 0
     assert lrs[:3] == [0.5e-3, 1e-3, 1e-3]
     assert lrs[3] == 1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 4))
+
+
+def test_auto_threads_back_off_on_a_busy_machine(monkeypatch):
+    from moekit.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(trainer_module.torch, "get_num_threads", lambda: 2)
+    for load, expected in ((0.2, 2), (0.6, 1), (1.4, 1), (4.8, 1)):
+        monkeypatch.setattr(trainer_module.os, "getloadavg", lambda load=load: (load, load, load))
+        assert trainer_module.resolve_threads(0) == expected, load
+    assert trainer_module.resolve_threads(3) == 3  # an explicit request is kept

@@ -60,7 +60,8 @@ class TrainConfig:
         data),
         "rollback" (roll back at once) or "raise".
     max_consecutive_skips: see ``nonfinite``.
-    threads: torch intra-op threads (0: leave torch's default).
+    threads: torch intra-op threads; 0 (auto): torch's default (one per core), fewer when the load average
+            says other processes hold cores (see ``trainer.resolve_threads``).
     progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "off".
     tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     """

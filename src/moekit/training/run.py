@@ -16,6 +16,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ from moekit.models import TransformerLM, parameter_counts
 from moekit.models.flops import flops_per_token
 from moekit.training.plots import plot_run
 from moekit.training.run_config import RunConfig, build_run_config, to_toml, tomllib
-from moekit.training.trainer import Trainer
+from moekit.training.trainer import Trainer, resolve_threads
 
 __all__ = ["PreparedData", "prepare_data", "train_run", "load_run", "read_run_config", "default_run_dir"]
 
@@ -152,8 +153,8 @@ def train_run(
         raise ValueError("train_run needs a run_config for a new run")
     elif (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    if run_config.train.threads > 0:
-        torch.set_num_threads(run_config.train.threads)
+    threads = resolve_threads(run_config.train.threads)
+    torch.set_num_threads(threads)
     data = prepare_data(run_config, run_dir, log)
     if not resume:
         log(f"run directory: {run_dir}")
@@ -164,8 +165,9 @@ def train_run(
     batches = TokenBatches(
         data.train_tokens, run_config.train.batch_size, run_config.data.seq_len, run_config.train.seed
     )
+    # Threads are chosen once per session (auto: fewer on a busy machine); the saved config keeps the request.
     trainer = Trainer(
-        run_config.train,
+        dataclasses.replace(run_config.train, threads=threads),
         model,
         batches,
         data.val_tokens,
@@ -181,7 +183,7 @@ def train_run(
         log(
             f"model: {counts['total']:,} parameters, {counts['active']:,} active per token, "
             f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
-            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens"
+            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens, {threads} thread(s)"
         )
     result = trainer.fit()
     unigram = unigram_cross_entropy(
