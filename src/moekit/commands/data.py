@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from moekit.data.corpus import _decode  # one place decides what "binary" and "not UTF-8" mean
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "filter",
         help="train (or load) a quality classifier and filter a corpus with it",
         description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     f.add_argument("--positives", nargs="+", default=[], metavar="PATH", help="curated text (label 1)")
     f.add_argument("--negatives", nargs="+", default=[], metavar="PATH", help="noisy text (label 0)")
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     negatives = _read_many(args.negatives, "--negatives")
     corpus = read_documents(args.input, "--input")
 
-    def progress(label: str):  # noqa: ANN202 - a small closure factory
+    def progress(label: str) -> Callable[[int, int], None]:
         bar = Progress(1, args.progress)
 
         def update(done: int, total: int) -> None:
