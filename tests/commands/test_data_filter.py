@@ -171,4 +171,8 @@ def test_bad_arguments(data, capsys):
         == 2
     )
     assert "not a saved quality classifier" in capsys.readouterr().err
-    assert not any((data / o).exists() for o in ("o2", "o3", "o4"))
+    args = _args(data, "o5")
+    args[args.index("--n-features") + 1] = "0"
+    assert main(args) == 2
+    assert "n_features" in capsys.readouterr().err
+    assert not any((data / o).exists() for o in ("o2", "o3", "o4", "o5"))

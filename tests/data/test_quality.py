@@ -157,6 +157,17 @@ def test_fit_is_deterministic_and_save_load_round_trips(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["clf"]
 
 
+def test_scoring_in_chunks_matches_one_by_one_and_reports_progress():
+    pos, neg = fixture(10, seed=4)
+    clf = QualityClassifier.fit(pos, neg, SMALL)
+    docs = (pos + neg) * 206  # 4,120 documents: two chunks of 4,096 and 24
+    seen = []
+    scores = clf.score(docs, progress=lambda done, total: seen.append((done, total)))
+    one = clf.score(pos + neg)
+    np.testing.assert_array_equal(scores, np.tile(one, 206))
+    assert seen[-1] == (4120, 4120) and (4096, 4120) in seen
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(MoekitError, match="not a saved quality classifier"):
         QualityClassifier.load(tmp_path)

@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
             metrics = {"evaluated_on": "all of --positives / --negatives", **m.__dict__}
             log(f"on --positives/--negatives: {m.line()}")
     else:
-        overrides = {k: v for k, v in (("n_features", args.n_features), ("max_chars", args.max_chars)) if v}
+        overrides = {
+            k: v for k, v in (("n_features", args.n_features), ("max_chars", args.max_chars)) if v is not None
+        }
         config = QualityConfig(**overrides)
         pos_tr, pos_te = split_holdout(len(positives), args.holdout, args.seed)
         neg_tr, neg_te = split_holdout(len(negatives), args.holdout, args.seed + 1)

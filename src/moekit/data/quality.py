@@ -351,16 +351,23 @@ class QualityClassifier:
         return cls(config, w.detach().numpy().astype(np.float32), float(b.detach()[0]))
 
     def decision(self, documents: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """The logits ``x . weight + bias`` (float64 [N]); ``-inf`` for a blank document (only whitespace)."""
-        feats = featurize(documents, self.config, progress)
-        contrib = feats.values * self.weight[feats.indices].astype(np.float64)
-        counts = np.diff(feats.indptr)
-        rows = np.repeat(np.arange(feats.n_rows), counts)
-        z = np.bincount(rows, weights=contrib, minlength=feats.n_rows) + self.bias
-        # A blank document would otherwise get about sigmoid(bias), a number about the class balance, not about
-        # the text: it has nothing curated in it, so it scores 0.
-        blank = np.fromiter((not d.strip() for d in documents), bool, len(documents)) | (counts == 0)
-        return np.where(blank, -np.inf, z)
+        """The logits ``x . weight + bias`` (float64 [N]); ``-inf`` for a blank document (only whitespace).
+        Documents are featurised in chunks of 4,096 so memory stays bounded on a large corpus."""
+        out = np.empty(len(documents), dtype=np.float64)
+        chunk = 4096
+        for start in range(0, len(documents), chunk):
+            docs = documents[start : start + chunk]
+            sub = None if progress is None else (lambda done, _total, s=start: progress(s + done, len(documents)))
+            feats = featurize(docs, self.config, sub)
+            contrib = feats.values * self.weight[feats.indices].astype(np.float64)
+            counts = np.diff(feats.indptr)
+            rows = np.repeat(np.arange(feats.n_rows), counts)
+            z = np.bincount(rows, weights=contrib, minlength=feats.n_rows) + self.bias
+            # A blank document would otherwise get about sigmoid(bias), a number about the class balance, not
+            # about the text: it has nothing curated in it, so it scores 0.
+            blank = np.fromiter((not d.strip() for d in docs), bool, len(docs)) | (counts == 0)
+            out[start : start + len(docs)] = np.where(blank, -np.inf, z)
+        return out
 
     def score(self, documents: Sequence[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """P(curated) of each document, in [0, 1] (float64 [N]); 0 for a blank document."""
