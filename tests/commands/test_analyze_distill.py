@@ -94,6 +94,7 @@ def test_bad_input_is_a_one_line_error(runs, capsys, tmp_path):
     _one_line_error(capsys, ["analyze", str(runs["dense"])], "dense model")
     _one_line_error(capsys, ["distill", str(runs["dense"])], "MoE teacher")
     _one_line_error(capsys, ["distill", str(runs["moe"]), "--set", "model.d_model=64"], "train.*")
+    _one_line_error(capsys, ["distill", str(runs["moe"]), "--hard-weight", "1.5"], "label weight")
     _one_line_error(capsys, ["distill", str(runs["moe"]), "--dense-baseline", str(runs["moe"])], "not a dense")
     # A flipped byte in the newest checkpoint: refused (no silent analysis of an older model) ...
     broken = tmp_path / "broken"

@@ -114,3 +114,11 @@ def test_gain_kept():
     # dense 5.0, teacher 4.0 (gain 1.0), student 4.7: it keeps (5.0 - 4.7) / 1.0 = 30%.
     assert gain_kept(5.0, 4.0, 4.7) == pytest.approx(0.3)
     assert gain_kept(5.0, 5.2, 4.9) is None  # no teacher gain to keep
+
+
+def test_label_weight_one_is_plain_training():
+    teacher = tiny_moe(top_k=1)
+    student = DistilledLM(student_config(teacher.config), teacher, hard_weight=1.0)
+    tokens = torch.randint(0, 50, (2, 16))
+    out = student.train()(tokens, torch.roll(tokens, -1, 1))
+    torch.testing.assert_close(out.loss, out.ce_loss)

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a training value of the student (repeatable), e.g. --set train.max_steps=200")
     p.add_argument("--run-dir", dest="student_dir", default=None,
                    help="where to write the student run (default: runs/distill-<init>-<time>)")
+    p.add_argument("--hard-weight", type=float, default=0.75,
+                   help="weight of the label cross-entropy; the teacher term gets 1 - this (Switch: 0.75; 1.0 is the "
+                   "no-teacher ablation)")
     p.add_argument("--fallback", action="store_true",
                    help="if a newest checkpoint fails its checksum, use the newest one that passes")
     p.set_defaults(func=run)
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     info = distill_run(args.run_dir, args.student_dir, init=args.init, dense_baseline=args.dense_baseline,
-                       overrides=args.overrides, fallback=args.fallback, log=log)
+                       overrides=args.overrides, hard_weight=args.hard_weight, fallback=args.fallback, log=log)
     print(
         f"teacher {info['teacher_val_loss']:.4f}, student ({info['init']} init) {info['student_val_loss']:.4f} "
         f"(before training {info['student_init_val_loss']:.4f}) nats/token; parameters "

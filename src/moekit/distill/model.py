@@ -42,8 +42,8 @@ class DistilledLM(TransformerLM):
 
     def forward(self, tokens_BT: Tensor, targets_BT: Tensor | None = None) -> LMOutput:
         out = super().forward(tokens_BT, targets_BT)
-        if targets_BT is None or not self.training or self._teacher is None:
-            return out
+        if targets_BT is None or not self.training or self._teacher is None or self.hard_weight >= 1.0:
+            return out  # (hard_weight 1 is the "no teacher" ablation: plain continued training)
         with torch.no_grad():
             teacher_logits_BTV = self._teacher(tokens_BT).logits_BTV
         mix = distillation_loss(out.logits_BTV, teacher_logits_BTV, targets_BT, self.hard_weight)

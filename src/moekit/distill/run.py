@@ -75,10 +75,16 @@ def distill_run(
     init: str = "mean",
     dense_baseline: str | Path | None = None,
     overrides: list[str] | None = None,
+    hard_weight: float = HARD_WEIGHT,
     fallback: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Distil the MoE run in ``teacher_dir`` into its FLOP-matched dense model; returns ``distill.json``'s dict."""
+    """Distil the MoE run in ``teacher_dir`` into its FLOP-matched dense model; returns ``distill.json``'s dict.
+
+    ``hard_weight`` is Switch's 0.75; other values are for ablations (1.0: no teacher term, plain training of the
+    initialised student)."""
+    if not 0.0 <= hard_weight <= 1.0:
+        raise MoekitError(f"the label weight must be in [0, 1], got {hard_weight}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     teacher = load_trained_run(teacher_dir, fallback=fallback, warn=log)
     if not teacher.model.moe_layers:
@@ -119,7 +125,7 @@ def distill_run(
     os.replace(tmp, run_dir / "config.toml")
 
     torch.manual_seed(tc.seed)
-    student = DistilledLM(run_config.lm_config(teacher.data.vocab_size))
+    student = DistilledLM(run_config.lm_config(teacher.data.vocab_size), hard_weight=hard_weight)
     copied = copy_non_expert_weights(teacher.model, student)
     usage_tokens = teacher.data.train_tokens[: USAGE_BATCHES * tc.batch_size * seq_len]
     usage = expert_usage(trace_model(teacher.model, iter_windows(usage_tokens, seq_len, tc.batch_size, None)))
@@ -142,7 +148,7 @@ def distill_run(
         "teacher_run": str(teacher.run_dir),
         "teacher_checkpoint": str(teacher.checkpoint),
         "init": init,
-        "hard_weight": HARD_WEIGHT,
+        "hard_weight": hard_weight,
         "copied_parameters": copied,
         "ffn_init": ffn_init,
         "teacher_usage": usage,
