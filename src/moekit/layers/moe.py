@@ -105,7 +105,9 @@ class MoE(nn.Module):
                 decision.probs_SE, decision.expert_ids_SK, c.num_experts, num_groups=num_groups
             ),
             z_loss=router_z_loss(decision.logits_SE),
-            tokens_per_expert=tokens_per_expert_E.detach(),
+            # The plan's counts are this call's loads over all E experts; under expert parallelism the dispatcher
+            # returns the rows its local experts received instead, so read them from the plan.
+            tokens_per_expert=state.plan.tokens_per_expert_E.detach(),
             drop_fraction=torch.tensor(state.plan.drop_fraction, dtype=torch.float32),
             router_entropy=router_entropy(decision.probs_SE),
             max_logit=decision.logits_SE.detach().max(),
