@@ -114,7 +114,7 @@ def test_resume_continues_to_a_larger_max_steps(trained_run, capsys):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 15))
     assert main(["train", "--resume", str(trained_run), "--set", "model.d_model=64"]) == 2
-    assert "only train.* overrides" in capsys.readouterr().err
+    assert "only train.* and parallel.* overrides" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,9 @@ def test_named_config_layouts():
         (["moe.top_k=9"], r"top_k must be <= num_experts=8"),
         (["moe.router='expert_choice'"], r"expert choice routing looks across the whole sequence"),
         (["model.max_seq_len=64"], r"data.seq_len \(128\) must be <= model.max_seq_len \(64\)"),
-        (["parallel.expert_parallel=2"], r"parallel.expert_parallel must be 1"),
+        (["parallel.expert_parallel=3"], r"parallel.expert_parallel = 3 must divide moe.num_experts = 8"),
+        (["parallel.expert_parallel=0"], r"parallel.expert_parallel must be an integer >= 1, got 0"),
+        (["parallel.timeout_s=0"], r"parallel.timeout_s must be a number > 0, got 0"),
         (["train.max_steps"], r"--set expects section.key=value"),
     ],
 )

@@ -46,15 +46,20 @@ def run(args: argparse.Namespace) -> int:
             raise MoekitError("--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir")
         run_dir = Path(args.resume)
         run_config = None
-        if args.overrides:  # only [train] values may change on resume (e.g. a larger max_steps)
-            bad = [o for o in args.overrides if not o.strip().startswith("train.")]
+        if args.overrides:  # only [train] and [parallel] values may change on resume (e.g. a larger max_steps)
+            bad = [o for o in args.overrides if not o.strip().startswith(("train.", "parallel."))]
             if bad:
-                raise MoekitError(f"--resume accepts only train.* overrides, got {bad[0]!r}")
+                raise MoekitError(f"--resume accepts only train.* and parallel.* overrides, got {bad[0]!r}")
+            from moekit.training.distributed import launch_world_size
             from moekit.training.run import read_run_config
             from moekit.training.run_config import build_run_config, parse_overrides
 
             tables = read_run_config(run_dir).resolved()
-            tables["train"].update(parse_overrides(args.overrides)["train"])
+            parsed = parse_overrides(args.overrides)
+            tables["train"].update(parsed.get("train", {}))
+            # The expert-parallel degree is the launch's (a checkpoint reshards to any degree dividing E).
+            tables["parallel"]["expert_parallel"] = launch_world_size()
+            tables["parallel"].update(parsed.get("parallel", {}))
             run_config = build_run_config(tables)
         summary = train_run(run_config, run_dir, resume=True, log=log)
     else:
@@ -65,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         run_config = load_run_config(source, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
         summary = train_run(run_config, run_dir, log=log)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
+        return 0
     val, uni = summary["final_val_loss"], summary["unigram_val_loss"]
     if val is not None:
         print(

@@ -148,17 +148,38 @@ def train_run(
         loaded_config = read_run_config(run_dir)
         if run_config is not None:
             loaded_config.train = run_config.train
+            loaded_config.parallel = run_config.parallel
+        else:  # the expert-parallel degree is the launch's, not the saved run's: checkpoints reshard
+            from moekit.training.distributed import launch_world_size
+
+            loaded_config.parallel = dataclasses.replace(loaded_config.parallel, expert_parallel=launch_world_size())
+            loaded_config.__post_init__()
         run_config = loaded_config
     elif run_config is None:
         raise ValueError("train_run needs a run_config for a new run")
     elif (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    from moekit.training.distributed import ExpertParallel, init_expert_parallel
+
+    distributed = init_expert_parallel(run_config.parallel.expert_parallel, run_config.parallel.timeout_s)
+    is_main = not distributed or torch.distributed.get_rank() == 0
+    if not is_main:  # only rank 0 writes files and user-facing lines
+        log = lambda msg: None  # noqa: E731
     threads = resolve_threads(run_config.train.threads)
     torch.set_num_threads(threads)
-    data = prepare_data(run_config, run_dir, log)
+    if distributed:
+        # Rank 0 builds the tokenizer and token arrays; the others then read them (no two writers of one file).
+        if is_main:
+            data = prepare_data(run_config, run_dir, log)
+        torch.distributed.barrier()
+        if not is_main:
+            data = prepare_data(run_config, run_dir, log)
+    else:
+        data = prepare_data(run_config, run_dir, log)
     if not resume:
         log(f"run directory: {run_dir}")
-    _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+    if is_main:
+        _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     lm_config = run_config.lm_config(data.vocab_size)
     torch.manual_seed(run_config.train.seed)
     model = TransformerLM(lm_config)
@@ -174,6 +195,7 @@ def train_run(
         run_dir,
         extra_state={"config": run_config.resolved()},
         log=log,
+        parallel=ExpertParallel(model) if distributed else None,
     )
     if resume:
         trainer.resume()
@@ -185,7 +207,20 @@ def train_run(
             f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
             f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens, {threads} thread(s)"
         )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except RuntimeError as exc:
+        if not distributed or isinstance(exc, MoekitError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoekitError(
+            f"expert-parallel rank {torch.distributed.get_rank()}: a collective failed ({first}); another rank "
+            f"probably died or hangs (parallel.timeout_s = {run_config.parallel.timeout_s:g})"
+        ) from None
+    if not is_main:
+        return {
+                "run_dir": str(run_dir), "steps": result.step, "final_val_loss": result.final_val_loss,
+                "is_main": False}
     unigram = unigram_cross_entropy(
         data.train_tokens,
         data.val_tokens,

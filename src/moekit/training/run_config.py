@@ -66,18 +66,21 @@ _DEFAULT_MOE = {"num_experts": 8, "top_k": 1, "capacity_factor": 1.25, "jitter_e
 @dataclass
 class ParallelConfig:
     """Attributes:
-    expert_parallel: processes the experts are spread over (reserved: only 1 is available in this
-    version).
+    expert_parallel: processes the experts are spread over (``torchrun --nproc_per_node N``; must divide the
+        number of experts). 1: one process.
+    timeout_s: how long a rank waits in a collective before giving up with an error (a peer died or hangs).
     """
 
     expert_parallel: int = 1
+    timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.expert_parallel != 1:
-            raise ValueError(
-                f"parallel.expert_parallel must be 1 in this version (expert parallelism is not "
-                f"available yet), got {self.expert_parallel!r}"
-            )
+        ep = self.expert_parallel
+        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+            raise ValueError(f"parallel.expert_parallel must be an integer >= 1, got {ep!r}")
+        t = self.timeout_s
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+            raise ValueError(f"parallel.timeout_s must be a number > 0, got {t!r}")
 
 
 @dataclass
@@ -106,6 +109,16 @@ class RunConfig:
                 f"({self.model['max_seq_len']})"
             )
         self.lm_config(self.data.vocab_size)  # runs every LMConfig / MoEConfig check now
+        ep = self.parallel.expert_parallel
+        if ep > 1:
+            moe = self.moe_config()
+            if moe is None:
+                raise ValueError("parallel.expert_parallel > 1 needs a MoE model (a [moe] section)")
+            if moe.num_experts % ep != 0:
+                raise ValueError(
+                    f"parallel.expert_parallel = {ep} must divide moe.num_experts = {moe.num_experts}: each rank "
+                    "holds num_experts / expert_parallel experts (the experts are not divisible otherwise)"
+                )
 
     def moe_config(self) -> MoEConfig | None:
         if self.moe is None:

@@ -27,6 +27,7 @@ from moekit.data.batches import TokenBatches, eval_windows
 from moekit.errors import MoekitError
 from moekit.training import checkpoint as ckpt
 from moekit.training.config import TrainConfig
+from moekit.training.distributed import ExpertParallel
 from moekit.training.metrics import MetricsLog, Progress
 from moekit.training.optim import build_optimizer
 from moekit.training.schedule import lr_at
@@ -83,6 +84,8 @@ class Trainer:
         run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
         extra_state: JSON-able values saved in every checkpoint (e.g. the run config).
         log: where user-facing messages go (one line each).
+        parallel: expert parallelism (``moekit.training.distributed``): the model is built and checkpointed with
+            every expert, trains with this rank's experts only; None for one process.
     """
 
     def __init__(
@@ -95,8 +98,12 @@ class Trainer:
         *,
         extra_state: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
+        parallel: ExpertParallel | None = None,
     ) -> None:
         self.config = config
+        self.parallel = parallel
+        # Only rank 0 writes files (metrics, checkpoints, TensorBoard) and user-facing lines.
+        self.is_main = parallel is None or parallel.is_main
         self.model = model
         self.batches = train_batches
         self.val_tokens = val_tokens
@@ -105,6 +112,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.extra_state = extra_state or {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not self.is_main:
+            self.log = lambda msg: None
         if val_tokens is not None and len(val_tokens) < train_batches.seq_len + 1:
             # Found now rather than at the first evaluation, after minutes of training.
             raise MoekitError(
@@ -130,6 +139,8 @@ class Trainer:
             **self.extra_state,
             "data": self.batches.state_dict(),
             "rng": ckpt.rng_state(),
+            # Every rank's RNG stream, in rank order (one entry without expert parallelism).
+            "rng_per_rank": self.parallel.gather(ckpt.rng_state()) if self.parallel else [ckpt.rng_state()],
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
             "tokens_seen": self.tokens_seen,
@@ -137,16 +148,42 @@ class Trainer:
             "metrics_bytes": metrics_bytes,
         }
 
-    def save(self, metrics: MetricsLog) -> Path:
-        size = metrics.flush()
-        return ckpt.save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self._state(size),
-            self.config.keep_checkpoints,
-        )
+    def save(self, metrics: MetricsLog | None) -> Path:
+        size = metrics.flush() if metrics is not None else 0
+        if self.parallel is None:
+            return ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size), self.config.keep_checkpoints
+            )
+        # Gather every expert (and its optimizer state) so the checkpoint has the single-process layout; rank 0
+        # writes it; the others wait so none reads a half-written checkpoint on a roll-back.
+        sharded = self._is_sharded()
+        self.parallel.unshard(self.optimizer)
+        state = self._state(self.parallel.broadcast(size))
+        path = self.ckpt_dir / f"step_{self.step:08d}"
+        if self.is_main:
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints
+            )
+        self.parallel.barrier()
+        if sharded:
+            self.parallel.shard(self.optimizer)
+        return path
+
+    def _is_sharded(self) -> bool:
+        from moekit.layers.expert_parallel import is_expert_parallel
+
+        return is_expert_parallel(self.model)
+
+    def _load(self, data: dict[str, bytes]) -> dict[str, Any]:
+        """Load a (full, single-process layout) checkpoint; under expert parallelism, reshard afterwards."""
+        if self.parallel is None:
+            return ckpt.load_checkpoint(data, self.model, self.optimizer)
+        sharded = self._is_sharded()
+        self.parallel.unshard(self.optimizer)
+        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        if sharded:
+            self.parallel.shard(self.optimizer)
+        return state
 
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies (reporting any that do not). False when there is none."""
@@ -159,7 +196,7 @@ class Trainer:
                 raise MoekitError(f"no checkpoint in {self.ckpt_dir} passes its checksum; cannot resume")
             return False
         path, data = found
-        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        state = self._load(data)
         self._apply_state(state, restore_data=True)
         self.log(f"resumed from {path} (step {self.step})")
         return True
@@ -168,7 +205,11 @@ class Trainer:
         self.step = int(state["step"])
         if restore_data:
             self.batches.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"])
+            # This rank's own stream when the checkpoint has one (a run saved with as many ranks or more),
+            # else the main stream.
+            per_rank = state.get("rng_per_rank") or [state["rng"]]
+            rank = self.parallel.rank if self.parallel else 0
+            ckpt.set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
             self.skipped_steps = int(state["skipped_steps"])
             self.rollbacks = int(state["rollbacks"])
             self.tokens_seen = int(state["tokens_seen"])
@@ -190,7 +231,7 @@ class Trainer:
             raise MoekitError(f"{reason} and there is no checkpoint to roll back to")
         path, data = found
         skipped, rollbacks, tokens = self.skipped_steps, self.rollbacks, self.tokens_seen
-        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        state = self._load(data)
         bad_step = self.step
         self._apply_state(state, restore_data=False)
         self.skipped_steps, self.rollbacks, self.tokens_seen = skipped, rollbacks, tokens
@@ -220,6 +261,8 @@ class Trainer:
             for inputs, targets in eval_windows(
                 self.val_tokens, self.config.batch_size, self.batches.seq_len, self.config.eval_batches
             ):
+                if self.parallel is not None:
+                    inputs, targets = self.parallel.local_rows(inputs), self.parallel.local_rows(targets)
                 with self._autocast():
                     out = self.model(inputs, targets)
                 n = targets.numel()
@@ -227,6 +270,8 @@ class Trainer:
                 count += n
         finally:
             self.model.train(was_training)
+        if self.parallel is not None:
+            total, count = self.parallel.sum([total, count])
         return total / count
 
     # ----------------------------------------------------------------------------------------------------
@@ -243,16 +288,28 @@ class Trainer:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        par = self.parallel
+        if par is not None:
+            inputs, targets = par.local_rows(inputs), par.local_rows(targets)
         with self._autocast():
             out = self.model(inputs, targets)
         loss = out.loss
-        finite = bool(torch.isfinite(loss))
+        values = [float(loss.detach()), float(out.ce_loss.detach()), float(out.load_balancing_loss.detach()),
+                  float(out.z_loss.detach())]
+        if par is not None:
+            values = par.mean(values)  # the global mean (every rank holds the same number of tokens)
+        finite = math.isfinite(values[0])  # the same decision on every rank
         grad_norm = float("nan")
         if finite:
-            loss.backward()
-            # clip_grad_norm_ with an infinite bound only measures (it multiplies by exactly 1.0).
             bound = c.grad_clip if c.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, bound))
+            if par is None:
+                loss.backward()
+                # clip_grad_norm_ with an infinite bound only measures (it multiplies by exactly 1.0).
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, bound))
+            else:
+                (loss / par.world).backward()  # this rank's share of the global mean
+                par.sync_gradients(self.params)
+                grad_norm = par.clip_gradients(self.params, bound)
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -260,10 +317,10 @@ class Trainer:
         # pages.
         self.optimizer.zero_grad(set_to_none=False)
         record: dict[str, Any] = {
-            "loss": float(loss.detach()),
-            "ce_loss": float(out.ce_loss.detach()),
-            "lb_loss": float(out.load_balancing_loss.detach()),
-            "z_loss": float(out.z_loss.detach()),
+            "loss": values[0],
+            "ce_loss": values[1],
+            "lb_loss": values[2],
+            "z_loss": values[3],
             "grad_norm": grad_norm,
             "lr": lr,
         }
@@ -285,16 +342,20 @@ class Trainer:
         # A fresh start empties a log left by a process killed before its first checkpoint; a resume cuts
         # the log back to its length at the checkpoint.
         truncate = 0 if self.step == 0 else self._metrics_bytes
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=truncate)
-        if c.tensorboard and self._tb is None:
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=truncate) if self.is_main else _NullLog()
+        if c.tensorboard and self._tb is None and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MoekitError("train.tensorboard = true needs the 'tensorboard' package") from None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        progress = Progress(c.max_steps, c.progress, start_step=self.step)
+        progress = Progress(c.max_steps, c.progress if self.is_main else "off", start_step=self.step)
         self.model.train()
-        if self.step == 0 and not ckpt.list_checkpoints(self.ckpt_dir):
+        fresh = self.step == 0 and not ckpt.list_checkpoints(self.ckpt_dir)
+        if self.parallel is not None:
+            fresh = self.parallel.broadcast(fresh)  # rank 0's view: the others may already see its step 0
+            self.parallel.shard(self.optimizer)
+        if fresh:
             self.save(metrics)  # step 0: something to roll back to from the very first step
         t_start = time.perf_counter()
         tokens_at_start = self.tokens_seen
@@ -379,3 +440,16 @@ class Trainer:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, record["step"])
+
+
+class _NullLog:
+    """The metrics log of a rank other than 0: it writes nothing (only rank 0 writes files)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""Expert-parallel MoE layer on 2 and 4 gloo ranks equals the single-process layer: outputs, drops, gradients.
+
+Each rank's tokens are one routing group, so the reference is the single-process layer on all ranks' tokens with
+``group_size`` = tokens per rank (the same capacity and drop decisions, ALGORITHMS.md section 1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+from moekit.dispatch.all_to_all import local_expert_range
+from moekit.layers.expert_parallel import shard_experts_, unshard_experts_
+from tests.distributed._launch import spawn
+
+S_LOCAL, D, F = 12, 8, 16
+CASES = [  # (E, top_k, capacity_factor, activation, skewed): dropless, dropping top-1, dropping top-2 gated, and
+    # almost every token to expert 0 (ranks whose experts receive no rows still take part in every exchange)
+    (4, 1, None, "gelu", False),
+    (4, 1, 0.5, "gelu", False),
+    (8, 2, 0.75, "swiglu", False),
+    (4, 1, 0.5, "relu", True),
+]
+
+
+def _layer(E: int, k: int, cf: float | None, act: str, group_size: int | None, skewed: bool) -> MoE:
+    torch.manual_seed(1)
+    cfg = MoEConfig(
+        d_model=D, d_ff=F, num_experts=E, top_k=k, capacity_factor=cf, min_capacity=0, activation=act,
+        group_size=group_size,
+    )
+    layer = MoE(cfg)
+    with torch.no_grad():  # O(1) weights: uneven routing, so drops and empty experts really happen
+        layer.router.weight.copy_(torch.randn(E, D))
+        if skewed:  # inputs are shifted positive below: expert 0's logit dominates
+            layer.router.weight[0].fill_(5.0)
+        for p in layer.experts.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return layer
+
+
+def _check(rank: int, world: int) -> None:
+    for E, k, cf, act, skewed in CASES:
+        ref = _layer(E, k, cf, act, S_LOCAL, skewed)
+        torch.manual_seed(2)
+        x_full = torch.randn(world * S_LOCAL, D) + (3.0 if skewed else 0.0)
+        w_full = torch.randn(world * S_LOCAL, D)  # a fixed random cotangent
+        x_ref = x_full.clone().requires_grad_(True)
+        y_ref, aux_ref = ref(x_ref)
+        ((y_ref * w_full).sum() + aux_ref.load_balancing_loss * world).backward()
+
+        ep = copy.deepcopy(ref)
+        ep.config.group_size = None
+        ep.zero_grad(set_to_none=True)
+        assert shard_experts_(ep) == 1
+        rows = slice(rank * S_LOCAL, (rank + 1) * S_LOCAL)
+        x = x_full[rows].clone().requires_grad_(True)
+        y, aux = ep(x)
+        ((y * w_full[rows]).sum() + aux.load_balancing_loss).backward()
+
+        torch.testing.assert_close(y, y_ref[rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad[rows], rtol=1e-5, atol=1e-6)
+        # Router: replicated, each rank holds the gradient of its own tokens' terms; their sum is the full one.
+        g = ep.router.weight.grad.clone()
+        dist.all_reduce(g)
+        torch.testing.assert_close(g, ref.router.weight.grad, rtol=1e-5, atol=1e-6)
+        first, stop = local_expert_range(E, world, rank)
+        for name, p in ep.experts.named_parameters():
+            p_ref = dict(ref.experts.named_parameters())[name]
+            assert p.shape[0] == E // world
+            # A rank whose experts received no rows has no gradient at all: zero, as in the full bank.
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(grad, p_ref.grad[first:stop], rtol=1e-5, atol=1e-6)
+        # Drop fractions are per rank's routing group.
+        n_drop = torch.tensor([aux.drop_fraction.item()])
+        dist.all_reduce(n_drop)
+        assert abs(n_drop.item() / world - aux_ref.drop_fraction.item()) < 1e-6
+        # Back to one process: every expert on every rank again, equal to the reference weights.
+        unshard_experts_(ep)
+        for name, p in ep.experts.named_parameters():
+            torch.testing.assert_close(p.data, dict(ref.experts.named_parameters())[name].data)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_layer_matches_single_process(world):
+    spawn(_check, world)
+
+
+def _bad_split(rank: int, world: int) -> None:
+    layer = MoE(MoEConfig(d_model=D, d_ff=F, num_experts=3, top_k=1))
+    with pytest.raises(ValueError, match="divisible"):
+        shard_experts_(layer)
+
+
+def test_experts_not_divisible_is_an_error():
+    spawn(_bad_split, 2)

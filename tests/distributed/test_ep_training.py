@@ -1,0 +1,98 @@
+"""Expert-parallel training on gloo equals the single-process run, and its checkpoints reshard.
+
+- 10 steps at EP = 2: the same per-step losses as one process on the same global batches, the same final weights;
+- the EP = 2 checkpoint of step 5 resumed at EP = 1 and at EP = 4: steps 6..10 continue identically.
+
+Routing groups of one sequence (``moe.group_size = seq_len``) make the capacity and drops independent of how the
+batch is split over ranks, and ``jitter_eps = 0`` removes the only random draw, so the runs can match exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
+
+from moekit.training.metrics import read_metrics  # noqa: E402
+from moekit.training.run import train_run  # noqa: E402
+from moekit.training.run_config import load_run_config  # noqa: E402
+from tests.distributed._launch import spawn  # noqa: E402
+
+OVERRIDES = ["moe.group_size=16", "moe.jitter_eps=0.0"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def _train(rank: int, world: int, cfg: str, run_dir: str) -> None:
+    config = load_run_config(cfg, [*OVERRIDES, f"parallel.expert_parallel={world}"])
+    train_run(config, Path(run_dir), log=lambda m: None)
+
+
+def _resume(rank: int, world: int, run_dir: str) -> None:
+    train_run(None, Path(run_dir), resume=True, log=lambda m: None)
+
+
+def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ep")
+    corpus = write_tiny_corpus(tmp / "corpus.txt", sentences=600)
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(tiny_config_text(corpus, max_steps=10, batch_size=4, checkpoint_every=5, eval_every=10))
+    ref = tmp / "ref"
+    torch.set_num_threads(1)
+    train_run(load_run_config(cfg, OVERRIDES), ref, log=lambda m: None)
+    ep2 = tmp / "ep2"
+    spawn(_train, 2, str(cfg), str(ep2))
+    return tmp, ref, ep2
+
+
+def test_ep2_matches_single_process(runs):
+    _, ref, ep2 = runs
+    ref_losses, ep_losses = _losses(ref), _losses(ep2)
+    assert sorted(ep_losses) == list(range(1, 11))
+    for step in ref_losses:
+        assert ep_losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    # The checkpoint holds every expert, in the single-process layout, equal to the single-process weights.
+    w_ref, w_ep = _weights(ref, 10), _weights(ep2, 10)
+    assert w_ref.keys() == w_ep.keys()
+    for name in w_ref:
+        assert w_ep[name].shape == w_ref[name].shape, name
+        torch.testing.assert_close(w_ep[name], w_ref[name], rtol=1e-4, atol=1e-5)
+    # Only rank 0 wrote files: one metrics log, no stray per-rank files.
+    assert sorted(p.name for p in ep2.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
+def _from_step5(ep2: Path, dest: Path) -> Path:
+    shutil.copytree(ep2, dest)
+    shutil.rmtree(dest / "checkpoints" / "step_00000010")
+    return dest
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_ep2_checkpoint_resumes_at_another_degree(runs, world):
+    tmp, ref, ep2 = runs
+    run_dir = _from_step5(ep2, tmp / f"resume{world}")
+    if world == 1:
+        train_run(None, run_dir, resume=True, log=lambda m: None)
+    else:
+        spawn(_resume, world, str(run_dir))
+    ref_losses, losses = _losses(ref), _losses(run_dir)
+    assert sorted(losses) == list(range(1, 11))
+    for step in range(6, 11):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    w_ref, w = _weights(ref, 10), _weights(run_dir, 10)
+    for name in w_ref:
+        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
