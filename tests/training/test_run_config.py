@@ -69,6 +69,7 @@ def test_named_config_layouts():
         (["parallel.expert_parallel=3"], r"parallel.expert_parallel = 3 must divide moe.num_experts = 8"),
         (["parallel.expert_parallel=0"], r"parallel.expert_parallel must be an integer >= 1, got 0"),
         (["parallel.timeout_s=0"], r"parallel.timeout_s must be a number > 0, got 0"),
+        (["parallel.expert_parallel=2", "train.batch_size=3"], r"train.batch_size = 3 \(the global batch\) must be"),
         (["train.max_steps"], r"--set expects section.key=value"),
     ],
 )

@@ -139,8 +139,31 @@ def train_run(
     """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``.
 
     On resume the run's saved config is used; ``run_config`` (may be None) only supplies a new ``[train]``
-    section (e.g. a larger ``max_steps``): the model and data must stay what was trained.
+    (and ``[parallel]``) section (e.g. a larger ``max_steps``): the model and data must stay what was trained.
+    Under expert parallelism (``parallel.expert_parallel > 1``, one call per rank) a collective that fails or
+    times out (a rank died or hangs) is raised as a one-line :class:`MoekitError`.
     """
+    try:
+        return _train_run(run_config, run_dir, resume=resume, log=log)
+    except RuntimeError as exc:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if isinstance(exc, MoekitError) or not distributed:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        timeout = run_config.parallel.timeout_s if run_config is not None else "the saved value"
+        raise MoekitError(
+            f"expert-parallel rank {torch.distributed.get_rank()}: a collective failed ({first}); another rank "
+            f"probably died or hangs (parallel.timeout_s = {timeout})"
+        ) from None
+
+
+def _train_run(
+    run_config: RunConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -207,16 +230,7 @@ def train_run(
             f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
             f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens, {threads} thread(s)"
         )
-    try:
-        result = trainer.fit()
-    except RuntimeError as exc:
-        if not distributed or isinstance(exc, MoekitError):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MoekitError(
-            f"expert-parallel rank {torch.distributed.get_rank()}: a collective failed ({first}); another rank "
-            f"probably died or hangs (parallel.timeout_s = {run_config.parallel.timeout_s:g})"
-        ) from None
+    result = trainer.fit()
     if not is_main:
         return {
                 "run_dir": str(run_dir), "steps": result.step, "final_val_loss": result.final_val_loss,

@@ -119,6 +119,11 @@ class RunConfig:
                     f"parallel.expert_parallel = {ep} must divide moe.num_experts = {moe.num_experts}: each rank "
                     "holds num_experts / expert_parallel experts (the experts are not divisible otherwise)"
                 )
+            if self.train.batch_size % ep != 0:
+                raise ValueError(
+                    f"train.batch_size = {self.train.batch_size} (the global batch) must be a multiple of "
+                    f"parallel.expert_parallel = {ep}: every rank takes an equal share"
+                )
 
     def moe_config(self) -> MoEConfig | None:
         if self.moe is None:

@@ -258,14 +258,21 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         try:
-            for inputs, targets in eval_windows(
-                self.val_tokens, self.config.batch_size, self.batches.seq_len, self.config.eval_batches
-            ):
+            windows = list(
+                eval_windows(self.val_tokens, self.config.batch_size, self.batches.seq_len, self.config.eval_batches)
+            )
+            self._first_window = (windows[0][0][:1], windows[0][1][:1], 0)
+            for inputs, targets in windows:
+                n_rows = None
                 if self.parallel is not None:
                     inputs, targets = self.parallel.local_rows(inputs), self.parallel.local_rows(targets)
+                    if inputs.shape[0] == 0:
+                        # A last batch with fewer windows than ranks: this rank still runs a forward (every rank
+                        # takes part in every exchange) on a window it does not count.
+                        inputs, targets, n_rows = self._first_window
                 with self._autocast():
                     out = self.model(inputs, targets)
-                n = targets.numel()
+                n = targets.numel() if n_rows is None else 0
                 total += float(out.ce_loss) * n
                 count += n
         finally:
