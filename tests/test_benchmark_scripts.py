@@ -43,3 +43,18 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     b = data["cases"]["b"]
     assert b["moe_over_dense_tflops"] == pytest.approx(b["moe"]["tflops"] / b["dense"]["tflops"])
     assert b["loop_over_moe_time"] == pytest.approx(b["loop"]["ms"] / b["moe"]["ms"])
+
+
+def test_expert_parallel_benchmark_smoke(tmp_path, monkeypatch):
+    # Imported by name (not from a file spec) so the spawned ranks can unpickle its worker function.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import expert_parallel
+
+    out = tmp_path / "ep.md"
+    args = ["--batch", "4", "--seq-len", "8", "--d-model", "16", "--d-ff", "32", "--experts", "4", "--vocab", "50",
+            "--steps", "2", "--warmup", "1", "--out", str(out)]
+    assert expert_parallel.main(args) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1 x 1", "1 x 2", "2 x 1"]
+    share = float(rows[2].split("|")[5].strip().rstrip("%"))
+    assert 0.0 < share < 100.0

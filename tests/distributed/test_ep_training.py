@@ -9,6 +9,7 @@ batch is split over ranks, and ``jitter_eps = 0`` removes the only random draw, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def test_ep2_matches_single_process(runs):
     for name in w_ref:
         assert w_ep[name].shape == w_ref[name].shape, name
         torch.testing.assert_close(w_ep[name], w_ref[name], rtol=1e-4, atol=1e-5)
+    # Every rank's RNG stream is in the checkpoint, in rank order.
+    state = json.loads((ep2 / "checkpoints" / "step_00000010" / "state.json").read_text())
+    assert len(state["rng_per_rank"]) == 2 and state["rng_per_rank"][0] == state["rng"]
     # Only rank 0 wrote files: one metrics log, no stray per-rank files.
     assert sorted(p.name for p in ep2.iterdir()) == sorted(p.name for p in ref.iterdir())
 
