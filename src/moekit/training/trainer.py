@@ -25,6 +25,7 @@ from torch import nn
 
 from moekit.data.batches import TokenBatches, eval_windows
 from moekit.errors import MoekitError
+from moekit.layers.expert_parallel import is_expert_parallel
 from moekit.training import checkpoint as ckpt
 from moekit.training.config import TrainConfig
 from moekit.training.distributed import ExpertParallel
@@ -170,8 +171,6 @@ class Trainer:
         return path
 
     def _is_sharded(self) -> bool:
-        from moekit.layers.expert_parallel import is_expert_parallel
-
         return is_expert_parallel(self.model)
 
     def _load(self, data: dict[str, bytes]) -> dict[str, Any]:
