@@ -100,3 +100,23 @@ def test_ep2_checkpoint_resumes_at_another_degree(runs, world):
     w_ref, w = _weights(ref, 10), _weights(run_dir, 10)
     for name in w_ref:
         torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ep2_adafactor_update_clipping_matches_single_process(tmp_path):
+    # Adafactor clips each update by the RMS of the whole [E, ...] expert stack: under expert parallelism the RMS
+    # is summed over the ranks' slices (d = 0.01 makes the clipping bind at every step).
+    corpus = write_tiny_corpus(tmp_path / "corpus.txt", sentences=300)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        tiny_config_text(corpus, max_steps=4, batch_size=4, checkpoint_every=4, eval_every=4, optimizer="adafactor",
+                         update_clip_d=0.01)
+    )
+    train_run(load_run_config(cfg, OVERRIDES), tmp_path / "one", log=lambda m: None)
+    spawn(_train, 2, str(cfg), str(tmp_path / "two"))
+    ref, ep = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(ep) == [1, 2, 3, 4]
+    for step in ref:
+        assert ep[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+    w_ref, w = _weights(tmp_path / "one", 4), _weights(tmp_path / "two", 4)
+    for name in w_ref:
+        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ optimizers.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["Adafactor"]
@@ -50,6 +51,9 @@ class Adafactor(torch.optim.Optimizer):
             weight_decay=weight_decay,
         )
         super().__init__(params, defaults)
+        # Parameters sharded over an expert-parallel group (id -> group), set by moekit.training.distributed: their
+        # update clipping takes the RMS over the whole [E, ...] stack, all ranks' slices, as in one process.
+        self.sharded: dict[int, object] = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -94,7 +98,13 @@ class Adafactor(torch.optim.Optimizer):
             v = state["exp_avg_sq"]
             v.mul_(beta2t).add_(g2, alpha=1.0 - beta2t)
             u = g * v.rsqrt()
-        rms = u.pow(2).mean().sqrt()
+        if id(p) in self.sharded:
+            group_ = self.sharded[id(p)]
+            sq = u.pow(2).sum()
+            dist.all_reduce(sq, group=group_)
+            rms = (sq / (u.numel() * dist.get_world_size(group_))).sqrt()
+        else:
+            rms = u.pow(2).mean().sqrt()
         u = u / torch.clamp(rms / group["update_clip_d"], min=1.0)
         if group["beta1"] > 0:
             m = state["exp_avg"]

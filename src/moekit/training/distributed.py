@@ -78,10 +78,14 @@ class ExpertParallel:
     def shard(self, optimizer: torch.optim.Optimizer) -> None:
         if not is_expert_parallel(self.model):
             shard_experts_(self.model, optimizer, self.group)
+            if hasattr(optimizer, "sharded"):  # Adafactor: update clipping over the whole expert stack
+                optimizer.sharded.update({i: self.group for i in self._expert_ids})
 
     def unshard(self, optimizer: torch.optim.Optimizer) -> None:
         if is_expert_parallel(self.model):
             unshard_experts_(self.model, optimizer, self.group)
+            if hasattr(optimizer, "sharded"):
+                optimizer.sharded.clear()
 
     # -- data ------------------------------------------------------------------------------------------------
     def local_rows(self, batch_BT: Tensor) -> Tensor:
