@@ -30,6 +30,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     )
     try:
         fn(rank, world, *args)
+        # Tear down together: a rank that destroys its gloo group while a peer is still finishing its last
+        # exchange can abort the peer ("terminate called without an active exception", seen once in CI-like runs).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # tear down together, so no rank destroys its group while a peer still exchanges
         dist.destroy_process_group()
     if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
         return 0
