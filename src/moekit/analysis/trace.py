@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.dispatch import plan_token_choice, token_choice_capacity
+from moekit.dispatch import plan_decision, token_choice_capacity
 from moekit.errors import MoekitError
 from moekit.layers.moe import MoE
 from moekit.routing.decision import RoutingDecision
@@ -137,14 +137,7 @@ def kept_choices(layer: MoE, decision: RoutingDecision, num_tokens: int) -> Tens
     num_groups = layer._groups(num_tokens)
     capacity = token_choice_capacity(num_tokens // num_groups, c.num_experts, c.top_k, c.capacity_factor,
                                      c.min_capacity)
-    plan = plan_token_choice(
-        decision.expert_ids_SK,
-        c.num_experts,
-        capacity,
-        num_groups=num_groups,
-        valid_SK=decision.valid_SK,
-        priority_S=decision.priority_S,
-    )
+    plan = plan_decision(decision, c.num_experts, capacity, num_groups)
     return plan.kept_mask_SK()
 
 

@@ -5,6 +5,7 @@ from moekit.dispatch.local import (
     LocalDispatcher,
     combine,
     permute,
+    plan_decision,
     plan_token_choice,
     token_choice_capacity,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "LocalDispatcher",
     "combine",
     "permute",
+    "plan_decision",
     "plan_token_choice",
     "token_choice_capacity",
 ]

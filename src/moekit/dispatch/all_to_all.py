@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit.dispatch.local import DispatchPlan, combine, permute, plan_token_choice
+from moekit.dispatch.local import DispatchPlan, combine, permute, plan_decision
 from moekit.routing.decision import RoutingDecision
 
 __all__ = ["AllToAllDispatcher", "all_to_all_rows", "local_expert_range"]
@@ -117,14 +117,7 @@ class AllToAllDispatcher:
     ) -> tuple[Tensor, Tensor, _ExpertParallelState]:
         """Returns ``(x_BD, tokens_per_local_expert_L, state)``: the rows for this rank's experts, by expert."""
         R, L = self.world_size, self.num_local_experts
-        plan = plan_token_choice(
-            decision.expert_ids_SK,
-            self.num_experts,
-            capacity,
-            num_groups=num_groups,
-            valid_SK=decision.valid_SK,
-            priority_S=decision.priority_S,
-        )
+        plan = plan_decision(decision, self.num_experts, capacity, num_groups)
         x_AD = permute(x_SD, plan)
         # How many rows each rank sends for each of our experts: one small exchange of the counts.
         send_counts_RL = plan.tokens_per_expert_E.view(R, L)

@@ -33,6 +33,7 @@ __all__ = [
     "LocalDispatcher",
     "combine",
     "permute",
+    "plan_decision",
     "plan_token_choice",
     "token_choice_capacity",
 ]
@@ -155,6 +156,20 @@ def plan_token_choice(
     )
 
 
+def plan_decision(
+    decision: RoutingDecision, num_experts: int, capacity: int | None, num_groups: int = 1
+) -> DispatchPlan:
+    """:func:`plan_token_choice` for a router's decision (its declined choices and priority order included)."""
+    return plan_token_choice(
+        decision.expert_ids_SK,
+        num_experts,
+        capacity,
+        num_groups=num_groups,
+        valid_SK=decision.valid_SK,
+        priority_S=decision.priority_S,
+    )
+
+
 def _sum_rows_by_token(rows_AD: Tensor, plan: DispatchPlan) -> Tensor:
     """``out[s] = sum_k rows[pos[s, k]]`` over kept choices, by gathers only: ``[S, D]``."""
     S, K = plan.pos_SK.shape
@@ -245,14 +260,7 @@ class LocalDispatcher:
         self, x_SD: Tensor, decision: RoutingDecision, capacity: int | None, num_groups: int = 1
     ) -> tuple[Tensor, Tensor, _LocalState]:
         """Returns ``(x_AD, tokens_per_expert_E, state)``: rows in expert order and the group sizes."""
-        plan = plan_token_choice(
-            decision.expert_ids_SK,
-            self.num_experts,
-            capacity,
-            num_groups=num_groups,
-            valid_SK=decision.valid_SK,
-            priority_S=decision.priority_S,
-        )
+        plan = plan_decision(decision, self.num_experts, capacity, num_groups)
         return permute(x_SD, plan), plan.tokens_per_expert_E, _LocalState(plan, decision.gates_SK, x_SD.shape[0])
 
     def combine(self, y_AD: Tensor, state: _LocalState) -> Tensor:
