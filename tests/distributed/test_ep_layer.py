@@ -97,4 +97,9 @@ def _bad_split(rank: int, world: int) -> None:
 
 
 def test_experts_not_divisible_is_an_error():
+    # The rule itself, in this process: 3 experts cannot split over 2 ranks; 8 split as 4 + 4.
+    with pytest.raises(ValueError, match="divisible"):
+        local_expert_range(3, 2, 0)
+    assert local_expert_range(8, 2, 1) == (4, 8)
+    # And the real conversion on a 2-rank gloo group refuses it (each rank asserts the ValueError).
     spawn(_bad_split, 2)

@@ -6,7 +6,7 @@ from moekit.analysis.categories import CATEGORIES, FUNCTION_WORDS, categorize, c
 from moekit.analysis.pipeline import analyze_run
 from moekit.analysis.report import expert_name, render_report
 from moekit.analysis.summary import summarise
-from moekit.analysis.trace import RoutingTrace, kept_choices, trace_model
+from moekit.analysis.trace import RoutingTrace, trace_model
 
 __all__ = [
     "CATEGORIES",
@@ -16,7 +16,6 @@ __all__ = [
     "categorize",
     "category_of",
     "expert_name",
-    "kept_choices",
     "piece_text",
     "render_report",
     "summarise",

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from moekit.analysis.categories import categorize, piece_text
-from moekit.analysis.load import load_trained_run
 from moekit.analysis.report import render_report
 from moekit.analysis.summary import summarise
 from moekit.analysis.trace import iter_windows, trace_model
 from moekit.data.corpus import path_documents
 from moekit.data.tokenizer import load_tokenizer
 from moekit.errors import MoekitError
+from moekit.training.run import load_trained_run
 
 __all__ = ["analyze_run"]
 

@@ -2,9 +2,8 @@
 choice got a capacity slot or was dropped.
 
 The trace is read from the model's own forward pass: each MoE layer returns its :class:`RoutingDecision` in
-``aux.routing``, and which choices were kept is recomputed with the dispatcher's own planner
-(:func:`moekit.dispatch.plan_token_choice`, same capacity, same groups), so the trace is exactly what the layer did,
-not a re-implementation of it. Tests check this against the layer.
+``aux.routing``, and which choices were kept comes from the dispatcher's own plan of that call (``aux.plan``), so
+the trace is exactly what the layer did, not a re-implementation of it. Tests check this against the layer.
 
 Columnar layout (one row per token, N rows; L MoE layers; K choices per token; E experts)::
 
@@ -28,12 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moekit.dispatch import plan_decision, token_choice_capacity
 from moekit.errors import MoekitError
 from moekit.layers.moe import MoE
-from moekit.routing.decision import RoutingDecision
 
-__all__ = ["RoutingTrace", "kept_choices", "trace_model", "iter_windows"]
+__all__ = ["RoutingTrace", "trace_model", "iter_windows"]
 
 
 @dataclass
@@ -128,19 +125,6 @@ class RoutingTrace:
         return path
 
 
-def kept_choices(layer: MoE, decision: RoutingDecision, num_tokens: int) -> Tensor:
-    """bool ``[S, K]``: which of the router's choices got a capacity slot in this layer call.
-
-    Uses the layer's own capacity rule and planner, so it agrees with what the dispatcher did.
-    """
-    c = layer.config
-    num_groups = layer._groups(num_tokens)
-    capacity = token_choice_capacity(num_tokens // num_groups, c.num_experts, c.top_k, c.capacity_factor,
-                                     c.min_capacity)
-    plan = plan_decision(decision, c.num_experts, capacity, num_groups)
-    return plan.kept_mask_SK()
-
-
 def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None) -> Iterator[Tensor]:
     """Consecutive non-overlapping windows of ``seq_len`` tokens, ``batch_size`` per call, at most ``max_tokens``
     tokens in all (whole windows only)."""
@@ -173,12 +157,11 @@ def trace_model(model: torch.nn.Module, batches: Iterator[Tensor] | Sequence[Ten
             B, T = tokens_BT.shape
             out = model(tokens_BT)
             ids, gates, kept, probs = [], [], [], []
-            for layer, aux in zip(moe_layers, out.aux, strict=True):
+            for aux in out.aux:
                 decision = aux.routing
-                S = decision.expert_ids_SK.shape[0]
                 ids.append(decision.expert_ids_SK.cpu().numpy())
                 gates.append(decision.gates_SK.float().cpu().numpy())
-                kept.append(kept_choices(layer, decision, S).cpu().numpy())
+                kept.append(aux.plan.kept_mask_SK().cpu().numpy())
                 probs.append(decision.probs_SE.float().cpu().numpy())
             cols["tok"].append(tokens_BT.reshape(-1).cpu().numpy())
             cols["win"].append(np.repeat(np.arange(B) + window_offset, T))

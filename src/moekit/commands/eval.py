@@ -23,27 +23,19 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from moekit.data.batches import TokenBatches
-    from moekit.errors import MoekitError
-    from moekit.training import checkpoint as ckpt
-    from moekit.training.run import load_run
+    from moekit.training.run import load_trained_run
     from moekit.training.trainer import Trainer
-
-    run_config, data, model = load_run(args.run_dir)
 
     def report(msg: str) -> None:
         print(f"moekit eval: warning: {msg}", file=sys.stderr)
 
-    found = ckpt.latest_valid_checkpoint(f"{args.run_dir}/checkpoints", report=report)
-    if found is None:
-        raise MoekitError(f"no checkpoint in {args.run_dir}/checkpoints passes its checksum")
-    path, blobs = found
-    state = ckpt.load_checkpoint(blobs, model)
-    train_cfg = dataclasses.replace(run_config.train, eval_batches=args.batches, progress="off")
-    batches = TokenBatches(data.train_tokens, 1, run_config.data.seq_len, 0)
-    trainer = Trainer(train_cfg, model, batches, data.val_tokens, args.run_dir, log=report)
+    run = load_trained_run(args.run_dir, fallback=True, warn=report)
+    train_cfg = dataclasses.replace(run.config.train, eval_batches=args.batches, progress="off")
+    batches = TokenBatches(run.data.train_tokens, 1, run.config.data.seq_len, 0)
+    trainer = Trainer(train_cfg, run.model, batches, run.data.val_tokens, args.run_dir, log=report)
     loss = trainer.evaluate()
     print(
-        f"checkpoint {path.name} (step {state['step']}): validation loss {loss:.4f} nats/token, "
+        f"checkpoint {run.checkpoint.name} (step {run.step}): validation loss {loss:.4f} nats/token, "
         f"perplexity {math.exp(loss):.2f}"
     )
     return 0

@@ -22,8 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.data.tokenizer import load_tokenizer
     from moekit.errors import MoekitError
-    from moekit.training import checkpoint as ckpt
-    from moekit.training.run import TOKENIZER_FILE, load_run
+    from moekit.training.run import TOKENIZER_FILE, load_trained_run
 
     if args.max_new_tokens < 1:
         raise MoekitError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -31,16 +30,11 @@ def run(args: argparse.Namespace) -> int:
         raise MoekitError(f"--top-k must be >= 1, got {args.top_k}")
     if not args.prompt:
         raise MoekitError("--prompt must not be empty")
-    _, _, model = load_run(args.run_dir)
 
     def report(msg: str) -> None:
         print(f"moekit generate: warning: {msg}", file=sys.stderr)
 
-    found = ckpt.latest_valid_checkpoint(f"{args.run_dir}/checkpoints", report=report)
-    if found is None:
-        raise MoekitError(f"no checkpoint in {args.run_dir}/checkpoints passes its checksum")
-    ckpt.load_checkpoint(found[1], model)
-    model.eval()
+    model = load_trained_run(args.run_dir, fallback=True, warn=report).model
     tok = load_tokenizer(f"{args.run_dir}/{TOKENIZER_FILE}")
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     gen = torch.Generator().manual_seed(args.seed)

@@ -85,7 +85,6 @@ class _Permute(torch.autograd.Function):
 class _ExpertParallelState:
     plan: DispatchPlan  # this rank's plan over all E experts (what the layer reports as drops and loads)
     gates_SK: Tensor
-    num_tokens: int
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     to_expert_major_B: Tensor  # received order (rank, expert) -> (expert, rank)
@@ -142,7 +141,7 @@ class AllToAllDispatcher:
         x_BD = _Permute.apply(x_BD, to_expert_major_B, to_rank_major_B)
         tokens_per_local_expert_L = recv_counts_RL.sum(dim=0)
         state = _ExpertParallelState(
-            plan, decision.gates_SK, x_SD.shape[0], send_splits, recv_splits, to_expert_major_B, to_rank_major_B, x_BD
+            plan, decision.gates_SK, send_splits, recv_splits, to_expert_major_B, to_rank_major_B, x_BD
         )
         return x_BD, tokens_per_local_expert_L, state
 
@@ -156,7 +155,7 @@ class AllToAllDispatcher:
             y_BD = y_BD + 0.0 * state.x_BD.sum()
         y_BD = _Permute.apply(y_BD, state.to_rank_major_B, state.to_expert_major_B)
         y_AD = all_to_all_rows(y_BD, state.send_splits, state.recv_splits, self.group)
-        y_SD = combine(y_AD, state.plan, state.gates_SK, state.num_tokens)
+        y_SD = combine(y_AD, state.plan, state.gates_SK)
         if y_AD.shape[0] == 0 and y_AD.requires_grad:
             y_SD = y_SD + 0.0 * y_AD.sum()
         return y_SD

@@ -73,12 +73,12 @@ class DispatchPlan:
     num_assignments: int
     num_dropped: int
     capacity: int | None
-    pos_SK: Tensor | None = None
+    pos_SK: Tensor
 
     @property
     def all_kept(self) -> bool:
         """Every (token, choice) has a row: no capacity drops and no declined choices."""
-        return self.pos_SK is not None and self.token_idx_A.numel() == self.pos_SK.numel()
+        return self.token_idx_A.numel() == self.pos_SK.numel()
 
     def kept_mask_SK(self) -> Tensor:
         return self.pos_SK >= 0
@@ -218,21 +218,19 @@ class _GatherChoices(torch.autograd.Function):
 
 def permute(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token rows of the kept assignments into expert order: ``[A, D]``."""
-    if plan.pos_SK is None or not torch.is_grad_enabled() or not x_SD.requires_grad:
+    if not torch.is_grad_enabled() or not x_SD.requires_grad:
         return x_SD.index_select(0, plan.token_idx_A)
     return _GatherTokens.apply(x_SD, plan)
 
 
-def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int) -> Tensor:
+def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int | None = None) -> Tensor:
     """Weight each expert output by its gate and sum the k outputs of every token: ``[S, D]``.
 
     Dropped assignments contribute zero (their gate is masked to 0) and the kept gates are used as they are (not
-    renormalised).
+    renormalised). S comes from the plan; ``num_tokens``, if given, is checked against it.
     """
-    if plan.pos_SK is None:  # a plan built by hand without the inverse map: scatter
-        gates_A = gates_SK.reshape(-1).index_select(0, plan.assign_idx_A).to(y_AD.dtype)
-        out_SD = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
-        return out_SD.index_add(0, plan.token_idx_A, y_AD * gates_A.unsqueeze(-1))
+    if num_tokens is not None and num_tokens != plan.pos_SK.shape[0]:
+        raise ValueError(f"num_tokens={num_tokens} does not match the plan's {plan.pos_SK.shape[0]} tokens")
     y_SKD = _GatherChoices.apply(y_AD, plan)
     gates_SK = gates_SK.to(y_AD.dtype)
     if not plan.all_kept:
@@ -246,7 +244,6 @@ def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int)
 class _LocalState:
     plan: DispatchPlan
     gates_SK: Tensor
-    num_tokens: int
 
 
 class LocalDispatcher:
@@ -261,7 +258,7 @@ class LocalDispatcher:
     ) -> tuple[Tensor, Tensor, _LocalState]:
         """Returns ``(x_AD, tokens_per_expert_E, state)``: rows in expert order and the group sizes."""
         plan = plan_decision(decision, self.num_experts, capacity, num_groups)
-        return permute(x_SD, plan), plan.tokens_per_expert_E, _LocalState(plan, decision.gates_SK, x_SD.shape[0])
+        return permute(x_SD, plan), plan.tokens_per_expert_E, _LocalState(plan, decision.gates_SK)
 
     def combine(self, y_AD: Tensor, state: _LocalState) -> Tensor:
-        return combine(y_AD, state.plan, state.gates_SK, state.num_tokens)
+        return combine(y_AD, state.plan, state.gates_SK)

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from moekit.analysis.load import load_trained_run
 from moekit.analysis.trace import iter_windows, trace_model
 from moekit.data.batches import TokenBatches, eval_windows, unigram_cross_entropy
 from moekit.distill.loss import HARD_WEIGHT
@@ -34,7 +33,7 @@ from moekit.distill.student import copy_non_expert_weights, expert_usage, init_s
 from moekit.errors import MoekitError
 from moekit.models import TransformerLM, parameter_counts
 from moekit.training.plots import plot_run
-from moekit.training.run import TOKENIZER_FILE, TOKENS_FILE, default_run_dir
+from moekit.training.run import TOKENIZER_FILE, TOKENS_FILE, default_run_dir, load_trained_run
 from moekit.training.run_config import build_run_config, parse_overrides, to_toml
 from moekit.training.trainer import Trainer
 

@@ -29,6 +29,8 @@ class MoEAux:
         router_entropy: mean entropy (nats) of the router distribution per token.
         max_logit: the largest router logit (a precursor of instability in low precision).
         routing: the router's decision, kept for analysis tools (routing traces).
+        plan: token choice only: the dispatcher's plan of this call (``plan.kept_mask_SK()`` says which choices
+            got a capacity slot), so analysis reads what the layer did instead of re-planning it.
     """
 
     load_balancing_loss: Tensor
@@ -38,6 +40,7 @@ class MoEAux:
     router_entropy: Tensor
     max_logit: Tensor
     routing: Any = None
+    plan: Any = None
 
     def metrics(self) -> dict[str, float | list[int]]:
         """Plain Python numbers for logging."""

@@ -112,6 +112,7 @@ class MoE(nn.Module):
             router_entropy=router_entropy(decision.probs_SE),
             max_logit=decision.logits_SE.detach().max(),
             routing=decision,
+            plan=state.plan,
         )
         return y_SD, aux
 

@@ -38,11 +38,21 @@ from moekit.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
 from moekit.errors import MoekitError
 from moekit.models import TransformerLM, parameter_counts
 from moekit.models.flops import flops_per_token
+from moekit.training import checkpoint as ckpt
 from moekit.training.plots import plot_run
 from moekit.training.run_config import RunConfig, build_run_config, to_toml, tomllib
 from moekit.training.trainer import Trainer, resolve_threads
 
-__all__ = ["PreparedData", "prepare_data", "train_run", "load_run", "read_run_config", "default_run_dir"]
+__all__ = [
+    "LoadedRun",
+    "PreparedData",
+    "default_run_dir",
+    "load_run",
+    "load_trained_run",
+    "prepare_data",
+    "read_run_config",
+    "train_run",
+]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENS_FILE = "data/tokens.safetensors"
@@ -127,6 +137,47 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerL
     torch.manual_seed(run_config.train.seed)
     model = TransformerLM(run_config.lm_config(data.vocab_size))
     return run_config, data, model
+
+
+# Loading a trained run for eval, generate, analyze and distill. By default a newest checkpoint that fails its
+# checksum is an error (an analysis of a silently older model would mislead); with ``fallback=True`` the newest
+# checkpoint that passes is used and ``warn`` is told about each one skipped.
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: RunConfig
+    data: PreparedData
+    model: TransformerLM
+    checkpoint: Path
+    step: int
+
+
+def load_trained_run(
+    run_dir: str | Path, *, fallback: bool = False, warn: Callable[[str], None] | None = None
+) -> LoadedRun:
+    """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise MoekitError(f"run directory {str(run_dir)!r} does not exist")
+    run_config, data, model = load_run(run_dir)
+    root = run_dir / "checkpoints"
+    found_list = ckpt.list_checkpoints(root)
+    if not found_list:
+        raise MoekitError(f"{run_dir} has no checkpoint (checkpoints/step_* is missing): was it trained?")
+    if fallback:
+        found = ckpt.latest_valid_checkpoint(root, report=warn)
+        if found is None:
+            raise MoekitError(f"no checkpoint in {root} passes its checksum")
+        path, blobs = found
+    else:
+        path = found_list[0]
+        try:
+            blobs = ckpt.verify_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            raise MoekitError(f"{exc} (use --fallback to take the newest checkpoint that passes)") from None
+    state = ckpt.load_checkpoint(blobs, model)
+    model.eval()
+    return LoadedRun(run_dir, run_config, data, model, path, int(state["step"]))
 
 
 def train_run(
