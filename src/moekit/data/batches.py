@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moekit.errors import MoekitError
 
-__all__ = ["TokenBatches", "eval_windows", "unigram_cross_entropy"]
+__all__ = ["TokenBatches", "TokenEvalData", "eval_windows", "unigram_cross_entropy"]
 
 
 def _windows(tokens: np.ndarray, seq_len: int) -> int:
@@ -87,6 +87,25 @@ def eval_windows(
     starts = np.arange(n, dtype=np.int64) * seq_len
     for i in range(0, n, batch_size):
         yield _window_batch(tokens, starts[i : i + batch_size], seq_len)
+
+
+class TokenEvalData:
+    """Held-out token ids as the trainer's evaluation data: the fixed windows of ``eval_windows``.
+
+    Checked on construction (a split shorter than one window is found before training, not at the first
+    evaluation after minutes of it)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if len(tokens) < seq_len + 1:
+            raise MoekitError(
+                f"the validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}; use"
+                " more text, a larger data.val_fraction or a smaller data.seq_len"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        return eval_windows(self.tokens, batch_size, self.seq_len, max_batches)
 
 
 def unigram_cross_entropy(

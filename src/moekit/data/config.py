@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DataConfig"]
+__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS"]
 
 
 @dataclass
@@ -53,3 +53,40 @@ class DataConfig:
             raise ValueError(f"data.piece_chars must be an integer >= 256, got {self.piece_chars!r}")
         if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < 1):
             raise ValueError(f"data.max_chars must be a positive integer, got {self.max_chars!r}")
+
+
+# Shapes of the named image sets, known before loading so a config can be checked (and a ViT sized) without
+# reading the data: (image_size, in_channels, num_classes).
+IMAGE_SETS: dict[str, tuple[int, int, int]] = {"digits": (8, 1, 10), "fashion_mnist": (28, 1, 10)}
+
+
+@dataclass
+class ImageDataConfig:
+    """The ``[data]`` section of an image classifier run (``model.arch = "vit"``).
+
+    Attributes:
+        dataset: "digits" (scikit-learn's 1,797 8x8 digits, a fixed train/test split), "fashion_mnist" (the Debian
+            package ``dataset-fashion-mnist``: 60,000 train / 10,000 test 28x28 images) or a directory holding
+            the four IDX files of the (Fashion-)MNIST layout.
+        train_examples: train on the first N training images only (None: all); for quick trials and budgets.
+        test_examples: evaluate on the first N test images only (None: all). ``train.eval_batches`` caps it too.
+    """
+
+    dataset: str = "digits"
+    train_examples: int | None = None
+    test_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"data.dataset must be 'digits', 'fashion_mnist' or a directory, got {self.dataset!r}")
+        if self.dataset == "fashion-mnist":  # the Debian package's spelling
+            self.dataset = "fashion_mnist"
+        for name in ("train_examples", "test_examples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"data.{name} must be a positive integer or \"none\", got {value!r}")
+
+    @property
+    def known_shape(self) -> tuple[int, int, int] | None:
+        """(image_size, in_channels, num_classes) of a named set; None for a directory (read at load time)."""
+        return IMAGE_SETS.get(self.dataset)

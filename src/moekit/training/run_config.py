@@ -1,6 +1,11 @@
 """A run config: the TOML file with sections ``[model]``, ``[moe]``, ``[data]``, ``[train]`` and
 ``[parallel]``.
 
+``model.arch`` picks the model: "lm" (default; :class:`~moekit.models.TransformerLM` on a text corpus,
+``[data]`` = :class:`DataConfig`) or "vit" (:class:`~moekit.models.ViT` on an image set, ``[data]`` =
+:class:`ImageDataConfig`). ``moe.router = "soft"`` makes the ``[moe]`` section a :class:`SoftMoEConfig`
+(ViT only: Soft MoE is not causal).
+
 Every key is checked (unknown keys are errors with a "did you mean"; bad values name the key and the rule)
 when the
 file is read, so ``moekit validate`` and ``moekit train`` refuse a bad config before any work starts. TOML has
@@ -23,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import config_from_dict, suggest
-from moekit.data.config import DataConfig
+from moekit.data.config import DataConfig, ImageDataConfig
 from moekit.errors import MoekitError
-from moekit.layers.config import MoEConfig
+from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models.config import LMConfig
 from moekit.training.config import TrainConfig
 
@@ -48,7 +53,15 @@ __all__ = [
 
 SECTIONS = ("model", "moe", "data", "train", "parallel")
 DEFAULT_CONFIG_NAME = "switch-tiny"
-_MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")]
+ARCHS = ("lm", "vit")
+_MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")] + ["arch"]
+_SOFT_KEYS = [f.name for f in dataclasses.fields(SoftMoEConfig)] + ["router"]
+
+
+def _vit_keys() -> list[str]:
+    from moekit.models.vit import ViTConfig
+
+    return [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
 # The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works
 # anywhere.
 _DEFAULT_MODEL = {
@@ -85,16 +98,34 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    """All sections of a run. ``model`` holds the ``[model]`` keys (LMConfig fields but ``vocab_size`` and
-    ``moe``), ``moe`` the ``[moe]`` keys (MoEConfig fields; None for a dense model)."""
+    """All sections of a run. ``model`` holds the ``[model]`` keys (``arch`` and the LMConfig fields but
+    ``vocab_size`` and ``moe``, or the ViTConfig fields but ``moe``), ``moe`` the ``[moe]`` keys (MoEConfig
+    fields, or SoftMoEConfig fields with ``router = "soft"``; None for a dense model)."""
 
     model: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_MODEL))
     moe: dict[str, Any] | None = field(default_factory=lambda: dict(_DEFAULT_MOE))
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig | ImageDataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    @property
+    def arch(self) -> str:
+        return self.model.get("arch", "lm")
+
+    @property
+    def is_vit(self) -> bool:
+        return self.arch == "vit"
+
     def __post_init__(self) -> None:
+        arch = self.arch
+        if arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
+        want = ImageDataConfig if arch == "vit" else DataConfig
+        if not isinstance(self.data, want):
+            raise ValueError(f"model.arch = {arch!r} needs a [data] section of {want.__name__} keys")
+        if arch == "vit":
+            self._check_vit()
+            return
         for key in self.model:
             if key not in _MODEL_KEYS:
                 hint = " (it is set by the tokenizer: use data.vocab_size)" if key == "vocab_size" else ""
@@ -125,29 +156,84 @@ class RunConfig:
                     f"parallel.expert_parallel = {ep}: every rank takes an equal share"
                 )
 
-    def moe_config(self) -> MoEConfig | None:
+    def _check_vit(self) -> None:
+        keys = _vit_keys()
+        for key in self.model:
+            if key not in keys:
+                raise ValueError(
+                    f"unknown config key 'model.{key}'{suggest(key, keys)} (model.arch = 'vit'); "
+                    f"valid keys: {', '.join(keys)}"
+                )
+        shape = self.data.known_shape
+        if shape is not None:  # a named set: the image geometry and the classes follow from it
+            for key, value in zip(("image_size", "in_channels", "num_classes"), shape, strict=True):
+                self.model.setdefault(key, value)
+                if self.model[key] != value:
+                    raise ValueError(
+                        f"model.{key} = {self.model[key]!r} but data.dataset = {self.data.dataset!r} has "
+                        f"{key} {value}; leave model.{key} out (it follows from the data)"
+                    )
+        if self.parallel.expert_parallel > 1:
+            raise ValueError(
+                "parallel.expert_parallel > 1 is supported for the language model only (model.arch = 'lm')"
+            )
+        self.vit_config()  # runs every ViTConfig / MoEConfig check now
+
+    def moe_config(self) -> MoEConfig | SoftMoEConfig | None:
         if self.moe is None:
             return None
         values = dict(self.moe)
-        values.setdefault("d_model", self.model.get("d_model", LMConfig.d_model))
-        values.setdefault("d_ff", self.model.get("d_ff", LMConfig.d_ff))
-        values.setdefault("activation", self.model.get("activation", LMConfig.activation))
+        if self.is_vit:
+            from moekit.models.vit import ViTConfig as defaults
+        else:
+            defaults = LMConfig
+        values.setdefault("d_model", self.model.get("d_model", defaults.d_model))
+        values.setdefault("d_ff", self.model.get("d_ff", defaults.d_ff))
+        values.setdefault("activation", self.model.get("activation", defaults.activation))
+        if values.get("router") == "soft":
+            # Soft MoE has its own config: slots instead of top-k and capacity (ALGORITHMS.md section 4).
+            values.pop("router")
+            for key in values:
+                if key not in _SOFT_KEYS:
+                    raise ValueError(
+                        f"unknown config key 'moe.{key}' for moe.router = 'soft'{suggest(key, _SOFT_KEYS)}; "
+                        f"valid keys: {', '.join(_SOFT_KEYS)}"
+                    )
+            return config_from_dict(SoftMoEConfig, values, "moe")
         return config_from_dict(MoEConfig, values, "moe")
 
     def lm_config(self, vocab_size: int) -> LMConfig:
+        if self.is_vit:
+            raise ValueError("this run is a ViT (model.arch = 'vit'), not a language model")
         model = dict(self.model)
+        model.pop("arch", None)
         return config_from_dict(
             LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model"
         )
 
+    def vit_config(self) -> Any:
+        """The :class:`~moekit.models.vit.ViTConfig` of a ``model.arch = "vit"`` run."""
+        from moekit.models.vit import ViTConfig
+
+        if not self.is_vit:
+            raise ValueError("this run is a language model (model.arch = 'lm'), not a ViT")
+        model = dict(self.model)
+        model.pop("arch", None)
+        return config_from_dict(ViTConfig, {**model, "moe": self.moe_config()}, "model")
+
     def resolved(self) -> dict[str, dict[str, Any]]:
         """Every section with every default filled in (what ``config.toml`` in a run holds)."""
-        lm = dataclasses.asdict(self.lm_config(self.data.vocab_size))
-        lm.pop("vocab_size")
+        if self.is_vit:
+            lm = {"arch": "vit", **dataclasses.asdict(self.vit_config())}
+        else:
+            lm = dataclasses.asdict(self.lm_config(self.data.vocab_size))
+            lm.pop("vocab_size")
         lm.pop("moe")
         out: dict[str, dict[str, Any]] = {"model": lm}
         moe = self.moe_config()
-        if moe is not None:
+        if isinstance(moe, SoftMoEConfig):
+            out["moe"] = {"router": "soft", **dataclasses.asdict(moe)}
+        elif moe is not None:
             out["moe"] = dataclasses.asdict(moe)
         out["data"] = dataclasses.asdict(self.data)
         out["train"] = dataclasses.asdict(self.train)
@@ -176,10 +262,11 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     tables = _none(tables)
     model = dict(tables.get("model", {}))
     moe = dict(tables["moe"]) if tables.get("moe") else None
+    data_cls = ImageDataConfig if model.get("arch") == "vit" else DataConfig
     return RunConfig(
         model=model,
         moe=moe,
-        data=config_from_dict(DataConfig, tables.get("data", {}), "data"),
+        data=config_from_dict(data_cls, tables.get("data", {}), "data"),
         train=config_from_dict(TrainConfig, tables.get("train", {}), "train"),
         parallel=config_from_dict(ParallelConfig, tables.get("parallel", {}), "parallel"),
     )

@@ -14,16 +14,16 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from moekit.data.batches import TokenBatches, eval_windows
+from moekit.data.batches import TokenBatches, TokenEvalData
 from moekit.errors import MoekitError
 from moekit.layers.expert_parallel import is_expert_parallel
 from moekit.training import checkpoint as ckpt
@@ -33,7 +33,25 @@ from moekit.training.metrics import MetricsLog, Progress
 from moekit.training.optim import build_optimizer
 from moekit.training.schedule import lr_at
 
-__all__ = ["Trainer", "TrainResult", "resolve_threads"]
+__all__ = ["Trainer", "TrainResult", "EvalData", "BatchSource", "resolve_threads"]
+
+
+class BatchSource(Protocol):
+    """Endless training batches with a resumable position (``TokenBatches``, ``ImageBatches``)."""
+
+    batch_size: int
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, int]: ...
+
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+class EvalData(Protocol):
+    """Fixed held-out batches ``(inputs, targets)`` in order (``TokenEvalData``, ``ImageEvalData``)."""
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 # A run that keeps diverging after this many roll-backs is stopped instead of looping forever.
 MAX_ROLLBACKS = 10
@@ -62,7 +80,9 @@ def resolve_threads(requested: int) -> int:
 @dataclass
 class TrainResult:
     """What ``Trainer.fit`` returns. ``tokens_per_s`` counts the time of training steps only (this session);
-    ``elapsed_s`` is the wall time of the whole ``fit`` call, evaluations and checkpoints included."""
+    ``elapsed_s`` is the wall time of the whole ``fit`` call, evaluations and checkpoints included;
+    ``train_time_s`` the seconds spent in training steps since the run began (all sessions). For an image
+    classifier a "token" is one image, and ``final_val_accuracy`` is the held-out accuracy (None for an LM)."""
 
     step: int
     final_val_loss: float | None
@@ -70,18 +90,22 @@ class TrainResult:
     rollbacks: int
     elapsed_s: float
     tokens_per_s: float
+    train_time_s: float = 0.0
+    final_val_accuracy: float | None = None
 
 
 class Trainer:
-    """Trains a :class:`~moekit.models.TransformerLM` (or any model whose ``forward(inputs, targets)`` returns
-    an
-    object with ``loss``, ``ce_loss``, ``load_balancing_loss``, ``z_loss`` and ``aux``).
+    """Trains a :class:`~moekit.models.TransformerLM`, a :class:`~moekit.models.ViT`, or any model whose
+    ``forward(inputs, targets)`` returns an object with ``loss``, ``ce_loss``, ``load_balancing_loss``, ``z_loss``
+    and ``aux`` (and, for a classifier, ``correct``: the number of right predictions, which adds
+    ``val_accuracy`` to the metrics).
 
     Args:
         config: the ``[train]`` section.
         model: the model, already initialised (seeded by the caller).
-        train_batches: resumable training batches.
-        val_tokens: held-out token ids (None: no validation).
+        train_batches: resumable training batches (:class:`BatchSource`).
+        val_tokens: held-out data: a token-id array (windows of the training batches' ``seq_len``) or any
+            :class:`EvalData`; None: no validation.
         run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
         extra_state: JSON-able values saved in every checkpoint (e.g. the run config).
         log: where user-facing messages go (one line each).
@@ -93,8 +117,8 @@ class Trainer:
         self,
         config: TrainConfig,
         model: nn.Module,
-        train_batches: TokenBatches,
-        val_tokens: np.ndarray | None,
+        train_batches: BatchSource,
+        val_tokens: np.ndarray | EvalData | None,
         run_dir: str | Path,
         *,
         extra_state: dict[str, Any] | None = None,
@@ -107,7 +131,12 @@ class Trainer:
         self.is_main = parallel is None or parallel.is_main
         self.model = model
         self.batches = train_batches
-        self.val_tokens = val_tokens
+        if isinstance(val_tokens, np.ndarray):
+            if not isinstance(train_batches, TokenBatches):
+                raise ValueError("a token array for validation needs TokenBatches for training (its seq_len)")
+            # Found now rather than at the first evaluation, after minutes of training.
+            val_tokens = TokenEvalData(val_tokens, train_batches.seq_len)
+        self.val_data: EvalData | None = val_tokens
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -115,13 +144,6 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if not self.is_main:
             self.log = lambda msg: None
-        if val_tokens is not None and len(val_tokens) < train_batches.seq_len + 1:
-            # Found now rather than at the first evaluation, after minutes of training.
-            raise MoekitError(
-                f"the validation split has {len(val_tokens)} tokens, fewer than one window of"
-                f" {train_batches.seq_len + 1}; use more text, a larger data.val_fraction or a smaller"
-                " data.seq_len"
-            )
         self.optimizer = build_optimizer(model, config)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
@@ -130,6 +152,8 @@ class Trainer:
         self.rollbacks = 0
         self.tokens_seen = 0
         self.last_val_loss: float | None = None
+        self.last_val_accuracy: float | None = None
+        self.train_time_s = 0.0  # seconds in training steps since the run began (saved in checkpoints)
         self._metrics_bytes: int | None = None  # log length at the loaded checkpoint
         self._tb = None
 
@@ -146,6 +170,8 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "tokens_seen": self.tokens_seen,
             "last_val_loss": self.last_val_loss,
+            "last_val_accuracy": self.last_val_accuracy,
+            "train_time_s": self.train_time_s,
             "metrics_bytes": metrics_bytes,
         }
 
@@ -213,7 +239,9 @@ class Trainer:
             self.rollbacks = int(state["rollbacks"])
             self.tokens_seen = int(state["tokens_seen"])
             self._metrics_bytes = int(state["metrics_bytes"])
+            self.train_time_s = float(state.get("train_time_s", 0.0))
         self.last_val_loss = state.get("last_val_loss")
+        self.last_val_accuracy = state.get("last_val_accuracy")
 
     def _rollback(self, reason: str) -> None:
         """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with
@@ -250,16 +278,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation cross-entropy (nats per token) over the fixed validation windows."""
-        if self.val_tokens is None:
-            raise MoekitError("no validation tokens")
+        """Mean validation cross-entropy (nats per token, or per image) over the fixed validation batches. For a
+        model whose output has ``correct`` the accuracy is kept in ``last_val_accuracy``."""
+        if self.val_data is None:
+            raise MoekitError("no validation data")
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, right = 0.0, 0, 0
+        has_correct = False
         try:
-            windows = list(
-                eval_windows(self.val_tokens, self.config.batch_size, self.batches.seq_len, self.config.eval_batches)
-            )
+            windows = list(self.val_data.batches(self.config.batch_size, self.config.eval_batches))
             self._first_window = (windows[0][0][:1], windows[0][1][:1], 0)
             for inputs, targets in windows:
                 n_rows = None
@@ -274,10 +302,15 @@ class Trainer:
                 n = targets.numel() if n_rows is None else 0
                 total += float(out.ce_loss) * n
                 count += n
+                correct = getattr(out, "correct", None)
+                if correct is not None:
+                    has_correct = True
+                    right += int(correct) if n_rows is None else 0
         finally:
             self.model.train(was_training)
         if self.parallel is not None:
-            total, count = self.parallel.sum([total, count])
+            total, count, right = self.parallel.sum([total, count, right])
+        self.last_val_accuracy = right / count if has_correct else None
         return total / count
 
     # ----------------------------------------------------------------------------------------------------
@@ -375,8 +408,9 @@ class Trainer:
                 dt = time.perf_counter() - t_step
                 step_time_window += dt
                 step_time_total += dt
+                self.train_time_s += dt
                 self.step += 1
-                n_tok = inputs.numel()
+                n_tok = targets.numel()  # tokens for an LM (targets = inputs shifted), images for a classifier
                 self.tokens_seen += n_tok
                 tokens_window += n_tok
                 if ok:
@@ -384,7 +418,12 @@ class Trainer:
                 else:
                     self.skipped_steps += 1
                     self.consecutive_skips += 1
-                record = {"step": self.step, **record, "skipped_steps": self.skipped_steps}
+                record = {
+                    "step": self.step,
+                    **record,
+                    "skipped_steps": self.skipped_steps,
+                    "time_s": round(self.train_time_s, 4),
+                }
                 rolled = False
                 if not ok:
                     loss_v, norm_v = record["loss"], record["grad_norm"]
@@ -405,12 +444,14 @@ class Trainer:
                         )
                 if rolled:
                     continue
-                evaluate = self.val_tokens is not None and (
+                evaluate = self.val_data is not None and (
                     (c.eval_every > 0 and self.step % c.eval_every == 0) or self.step == c.max_steps
                 )
                 if evaluate:
                     self.last_val_loss = self.evaluate()
                     record["val_loss"] = self.last_val_loss
+                    if self.last_val_accuracy is not None:
+                        record["val_accuracy"] = self.last_val_accuracy
                 if self.step % c.log_every == 0 or evaluate or not ok or self.step == c.max_steps:
                     record["tokens_per_s"] = tokens_window / max(1e-9, step_time_window)
                     step_time_window, tokens_window = 0.0, 0
@@ -438,6 +479,8 @@ class Trainer:
             rollbacks=self.rollbacks,
             elapsed_s=elapsed,
             tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, step_time_total),
+            train_time_s=self.train_time_s,
+            final_val_accuracy=self.last_val_accuracy,
         )
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
