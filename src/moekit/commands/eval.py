@@ -1,5 +1,5 @@
-"""``moekit eval RUN_DIR``: validation loss and perplexity of a run's newest checkpoint that passes its
-checksum.
+"""``moekit eval RUN_DIR``: validation loss and perplexity (test accuracy for an image classifier) of a run's
+newest checkpoint that passes its checksum.
 
 A checkpoint that fails is reported by file name and the previous one is used; if none passes, the command
 fails.
@@ -29,8 +29,28 @@ def run(args: argparse.Namespace) -> int:
     def report(msg: str) -> None:
         print(f"moekit eval: warning: {msg}", file=sys.stderr)
 
-    run = load_trained_run(args.run_dir, fallback=True, warn=report)
+    run = load_trained_run(args.run_dir, fallback=True, warn=report, allow_vit=True)
     train_cfg = dataclasses.replace(run.config.train, eval_batches=args.batches, progress="off")
+    if run.config.is_vit:
+        from moekit.data.images import ImageBatches
+        from moekit.training.run import ImageEvalData
+
+        splits = run.data
+        batches = ImageBatches(splits.train_images, splits.train_labels, 1, 0)
+        trainer = Trainer(
+            train_cfg,
+            run.model,
+            batches,
+            ImageEvalData(splits.test_images, splits.test_labels),
+            args.run_dir,
+            log=report,
+        )
+        loss = trainer.evaluate()
+        print(
+            f"checkpoint {run.checkpoint.name} (step {run.step}): test accuracy {trainer.last_val_accuracy:.4f}, "
+            f"loss {loss:.4f} nats/image"
+        )
+        return 0
     batches = TokenBatches(run.data.train_tokens, 1, run.config.data.seq_len, 0)
     trainer = Trainer(train_cfg, run.model, batches, run.data.val_tokens, args.run_dir, log=report)
     loss = trainer.evaluate()

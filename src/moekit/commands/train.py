@@ -11,10 +11,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a language model (default: switch-tiny on the built-in corpus)")
-    p.add_argument(
-        "--config", default=None, help="TOML config file, or a name from configs/ (default: switch-tiny)"
-    )
+    p = sub.add_parser("train", help="train a language model or ViT (default: switch-tiny LM on the built-in corpus)")
+    p.add_argument("--config", default=None, help="TOML config file, or a name from configs/ (default: switch-tiny)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -77,8 +75,14 @@ def run(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
         return 0
-    val, uni = summary["final_val_loss"], summary["unigram_val_loss"]
-    if val is not None:
+    val, uni = summary["final_val_loss"], summary.get("unigram_val_loss")
+    if val is not None and summary.get("arch") == "vit":
+        print(
+            f"test accuracy {summary['final_val_accuracy']:.4f} (loss {val:.3f} nats/image); majority-class "
+            f"baseline {summary['majority_val_accuracy']:.4f}; {summary['steps']} steps, "
+            f"{summary['tokens_per_s']:.0f} images/s, {summary['wall_seconds_this_session']:.0f}s"
+        )
+    elif val is not None:
         print(
             f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
             f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "

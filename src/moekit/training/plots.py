@@ -21,7 +21,8 @@ def _float(v: object) -> float:
 
 
 def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list[Path]:
-    """Write ``plots/loss.png`` and (for MoE runs) ``plots/expert_load.png``; returns the files written."""
+    """Write ``plots/loss.png``, (for classifiers) ``plots/accuracy.png`` and (for MoE runs)
+    ``plots/expert_load.png``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,6 +36,7 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
 
     train = [(r["step"], _float(r["loss"])) for r in records if "loss" in r]
     val = [(r["step"], _float(r["val_loss"])) for r in records if "val_loss" in r]
+    acc = [(r["step"], _float(r["val_accuracy"])) for r in records if "val_accuracy" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss (total)", lw=1)
@@ -43,7 +45,7 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     if unigram_baseline is not None:
         ax.axhline(unigram_baseline, color="grey", ls="--", label=f"unigram baseline {unigram_baseline:.2f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
+    ax.set_ylabel("nats / image" if acc else "nats / token")
     ax.set_title(run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -52,6 +54,19 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+
+    if acc:  # an image classifier
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*acc, strict=True), "o-", lw=2, label="test accuracy")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(run_dir.name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "accuracy.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
 
     loads = [
         (r["step"], r["tokens_per_expert"], r.get("drop_fraction_per_layer"))
@@ -71,9 +86,7 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
                 drop = _float(drops[layer]) if drops else 0.0
                 totals.append(sum(c) / (1.0 - drop) if drop < 1.0 else max(1, sum(c)))
             num_experts = len(counts[0])
-            fractions = [
-                [c[e] / max(1e-9, t) for c, t in zip(counts, totals, strict=True)] for e in range(num_experts)
-            ]
+            fractions = [[c[e] / max(1e-9, t) for c, t in zip(counts, totals, strict=True)] for e in range(num_experts)]
             ax.stackplot(steps, fractions, labels=[f"expert {e}" for e in range(num_experts)])
             ax.set_ylim(0, 1)
             ax.set_ylabel(f"MoE layer {layer}\nshare")

@@ -129,10 +129,23 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise MoekitError(f"{cfg_path}: not valid TOML: {exc}") from None
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerLM]:
-    """The config, data and (freshly initialised) model of an existing run directory."""
+def load_run(run_dir: str | Path, *, allow_vit: bool = False) -> tuple[RunConfig, Any, torch.nn.Module]:
+    """The config, data and (freshly initialised) model of an existing run directory: ``PreparedData`` and a
+    :class:`TransformerLM` for a language-model run; with ``allow_vit``, ``ImageSplits`` and a ``ViT`` for an
+    image-classifier run (refused otherwise: the caller works on language models only)."""
     run_dir = Path(run_dir)
     run_config = read_run_config(run_dir)
+    if run_config.is_vit:
+        if not allow_vit:
+            raise MoekitError(
+                f"{run_dir} is an image classifier (model.arch = 'vit') run; this command works on language-model "
+                "runs (moekit eval works on both)"
+            )
+        from moekit.models.vit import ViT
+
+        splits = prepare_images(run_config)
+        torch.manual_seed(run_config.train.seed)
+        return run_config, splits, ViT(run_config.vit_config())
     data = prepare_data(run_config, run_dir, lambda msg: None)
     torch.manual_seed(run_config.train.seed)
     model = TransformerLM(run_config.lm_config(data.vocab_size))
@@ -146,20 +159,25 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, PreparedData, TransformerL
 class LoadedRun:
     run_dir: Path
     config: RunConfig
-    data: PreparedData
-    model: TransformerLM
+    data: Any  # PreparedData (language model) or ImageSplits (ViT)
+    model: torch.nn.Module  # TransformerLM or ViT
     checkpoint: Path
     step: int
 
 
 def load_trained_run(
-    run_dir: str | Path, *, fallback: bool = False, warn: Callable[[str], None] | None = None
+    run_dir: str | Path,
+    *,
+    fallback: bool = False,
+    warn: Callable[[str], None] | None = None,
+    allow_vit: bool = False,
 ) -> LoadedRun:
-    """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode)."""
+    """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode); ``allow_vit`` as in
+    :func:`load_run`."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise MoekitError(f"run directory {str(run_dir)!r} does not exist")
-    run_config, data, model = load_run(run_dir)
+    run_config, data, model = load_run(run_dir, allow_vit=allow_vit)
     root = run_dir / "checkpoints"
     found_list = ckpt.list_checkpoints(root)
     if not found_list:
@@ -241,6 +259,101 @@ def _train_run(
         log = lambda msg: None  # noqa: E731
     threads = resolve_threads(run_config.train.threads)
     torch.set_num_threads(threads)
+    if run_config.is_vit:
+        task = _image_task(run_config, log)
+    else:
+        task = _lm_task(run_config, run_dir, log, distributed=distributed, is_main=is_main)
+    if not resume:
+        log(f"run directory: {run_dir}")
+    if is_main:
+        _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+    torch.manual_seed(run_config.train.seed)
+    model = task.build_model()
+    # Threads are chosen once per session (auto: fewer on a busy machine); the saved config keeps the request.
+    trainer = Trainer(
+        dataclasses.replace(run_config.train, threads=threads),
+        model,
+        task.batches,
+        task.val_data,
+        run_dir,
+        extra_state={"config": run_config.resolved()},
+        log=log,
+        parallel=ExpertParallel(model) if distributed else None,
+    )
+    if resume:
+        trainer.resume()
+    if trainer.step == 0:
+        log(
+            f"model: {task.counts['total']:,} parameters, {task.counts['active']:,} active per "
+            f"{task.unit}, {task.train_flops / 1e6:.1f} MFLOP per training {task.unit}; "
+            f"{run_config.train.max_steps} steps of {task.batch_text}, {threads} thread(s)"
+        )
+    result = trainer.fit()
+    if not is_main:
+        return {
+            "run_dir": str(run_dir),
+            "steps": result.step,
+            "final_val_loss": result.final_val_loss,
+            "is_main": False,
+        }
+    baseline = task.baseline()
+    try:
+        plots = [str(p) for p in plot_run(run_dir, baseline.get("unigram_val_loss"))]
+    except Exception as exc:  # a plotting failure must not lose a finished run
+        log(f"plotting failed: {exc}")
+        plots = []
+    summary = {
+        "run_dir": str(run_dir),
+        "arch": run_config.arch,
+        "steps": result.step,
+        "final_val_loss": result.final_val_loss,
+    }
+    if run_config.is_vit:
+        summary["final_val_accuracy"] = result.final_val_accuracy
+    else:
+        summary["final_val_perplexity"] = (
+            float(np.exp(result.final_val_loss)) if result.final_val_loss is not None else None
+        )
+    summary.update(baseline)
+    summary.update(
+        {
+            "skipped_steps": result.skipped_steps,
+            "rollbacks": result.rollbacks,
+            "train_seconds_this_session": result.elapsed_s,
+            "wall_seconds_this_session": time.perf_counter() - t0,
+            "train_time_s": result.train_time_s,
+            # For an image classifier a "token" is one image (the unit the trainer counts).
+            "tokens_per_s": result.tokens_per_s,
+            "parameters_total": task.counts["total"],
+            "parameters_active": task.counts["active"],
+            "train_flops_per_token": task.train_flops_per_token,
+            "plots": plots,
+        }
+    )
+    if run_config.is_vit:
+        summary["train_flops_per_image"] = task.train_flops
+    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+@dataclass
+class _Task:
+    """What differs between a language-model run and an image-classifier run."""
+
+    build_model: Callable[[], torch.nn.Module]
+    batches: Any
+    val_data: Any
+    counts: dict[str, int]
+    train_flops: float  # per training example: a token (LM) or an image (ViT)
+    train_flops_per_token: float
+    unit: str
+    batch_text: str
+    baseline: Callable[[], dict[str, float]]
+
+
+def _lm_task(
+    run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, distributed: bool, is_main: bool
+) -> _Task:
     if distributed:
         # Rank 0 builds the tokenizer and token arrays; the others then read them (no two writers of one file).
         if is_main:
@@ -250,73 +363,97 @@ def _train_run(
             data = prepare_data(run_config, run_dir, log)
     else:
         data = prepare_data(run_config, run_dir, log)
-    if not resume:
-        log(f"run directory: {run_dir}")
-    if is_main:
-        _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     lm_config = run_config.lm_config(data.vocab_size)
-    torch.manual_seed(run_config.train.seed)
-    model = TransformerLM(lm_config)
-    batches = TokenBatches(
-        data.train_tokens, run_config.train.batch_size, run_config.data.seq_len, run_config.train.seed
+    train = run_config.train
+    seq_len = run_config.data.seq_len
+    flops = flops_per_token(lm_config, seq_len)
+
+    def baseline() -> dict[str, float]:
+        max_windows = None if train.eval_batches is None else train.eval_batches * train.batch_size
+        unigram = unigram_cross_entropy(data.train_tokens, data.val_tokens, data.vocab_size, seq_len, max_windows)
+        return {"unigram_val_loss": unigram}
+
+    return _Task(
+        build_model=lambda: TransformerLM(lm_config),
+        batches=TokenBatches(data.train_tokens, train.batch_size, seq_len, train.seed),
+        val_data=data.val_tokens,
+        counts=parameter_counts(lm_config),
+        train_flops=flops["train"],
+        train_flops_per_token=flops["train"],
+        unit="token",
+        batch_text=f"{train.batch_size} x {seq_len} tokens",
+        baseline=baseline,
     )
-    # Threads are chosen once per session (auto: fewer on a busy machine); the saved config keeps the request.
-    trainer = Trainer(
-        dataclasses.replace(run_config.train, threads=threads),
-        model,
-        batches,
-        data.val_tokens,
-        run_dir,
-        extra_state={"config": run_config.resolved()},
-        log=log,
-        parallel=ExpertParallel(model) if distributed else None,
-    )
-    if resume:
-        trainer.resume()
-    counts = parameter_counts(lm_config)
-    flops = flops_per_token(lm_config, run_config.data.seq_len)
-    if trainer.step == 0:
-        log(
-            f"model: {counts['total']:,} parameters, {counts['active']:,} active per token, "
-            f"{flops['train'] / 1e6:.1f} MFLOP per training token; {run_config.train.max_steps} steps of "
-            f"{run_config.train.batch_size} x {run_config.data.seq_len} tokens, {threads} thread(s)"
+
+
+class ImageEvalData:
+    """The fixed test images as the trainer's evaluation data."""
+
+    def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        self.images = images
+        self.labels = labels
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Any:
+        from moekit.data.images import image_eval_batches
+
+        return image_eval_batches(self.images, self.labels, batch_size, max_batches)
+
+
+def prepare_images(run_config: RunConfig) -> Any:
+    """The image set of a ViT run (``ImageSplits``), cut to ``data.train_examples`` / ``data.test_examples``,
+    checked against the model's image size, channels and classes."""
+    from moekit.data.images import load_images
+
+    d = run_config.data
+    splits = load_images(d.dataset)
+    if d.train_examples is not None:
+        splits.train_images = splits.train_images[: d.train_examples]
+        splits.train_labels = splits.train_labels[: d.train_examples]
+    if d.test_examples is not None:
+        splits.test_images = splits.test_images[: d.test_examples]
+        splits.test_labels = splits.test_labels[: d.test_examples]
+    vit = run_config.vit_config()
+    _, channels, height, width = tuple(splits.train_images.shape)
+    if (height, width) != (vit.image_size, vit.image_size) or channels != vit.in_channels:
+        raise MoekitError(
+            f"data.dataset {d.dataset!r} holds {channels}-channel {height}x{width} images but the model expects "
+            f"{vit.in_channels}-channel {vit.image_size}x{vit.image_size}: set model.image_size / model.in_channels"
         )
-    result = trainer.fit()
-    if not is_main:
-        return {
-                "run_dir": str(run_dir), "steps": result.step, "final_val_loss": result.final_val_loss,
-                "is_main": False}
-    unigram = unigram_cross_entropy(
-        data.train_tokens,
-        data.val_tokens,
-        data.vocab_size,
-        run_config.data.seq_len,
-        None
-        if run_config.train.eval_batches is None
-        else run_config.train.eval_batches * run_config.train.batch_size,
+    top = int(max(int(splits.train_labels.max()), int(splits.test_labels.max())))
+    if top >= vit.num_classes:
+        raise MoekitError(
+            f"data.dataset {d.dataset!r} has labels up to {top} but model.num_classes = {vit.num_classes}"
+        )
+    return splits
+
+
+def _image_task(run_config: RunConfig, log: Callable[[str], None]) -> _Task:
+    from moekit.data.images import ImageBatches
+    from moekit.models.vit import ViT, vit_flops_per_image, vit_parameter_counts
+
+    splits = prepare_images(run_config)
+    vit = run_config.vit_config()
+    train = run_config.train
+    log(
+        f"data: {run_config.data.dataset}: {len(splits.train_labels):,} training and {len(splits.test_labels):,} "
+        f"test images"
     )
-    try:
-        plots = [str(p) for p in plot_run(run_dir, unigram)]
-    except Exception as exc:  # a plotting failure must not lose a finished run
-        log(f"plotting failed: {exc}")
-        plots = []
-    summary = {
-        "run_dir": str(run_dir),
-        "steps": result.step,
-        "final_val_loss": result.final_val_loss,
-        "final_val_perplexity": float(np.exp(result.final_val_loss))
-        if result.final_val_loss is not None
-        else None,
-        "unigram_val_loss": unigram,
-        "skipped_steps": result.skipped_steps,
-        "rollbacks": result.rollbacks,
-        "train_seconds_this_session": result.elapsed_s,
-        "wall_seconds_this_session": time.perf_counter() - t0,
-        "tokens_per_s": result.tokens_per_s,
-        "parameters_total": counts["total"],
-        "parameters_active": counts["active"],
-        "train_flops_per_token": flops["train"],
-        "plots": plots,
-    }
-    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
-    return summary
+    flops = vit_flops_per_image(vit)
+
+    def baseline() -> dict[str, float]:
+        # The accuracy of always answering the commonest training class: what a model that ignores the pixels gets.
+        labels = np.asarray(splits.train_labels)
+        common = int(np.bincount(labels, minlength=vit.num_classes).argmax())
+        return {"majority_val_accuracy": float((np.asarray(splits.test_labels) == common).mean())}
+
+    return _Task(
+        build_model=lambda: ViT(vit),
+        batches=ImageBatches(splits.train_images, splits.train_labels, train.batch_size, train.seed),
+        val_data=ImageEvalData(splits.test_images, splits.test_labels),
+        counts=vit_parameter_counts(vit),
+        train_flops=flops["train"],
+        train_flops_per_token=flops["train"] / vit.num_tokens,
+        unit="image",
+        batch_text=f"{train.batch_size} images of {vit.num_tokens} tokens",
+        baseline=baseline,
+    )
