@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "moekit.commands.data",
     "moekit.commands.analyze",
     "moekit.commands.distill",
+    "moekit.commands.compare",
 ]
 
 
