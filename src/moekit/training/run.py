@@ -266,6 +266,7 @@ def _train_run(
     if not resume:
         log(f"run directory: {run_dir}")
     if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     torch.manual_seed(run_config.train.seed)
     model = task.build_model()
@@ -285,7 +286,7 @@ def _train_run(
     if trainer.step == 0:
         log(
             f"model: {task.counts['total']:,} parameters, {task.counts['active']:,} active per "
-            f"{task.unit}, {task.train_flops / 1e6:.1f} MFLOP per training {task.unit}; "
+            f"token, {task.train_flops / 1e6:.1f} MFLOP per training {task.unit}; "
             f"{run_config.train.max_steps} steps of {task.batch_text}, {threads} thread(s)"
         )
     result = trainer.fit()

@@ -62,6 +62,8 @@ def _vit_keys() -> list[str]:
     from moekit.models.vit import ViTConfig
 
     return [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
+
+
 # The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works
 # anywhere.
 _DEFAULT_MODEL = {
@@ -136,8 +138,7 @@ class RunConfig:
         self.model.setdefault("max_seq_len", self.data.seq_len)
         if self.data.seq_len > self.model["max_seq_len"]:
             raise ValueError(
-                f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len "
-                f"({self.model['max_seq_len']})"
+                f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({self.model['max_seq_len']})"
             )
         self.lm_config(self.data.vocab_size)  # runs every LMConfig / MoEConfig check now
         ep = self.parallel.expert_parallel
@@ -191,6 +192,11 @@ class RunConfig:
         values.setdefault("d_ff", self.model.get("d_ff", defaults.d_ff))
         values.setdefault("activation", self.model.get("activation", defaults.activation))
         if values.get("router") == "soft":
+            if not self.is_vit:
+                raise ValueError(
+                    "moe.router = 'soft': Soft MoE mixes every token of a sequence into each slot, so a token would "
+                    "see its future: it is refused in the causal TransformerLM (use it with model.arch = 'vit')"
+                )
             # Soft MoE has its own config: slots instead of top-k and capacity (ALGORITHMS.md section 4).
             values.pop("router")
             for key in values:
@@ -207,9 +213,7 @@ class RunConfig:
             raise ValueError("this run is a ViT (model.arch = 'vit'), not a language model")
         model = dict(self.model)
         model.pop("arch", None)
-        return config_from_dict(
-            LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model"
-        )
+        return config_from_dict(LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model")
 
     def vit_config(self) -> Any:
         """The :class:`~moekit.models.vit.ViTConfig` of a ``model.arch = "vit"`` run."""
@@ -253,16 +257,17 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from parsed TOML tables (strict keys)."""
     for key in tables:
         if key not in SECTIONS:
-            raise ValueError(
-                f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"
-            )
+            raise ValueError(f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
     for key, value in tables.items():
         if not isinstance(value, dict):
             raise ValueError(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
     tables = _none(tables)
     model = dict(tables.get("model", {}))
     moe = dict(tables["moe"]) if tables.get("moe") else None
-    data_cls = ImageDataConfig if model.get("arch") == "vit" else DataConfig
+    arch = model.get("arch", "lm")
+    if arch not in ARCHS:  # checked first: it decides which keys [data] may hold
+        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
+    data_cls = ImageDataConfig if arch == "vit" else DataConfig
     return RunConfig(
         model=model,
         moe=moe,
@@ -310,9 +315,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         if not p.is_file():
             named = find_named_config(str(path))
             if named is None:
-                raise MoekitError(
-                    f"config file {str(path)!r} not found (give a .toml path or a name from configs/)"
-                )
+                raise MoekitError(f"config file {str(path)!r} not found (give a .toml path or a name from configs/)")
             p = named
         try:
             tables = tomllib.loads(p.read_text(encoding="utf-8"))
