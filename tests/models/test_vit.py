@@ -298,3 +298,18 @@ def test_non_causal_routers_are_allowed():
     ):
         out = ViT(_cfg(moe))(torch.randn(2, 1, 8, 8))
         assert torch.isfinite(out.logits_BC).all()
+
+
+@pytest.mark.parametrize("moe", [FFNS["top2_cf1.25_bpr"], FFNS["expert_choice_c1"], FFNS["soft_p2"]])
+def test_bf16_autocast_keeps_the_losses_in_float32(moe, digits):
+    model = ViT(_cfg(moe, d_model=32, d_ff=64, pool="cls"))
+    images = torch.from_numpy(digits.train_images[:8])
+    labels = torch.from_numpy(digits.train_labels[:8])
+    reference = model(images, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, labels)
+    assert out.logits_BC.dtype == torch.bfloat16
+    assert out.loss.dtype == out.ce_loss.dtype == torch.float32
+    assert abs(out.ce_loss.item() - reference.ce_loss.item()) < 0.02  # bf16 has ~3 significant digits
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

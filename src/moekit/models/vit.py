@@ -111,9 +111,17 @@ class ViTConfig:
     z_loss_coef: float = 1e-3
 
     def __post_init__(self) -> None:
-        for name in ("num_classes", "image_size", "in_channels", "patch_size", "d_model", "n_layers", "n_heads"):
+        for name in (
+            "num_classes",
+            "image_size",
+            "in_channels",
+            "patch_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+        ):
             _positive_int(name, getattr(self, name))
-        _positive_int("d_ff", self.d_ff)
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"model.patch_size must divide model.image_size ({self.image_size}), got {self.patch_size}"
