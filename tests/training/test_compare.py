@@ -249,11 +249,20 @@ def test_speedup_arithmetic_golden(tmp_path):
     assert rows["slow"]["step_speedup"] is None and rows["slow"]["diverged_runs"] == "1/2"
     # the mean is over the runs that ended finite; one value has no sample std
     assert rows["slow"]["final_val_loss_mean"] == pytest.approx(3.05) and rows["slow"]["final_val_loss_std"] is None
+
     md = (out / "compare.md").read_text()
     assert "| moe | 2 | 2.850 ± 0.071 [2.800, 2.900] | 62 | 1.60x | 28.0 | 1.96x |" in md
     assert "| slow | 2 | 3.050 | not reached (1/2) | - | - | - |" in md
     csv_rows = {r["config"]: r for r in _csv_rows(out / "compare.csv")}
     assert csv_rows["slow"]["steps_to_baseline"] == "" and csv_rows["moe"]["step_speedup"] == "1.6"
+    # a spike above ln(vocab) = ln(300) = 5.70 (worse than a uniform prediction) counts as diverged even when the
+    # run recovers: a float32 blow-up seldom gives NaN
+    spiky = tmp_path / "spiky.toml"
+    spiky.write_text(moe.read_text().replace("top_k = 1", "top_k = 3"))
+    _fake_run(out / "spiky" / "seed0", spiky, 0, [(50, 5.71, 20.0), (100, 3.0, 40.0)])
+    _fake_run(out / "spiky" / "seed1", spiky, 1, [(50, 5.69, 20.0), (100, 3.0, 40.0)])
+    again = compare([str(dense), str(spiky)], seeds=2, out_dir=out, log=lambda m: None, train=_fail)
+    assert {r["config"]: r["diverged_runs"] for r in again.rows} == {"dense": "0/2", "spiky": "1/2"}
     # without a dense config there is no baseline and no speedup column
     only_moe = compare([str(moe), str(slow)], seeds=2, out_dir=out, log=lambda m: None, train=_fail)
     assert only_moe.baseline is None

@@ -21,8 +21,11 @@ Definitions (also in docs/TRAINING.md):
 - tokens/s: tokens trained / training seconds of the whole run (all sessions).
 - drop fraction: mean of the logged ``drop_fraction`` over a run's records, then over seeds (empty for dense).
 - diverged: a run that raised during training (too many roll-backs, ``nonfinite = "raise"``; recorded in
-  ``failed.json`` so a rerun skips it too), ended with a non-finite or missing validation loss, or rolled back at
-  least once (GLaM-style recovery from a divergence). Skipped (non-finite) steps alone do not count.
+  ``failed.json`` so a rerun skips it too), ended with a non-finite or missing validation loss, rolled back at
+  least once (GLaM-style recovery from a divergence), or (a language model) had an evaluation whose validation
+  loss exceeded ln(data.vocab_size), the loss of a uniform prediction where a freshly initialised model starts: a
+  float32 run that blows up seldom produces NaN (softmax subtracts the max), its loss jumps instead. Skipped
+  (non-finite) steps alone do not count.
 """
 
 from __future__ import annotations
@@ -329,11 +332,18 @@ def _read_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         run["failed"] = False
     final = run.get("final_val_loss")
     run["final_val_loss"] = None if final is None else _float(final)
+    # A language model starts near ln(V), the loss of a uniform prediction (small init): an evaluation above it
+    # is a blow-up. In float32 a blown-up model seldom gives NaN (softmax subtracts the max), its loss jumps.
+    vocab = getattr(cfg.data, "vocab_size", None)
+    finite_losses = [v for v in curve["val_loss"] if math.isfinite(v)]
+    run["max_val_loss"] = max(finite_losses) if finite_losses else None
+    spiked = vocab is not None and run["max_val_loss"] is not None and run["max_val_loss"] > math.log(vocab)
     run["diverged"] = bool(
         run["failed"]
         or run["final_val_loss"] is None
         or not math.isfinite(run["final_val_loss"])
         or int(run.get("rollbacks") or 0) > 0
+        or spiked
     )
     steps_done = curve["final_step"]
     run["tokens_per_s_all"] = (
@@ -503,7 +513,8 @@ def to_markdown(rows: list[dict[str, Any]], baseline: str | None, target: float 
         )
     notes.append(
         "Spread: sample std over seeds (ddof 1) and [min, max]. Training seconds exclude evaluation and "
-        "checkpoints. Diverged: raised, ended non-finite, or rolled back."
+        "checkpoints. Diverged: raised, ended non-finite, rolled back, or "
+        "had a validation loss above ln(vocabulary) (worse than uniform)."
     )
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
