@@ -21,7 +21,16 @@ from moekit.training.run import train_run  # noqa: E402
 from moekit.training.run_config import build_run_config, load_run_config, to_toml  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-VIT_CONFIGS = ["vit-dense", "vit-top1", "vit-top2", "vit-ec", "vit-softmoe"]
+VIT_CONFIGS = [
+    "vit-dense",
+    "vit-top1",
+    "vit-top1-cf125",
+    "vit-top2",
+    "vit-top2-cf125",
+    "vit-ec",
+    "vit-softmoe",
+    "vit-softmoe-2slots",
+]
 # Digits are 8x8: 2x2 patches give the same 16 tokens per image as Fashion-MNIST's 7x7 patches of 28x28.
 DIGITS = ["data.dataset=digits", "model.patch_size=2"]
 

@@ -1,0 +1,139 @@
+"""Soft MoE vs token choice vs expert choice vs dense in a small ViT on Fashion-MNIST, at equal FFN FLOPs per
+image (the Soft MoE paper's comparison, Puigcerver et al. 2023, at toy scale).
+
+Trains every configs/vit-*.toml arm for ``--seeds`` seeds through ``moekit compare`` (resumable: rerun with the
+same ``--out`` to go on), then writes, beside compare's own table and loss plot:
+
+    accuracy.png   test accuracy vs training step and vs training seconds (mean over seeds, min-max band)
+    accuracy.md    one row per arm: accuracy mean / std / min / max, loss, dropped tokens, time, parameters, FLOPs
+
+and copies the small result files into ``--results`` (docs/results/vit by default) for docs/RESULTS.md.
+
+    python benchmarks/vit_fashion_mnist.py --seeds 3 --set train.threads=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = [
+    "vit-dense",
+    "vit-top1",
+    "vit-top1-cf125",
+    "vit-top2",
+    "vit-top2-cf125",
+    "vit-ec",
+    "vit-softmoe",
+    "vit-softmoe-2slots",
+]
+LABELS = {
+    "vit-dense": "dense",
+    "vit-top1": "top-1, CF 1.0, BPR",
+    "vit-top1-cf125": "top-1, CF 1.25, BPR",
+    "vit-top2": "top-2, CF 1.0, BPR",
+    "vit-top2-cf125": "top-2, CF 1.25, BPR",
+    "vit-ec": "expert choice, c = 1",
+    "vit-softmoe": "Soft MoE, 16 x 1 slot",
+    "vit-softmoe-2slots": "Soft MoE, 8 x 2 slots",
+}
+
+
+def _curves(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, min, max) of ``val_accuracy`` over the seeds against ``key`` ("step" or "time_s"): the runs
+    evaluate at the same steps, so points are aligned by index; time is averaged across seeds."""
+    n = min(len(r["curve"]["val_accuracy"]) for r in runs)
+    acc = np.array([r["curve"]["val_accuracy"][:n] for r in runs])
+    x = np.array([r["curve"][key][:n] for r in runs]).mean(axis=0)
+    return x, acc.mean(axis=0), acc.min(axis=0), acc.max(axis=0)
+
+
+def plot_accuracy(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, runs in result["runs"].items():
+        runs = [r for r in runs if r["curve"]["val_accuracy"]]
+        if not runs:
+            continue
+        style = "-" if "soft" in name else ("--" if name == "vit-dense" else ":")
+        for ax, key in zip(axes, ("step", "time_s"), strict=True):
+            x, mean, lo, hi = _curves(runs, key)
+            (line,) = ax.plot(x, mean, style, marker="o", ms=3, label=LABELS.get(name, name))
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
+    axes[0].set_xlabel("training step (batch 128)")
+    axes[1].set_xlabel("training seconds (1 CPU thread; evaluation excluded)")
+    axes[0].set_ylabel("Fashion-MNIST test accuracy")
+    lows = [min(r["curve"]["val_accuracy"][-1] for r in runs) for runs in result["runs"].values()]
+    axes[0].set_ylim(max(0.0, min(lows) - 0.08), None)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("ViT on Fashion-MNIST at equal FFN FLOPs per image (mean of seeds, band: min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_table(result: dict) -> str:
+    head = (
+        "| arm | test accuracy mean | std | min | max | test loss | dropped tokens | train s | "
+        "parameters (total / active per token) | train GFLOP per image |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    rows = {r["config"]: r for r in result["rows"]}
+    for name, runs in result["runs"].items():
+        acc = np.array([r["final_val_accuracy"] for r in runs if r.get("final_val_accuracy") is not None])
+        loss = np.array([r["final_val_loss"] for r in runs if r.get("final_val_loss") is not None])
+        drops = [r["curve"]["drop_fraction"] for r in runs if r["curve"]["drop_fraction"] is not None]
+        secs = np.mean([r["curve"]["final_time_s"] for r in runs])
+        first = runs[0]
+        row = rows.get(name, {})
+        drop_text = f"{100 * np.mean(drops):.1f}%" if drops else "0 (none dropped)"
+        lines.append(
+            f"| {LABELS.get(name, name)} | {acc.mean():.4f} | {acc.std(ddof=1) if len(acc) > 1 else 0:.4f} | "
+            f"{acc.min():.4f} | {acc.max():.4f} | {loss.mean():.4f} | {drop_text} | {secs:.0f} | "
+            f"{first['parameters_total']:,} / {first['parameters_active']:,} | "
+            f"{first.get('train_flops_per_image', 0) / 1e9:.4f} |"
+        )
+        del row
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/vit-fashion-mnist", help="compare's output directory (resumable)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--arms", nargs="*", default=ARMS, help="config names from configs/")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "vit"))
+    args = parser.parse_args(argv)
+
+    from moekit.training.compare import compare
+
+    sources = [str(ROOT / "configs" / f"{name}.toml") for name in args.arms]
+    res = compare(sources, seeds=args.seeds, overrides=args.overrides, out_dir=args.out, baseline="vit-dense")
+    out = Path(args.out)
+    result = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    plot_accuracy(result, out / "accuracy.png")
+    (out / "accuracy.md").write_text(accuracy_table(result), encoding="utf-8")
+    dest = Path(args.results)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("accuracy.png", "accuracy.md", "compare.md", "compare.csv", "val_loss.png"):
+        shutil.copyfile(out / name, dest / name)
+    print((out / "accuracy.md").read_text(encoding="utf-8"))
+    print(f"trained {len(res.trained)} runs, skipped {len(res.skipped)}; results in {dest}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
