@@ -6,6 +6,9 @@ same ``--out`` to go on), then writes, beside compare's own table and loss plot:
 
     accuracy.png   test accuracy vs training step and vs training seconds (mean over seeds, min-max band)
     accuracy.md    one row per arm: accuracy mean / std / min / max, loss, dropped tokens, time, parameters, FLOPs
+    step_time.md   (``--time-rounds R``) each arm's training-step time measured side by side in this process:
+                   interleaved rounds, medians and the ratio to dense (the runs' own clocks are only as quiet as the
+                   machine was while they ran)
 
 and copies the small result files into ``--results`` (docs/results/vit by default) for docs/RESULTS.md.
 
@@ -109,6 +112,54 @@ def accuracy_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def time_arms(arms: list[str], overrides: list[str], rounds: int, steps: int = 10) -> str:
+    """Median seconds per training step (forward, backward, AdamW) of every arm, on one fixed batch of the
+    configured size, the arms interleaved round by round so a busy spell hits them all alike."""
+    import time
+
+    import torch
+
+    from moekit.models.vit import ViT
+    from moekit.training.run_config import load_run_config
+
+    models, opts, batches = {}, {}, {}
+    for name in arms:
+        cfg = load_run_config(str(ROOT / "configs" / f"{name}.toml"), overrides)
+        vit = cfg.vit_config()
+        torch.manual_seed(0)
+        models[name] = ViT(vit)
+        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        shape = (cfg.train.batch_size, vit.in_channels, vit.image_size, vit.image_size)
+        batches[name] = (torch.randn(shape, generator=g), torch.randint(0, vit.num_classes, (shape[0],), generator=g))
+
+    def step(name: str) -> None:
+        out = models[name](*batches[name])
+        out.loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+
+    for name in arms:  # warm-up
+        for _ in range(3):
+            step(name)
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(rounds):
+        for name in arms:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(name)
+            times[name].append((time.perf_counter() - t0) / steps)
+    dense = float(np.median(times[arms[0]]))
+    lines = [
+        f"| arm | ms per step (median of {rounds} rounds x {steps} steps) | / {LABELS.get(arms[0], arms[0])} |",
+        "|---|---|---|",
+    ]
+    for name in arms:
+        med = float(np.median(times[name]))
+        lines.append(f"| {LABELS.get(name, name)} | {1e3 * med:.1f} | {med / dense:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/vit-fashion-mnist", help="compare's output directory (resumable)")
@@ -116,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--arms", nargs="*", default=ARMS, help="config names from configs/")
     parser.add_argument("--results", default=str(ROOT / "docs" / "results" / "vit"))
+    parser.add_argument(
+        "--time-rounds", type=int, default=0, help="also time every arm's training step side by side (R rounds)"
+    )
     args = parser.parse_args(argv)
 
     from moekit.training.compare import compare
@@ -128,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accuracy.md").write_text(accuracy_table(result), encoding="utf-8")
     dest = Path(args.results)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("accuracy.png", "accuracy.md", "compare.md", "compare.csv", "val_loss.png"):
+    names = ["accuracy.png", "accuracy.md", "compare.md", "compare.csv", "val_loss.png"]
+    if args.time_rounds > 0:
+        import torch
+
+        torch.set_num_threads(1)  # as the runs (train.threads = 1)
+        (out / "step_time.md").write_text(time_arms(args.arms, args.overrides, args.time_rounds), encoding="utf-8")
+        names.append("step_time.md")
+        print((out / "step_time.md").read_text(encoding="utf-8"))
+    for name in names:
         shutil.copyfile(out / name, dest / name)
     print((out / "accuracy.md").read_text(encoding="utf-8"))
     print(f"trained {len(res.trained)} runs, skipped {len(res.skipped)}; results in {dest}", file=sys.stderr)

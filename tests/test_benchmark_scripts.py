@@ -58,3 +58,29 @@ def test_expert_parallel_benchmark_smoke(tmp_path, monkeypatch):
     assert [r.split("|")[2].strip() for r in rows] == ["1 x 1", "1 x 2", "2 x 1"]
     share = float(rows[2].split("|")[5].strip().rstrip("%"))
     assert 0.0 < share < 100.0
+
+
+def test_vit_benchmark_smoke_on_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("vit_fashion_mnist", ROOT / "benchmarks" / "vit_fashion_mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--seeds", "2", "--arms", "vit-dense", "vit-softmoe", "--out", str(tmp_path / "out"),
+            "--results", str(tmp_path / "res"), "--time-rounds", "1"]
+    for item in ["data.dataset=digits", "model.patch_size=2", "train.max_steps=4", "train.batch_size=16",
+                 "train.eval_every=2", "train.warmup_steps=1", "train.progress=off", "train.threads=1"]:
+        args += ["--set", item]
+    assert mod.main(args) == 0
+    table = (tmp_path / "res" / "accuracy.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["dense", "Soft MoE, 16 x 1 slot"]
+    # the accuracy columns are the mean / min / max of the two seeds' summaries
+    accs = [json.loads((tmp_path / "out" / "vit-softmoe" / f"seed{s}" / "summary.json").read_text())[
+        "final_val_accuracy"] for s in (0, 1)]
+    cells = table[3].split("|")
+    assert float(cells[2]) == pytest.approx(sum(accs) / 2, abs=6e-5)
+    assert float(cells[4]) == pytest.approx(min(accs), abs=6e-5)
+    assert float(cells[5]) == pytest.approx(max(accs), abs=6e-5)
+    assert cells[7].strip() == "0 (none dropped)" or cells[7].strip() == "0.0%"
+    assert (tmp_path / "res" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timing = (tmp_path / "res" / "step_time.md").read_text().splitlines()
+    assert timing[2].split("|")[3].strip() == "1.00"  # dense / dense
