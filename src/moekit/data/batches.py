@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moekit.errors import MoekitError
 
-__all__ = ["TokenBatches", "TokenEvalData", "eval_windows", "unigram_cross_entropy"]
+__all__ = ["ShuffledOrder", "TokenBatches", "TokenEvalData", "eval_windows", "unigram_cross_entropy"]
 
 
 def _windows(tokens: np.ndarray, seq_len: int) -> int:
@@ -30,39 +30,34 @@ def _window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple
     return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
 
-class TokenBatches:
-    """Endless shuffled batches ``(inputs_BT, targets_BT)`` (int64) with a resumable position."""
+class ShuffledOrder:
+    """A resumable visiting order over ``num_items`` examples in batches of ``batch_size``: a fresh permutation
+    each epoch, a pure function of ``(seed, epoch)``, with the ragged tail of an epoch dropped (every batch is
+    full). The position is ``{"epoch", "index"}``, all a checkpoint needs. Shared by the token and image batches.
+    """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
-        self.tokens = tokens
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        self.num_items = num_items
         self.batch_size = batch_size
-        self.seq_len = seq_len
         self.seed = seed
-        self.num_windows = _windows(tokens, seq_len)
-        if self.num_windows < batch_size:
-            raise MoekitError(
-                f"the training split has {len(tokens)} tokens: {self.num_windows} windows of {seq_len + 1},"
-                f" fewer than train.batch_size={batch_size}; use more text or a smaller batch_size / seq_len"
-            )
         self.epoch = 0
         self.index = 0
         self._perm: np.ndarray | None = None
 
     def _permutation(self) -> np.ndarray:
         if self._perm is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._perm = rng.permutation(self.num_windows)
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
         return self._perm
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        if self.index + self.batch_size > self.num_windows:  # drop the ragged tail of an epoch
+    def next_indices(self) -> np.ndarray:
+        """The item indices of the next batch."""
+        if self.index + self.batch_size > self.num_items:  # drop the ragged tail of an epoch
             self.epoch += 1
             self.index = 0
             self._perm = None
-        perm = self._permutation()
-        starts = perm[self.index : self.index + self.batch_size].astype(np.int64) * self.seq_len
+        idx = self._permutation()[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return _window_batch(self.tokens, starts, self.seq_len)
+        return idx
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -71,6 +66,25 @@ class TokenBatches:
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
         self._perm = None
+
+
+class TokenBatches(ShuffledOrder):
+    """Endless shuffled batches ``(inputs_BT, targets_BT)`` (int64) of token windows with a resumable position."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.num_windows = _windows(tokens, seq_len)
+        if self.num_windows < batch_size:
+            raise MoekitError(
+                f"the training split has {len(tokens)} tokens: {self.num_windows} windows of {seq_len + 1},"
+                f" fewer than train.batch_size={batch_size}; use more text or a smaller batch_size / seq_len"
+            )
+        super().__init__(self.num_windows, batch_size, seed)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        starts = self.next_indices().astype(np.int64) * self.seq_len
+        return _window_batch(self.tokens, starts, self.seq_len)
 
 
 def eval_windows(

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import suggest
+from moekit.data.batches import ShuffledOrder
 from moekit.errors import MoekitError
 
 __all__ = [
@@ -310,12 +311,13 @@ def _batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> tuple[Ten
     return torch.from_numpy(np.ascontiguousarray(images[idx])), torch.from_numpy(labels[idx].astype(np.int64))
 
 
-class ImageBatches:
+class ImageBatches(ShuffledOrder):
     """Endless shuffled batches ``(images_B..., labels_B)`` (float32 images as stored, int64 labels) with a
     resumable position.
 
     Each epoch visits a fresh permutation drawn from ``np.random.default_rng([seed, epoch])`` and drops its ragged
-    tail (the last ``N % batch_size`` examples of the permutation), so every batch has ``batch_size`` examples.
+    tail (the last ``N % batch_size`` examples of the permutation), so every batch has ``batch_size`` examples
+    (:class:`moekit.data.batches.ShuffledOrder`, as the token batches).
     """
 
     def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor, batch_size: int, seed: int) -> None:
@@ -325,43 +327,20 @@ class ImageBatches:
             raise MoekitError(f"{len(self.images)} images but {len(self.labels)} labels")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise MoekitError(f"train.batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.seed = seed
         self.num_examples = len(self.images)
         if self.num_examples < batch_size:
             raise MoekitError(
                 f"the training split has {self.num_examples} images, fewer than train.batch_size={batch_size};"
                 " use a smaller batch_size"
             )
-        self.epoch = 0
-        self.index = 0
-        self._perm: np.ndarray | None = None
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm is None:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
-        return self._perm
+        super().__init__(self.num_examples, batch_size, seed)
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        if self.index + self.batch_size > self.num_examples:  # drop the ragged tail of an epoch
-            self.epoch += 1
-            self.index = 0
-            self._perm = None
-        idx = self._permutation()[self.index : self.index + self.batch_size]
-        self.index += self.batch_size
-        return _batch(self.images, self.labels, idx)
+        return _batch(self.images, self.labels, self.next_indices())
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
             yield self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.index = int(state["index"])
-        self._perm = None
 
 
 def image_eval_batches(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MoEAux", "router_entropy"]
+__all__ = ["MoEAux", "model_loss", "router_entropy"]
 
 
 @dataclass
@@ -58,3 +58,15 @@ def router_entropy(probs_SE: Tensor) -> Tensor:
     """Mean over tokens of ``-sum_e p log p`` (nats), detached, float32."""
     p = probs_SE.detach().float()
     return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
+
+
+def model_loss(
+    ce: Tensor, aux: list[MoEAux], load_balance_coef: float, z_loss_coef: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A model's training loss from its task loss and its MoE layers' aux: ``(loss, L_B, L_Z)`` with
+    ``loss = ce + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2; the mean over MoE
+    layers follows T5X). Float32; L_B and L_Z are 0 for a model without MoE layers."""
+    zero = torch.zeros((), dtype=torch.float32, device=ce.device)
+    lb = torch.stack([a.load_balancing_loss.float() for a in aux]).mean() if aux else zero
+    z = torch.stack([a.z_loss.float() for a in aux]).mean() if aux else zero
+    return ce + load_balance_coef * lb + z_loss_coef * z, lb, z

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.layers.aux import MoEAux
+from moekit.layers.aux import MoEAux, model_loss
 from moekit.layers.moe import MoE
 from moekit.models.blocks import Block, RMSNorm, dense_ffn
 from moekit.models.config import LMConfig
@@ -112,13 +112,8 @@ class TransformerLM(nn.Module):
             return out
         # Cross-entropy in float32: the logsumexp over V of bf16 logits loses precision.
         ce = F.cross_entropy(logits_BTV.float().reshape(-1, c.vocab_size), targets_BT.reshape(-1))
-        zero = torch.zeros((), dtype=torch.float32, device=ce.device)
-        lb = torch.stack([a.load_balancing_loss.float() for a in aux]).mean() if aux else zero
-        z = torch.stack([a.z_loss.float() for a in aux]).mean() if aux else zero
         out.ce_loss = ce
-        out.load_balancing_loss = lb
-        out.z_loss = z
-        out.loss = ce + c.load_balance_coef * lb + c.z_loss_coef * z
+        out.loss, out.load_balancing_loss, out.z_loss = model_loss(ce, aux, c.load_balance_coef, c.z_loss_coef)
         return out
 
     @property

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.experts.activations import ACTIVATIONS, GATED
-from moekit.layers.aux import MoEAux
+from moekit.layers.aux import MoEAux, model_loss
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
@@ -374,13 +374,8 @@ class ViT(nn.Module):
             raise ValueError(f"labels must be [B={B}], got shape {tuple(labels.shape)}")
         # Cross-entropy in float32: the logsumexp of bf16 logits loses precision.
         ce = F.cross_entropy(logits_BC.float(), labels)
-        zero = torch.zeros((), dtype=torch.float32, device=ce.device)
-        lb = torch.stack([a.load_balancing_loss.float() for a in aux]).mean() if aux else zero
-        z = torch.stack([a.z_loss.float() for a in aux]).mean() if aux else zero
         out.ce_loss = ce
-        out.load_balancing_loss = lb
-        out.z_loss = z
-        out.loss = ce + c.load_balance_coef * lb + c.z_loss_coef * z
+        out.loss, out.load_balancing_loss, out.z_loss = model_loss(ce, aux, c.load_balance_coef, c.z_loss_coef)
         out.correct = (logits_BC.detach().argmax(dim=-1) == labels).sum()
         return out
 
