@@ -66,6 +66,16 @@ def test_ep2_matches_single_process(runs):
     assert sorted(ep_losses) == list(range(1, 11))
     for step in ref_losses:
         assert ep_losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    # The routing metrics are the whole batch's, not rank 0's half: the same counts per expert (summed over the
+    # ranks), drop fractions, entropy and max logit as one process routing every row.
+    keys = ("tokens_per_expert", "drop_fraction_per_layer", "router_entropy", "max_router_logit")
+    ref_m = {r["step"]: r for r in read_metrics(ref / "metrics.jsonl") if "loss" in r}
+    ep_m = {r["step"]: r for r in read_metrics(ep2 / "metrics.jsonl") if "loss" in r}
+    for step, r in ref_m.items():
+        assert ep_m[step]["tokens_per_expert"] == r["tokens_per_expert"], step
+        assert sum(map(sum, r["tokens_per_expert"])) > 0
+        for key in keys[1:]:
+            assert ep_m[step][key] == pytest.approx(r[key], rel=1e-4, abs=1e-6), (step, key)
     # The checkpoint holds every expert, in the single-process layout, equal to the single-process weights.
     w_ref, w_ep = _weights(ref, 10), _weights(ep2, 10)
     assert w_ref.keys() == w_ep.keys()

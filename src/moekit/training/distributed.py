@@ -146,6 +146,12 @@ class ExpertParallel:
         dist.all_reduce(t, group=self.group)
         return t.tolist()
 
+    def max(self, values: list[float]) -> list[float]:
+        """The maximum over ranks of each value."""
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (e.g. a decision that reads the file system)."""
         box = [value]

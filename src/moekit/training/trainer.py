@@ -365,11 +365,23 @@ class Trainer:
         }
         if out.aux:
             metrics = [a.metrics() for a in out.aux]
-            record["drop_fraction"] = float(np.mean([m["drop_fraction"] for m in metrics]))
-            record["drop_fraction_per_layer"] = [m["drop_fraction"] for m in metrics]
-            record["router_entropy"] = float(np.mean([m["router_entropy"] for m in metrics]))
-            record["max_router_logit"] = max(m["max_logit"] for m in metrics)
-            record["tokens_per_expert"] = [m["tokens_per_expert"] for m in metrics]
+            drops = [m["drop_fraction"] for m in metrics]
+            entropies = [m["router_entropy"] for m in metrics]
+            max_logit = max(m["max_logit"] for m in metrics)
+            counts = [m["tokens_per_expert"] for m in metrics]
+            if par is not None:
+                # Each rank routed its own rows: the batch's figures are the sums of the counts (every rank plans
+                # over all E experts), the means of the fractions (equal token counts per rank) and the max logit.
+                n_layers, n_experts = len(counts), len(counts[0])
+                drops, entropies = par.mean(drops), par.mean(entropies)
+                max_logit = par.max([max_logit])[0]
+                flat = par.sum([c for row in counts for c in row])
+                counts = [[int(round(c)) for c in flat[i * n_experts : (i + 1) * n_experts]] for i in range(n_layers)]
+            record["drop_fraction"] = float(np.mean(drops))
+            record["drop_fraction_per_layer"] = drops
+            record["router_entropy"] = float(np.mean(entropies))
+            record["max_router_logit"] = max_logit
+            record["tokens_per_expert"] = counts
         return record, finite
 
     def fit(self) -> TrainResult:
