@@ -158,3 +158,24 @@ def test_missing_image_directory_is_a_clear_error(tmp_path):
     with pytest.raises(MoekitError, match="nowhere"):
         train_run(cfg, tmp_path / "run", log=_silent)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_compare_on_vit_configs_reports_accuracy(tmp_path):
+    """`moekit compare` on image classifiers: the accuracy columns are the seeds' summaries, and the accuracy plot
+    is written beside the loss plot."""
+    import csv
+
+    from moekit.training.compare import compare
+
+    overrides = DIGITS + ["train.max_steps=4", "train.batch_size=16", "train.eval_every=2", "train.warmup_steps=1"]
+    overrides += ["train.progress=off", "train.threads=1"]
+    sources = [str(CONFIGS / "vit-dense.toml"), str(CONFIGS / "vit-softmoe.toml")]
+    res = compare(sources, seeds=2, overrides=overrides, out_dir=tmp_path / "out", log=_silent)
+    assert res.baseline == "vit-dense" and len(res.trained) == 4
+    rows = {r["config"]: r for r in csv.DictReader((tmp_path / "out" / "compare.csv").open())}
+    accs = [json.loads((tmp_path / "out" / "vit-softmoe" / f"seed{s}" / "summary.json").read_text())[
+        "final_val_accuracy"] for s in (0, 1)]
+    assert float(rows["vit-softmoe"]["final_val_accuracy_mean"]) == pytest.approx(sum(accs) / 2)
+    assert float(rows["vit-softmoe"]["drop_fraction"]) == 0.0  # Soft MoE drops nothing
+    png = tmp_path / "out" / "val_accuracy.png"
+    assert png in res.files and png.read_bytes()[:4] == b"\x89PNG"

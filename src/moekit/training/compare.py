@@ -519,14 +519,17 @@ def to_markdown(rows: list[dict[str, Any]], baseline: str | None, target: float 
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def _band(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """x (mean over seeds of ``key`` at each evaluation the seeds share), and the mean, min and max loss."""
-    curves = [r["curve"] for r in runs if r["curve"]["step"]]
+def _band(
+    runs: list[dict[str, Any]], key: str, metric: str = "val_loss"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """x (mean over seeds of ``key`` at each evaluation the seeds share), and the mean, min and max of ``metric``
+    ("val_loss" or "val_accuracy")."""
+    curves = [r["curve"] for r in runs if r["curve"][metric]]
     if not curves:
         return None
-    n = min(len(c["step"]) for c in curves)
+    n = min(len(c[metric]) for c in curves)
     x = np.mean([c[key][:n] for c in curves], axis=0)
-    y = np.array([c["val_loss"][:n] for c in curves], dtype=float)
+    y = np.array([c[metric][:n] for c in curves], dtype=float)
     with np.errstate(all="ignore"):
         y = np.where(np.isfinite(y), y, np.nan)
         if np.isnan(y).all(axis=0).any():
@@ -535,8 +538,12 @@ def _band(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray,
         return x, np.nanmean(y, axis=0), np.nanmin(y, axis=0), np.nanmax(y, axis=0)
 
 
-def plot_compare(arm_runs: dict[str, list[dict[str, Any]]], target: float | None, path: Path) -> Path:
-    """Validation loss vs step and vs training seconds: mean over seeds, min-max band."""
+def plot_compare(
+    arm_runs: dict[str, list[dict[str, Any]]], target: float | None, path: Path, metric: str = "val_loss"
+) -> Path:
+    """Validation loss (or, ``metric = "val_accuracy"``, a classifier's accuracy) vs step and vs training seconds:
+    mean over seeds, min-max band. ``target`` (a loss) is drawn on the loss plot only."""
+    is_loss = metric == "val_loss"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -545,7 +552,7 @@ def plot_compare(arm_runs: dict[str, list[dict[str, Any]]], target: float | None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, runs in arm_runs.items():
         for ax, key in zip(axes, ("step", "time_s"), strict=True):
-            band = _band(runs, key)
+            band = _band(runs, key, metric)
             if band is None:
                 continue
             x, mean, lo, hi = band
@@ -553,25 +560,20 @@ def plot_compare(arm_runs: dict[str, list[dict[str, Any]]], target: float | None
             if len(runs) > 1:
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     for ax, label in zip(axes, ("step", "training seconds (evaluation excluded)"), strict=True):
-        if target is not None:
+        if target is not None and is_loss:
             ax.axhline(target, color="grey", ls="--", lw=1, label=f"baseline final {target:.3f}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation loss (nats / token)")
-    finite = [
-        v
-        for runs in arm_runs.values()
-        for r in runs
-        for v in r["curve"]["val_loss"]
-        if math.isfinite(v)
-    ]
-    if finite:
+    axes[0].set_ylabel("validation loss (nats / token)" if is_loss else "validation accuracy")
+    finite = [v for runs in arm_runs.values() for r in runs for v in r["curve"][metric] if math.isfinite(v)]
+    if finite and is_loss:
         # Zoom on the informative range: the first evaluations of a fresh model are far above the rest.
         lo, hi = min(finite), float(np.percentile(finite, 90))
         axes[0].set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
     axes[0].legend(fontsize=8)
     seeds = max(len(r) for r in arm_runs.values())
-    fig.suptitle(f"validation loss, mean over {seeds} seed(s)" + (", band = min-max" if seeds > 1 else ""))
+    what = "validation loss" if is_loss else "validation accuracy"
+    fig.suptitle(f"{what}, mean over {seeds} seed(s)" + (", band = min-max" if seeds > 1 else ""))
     fig.tight_layout()
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     fig.savefig(tmp, dpi=110, format="png")
@@ -595,7 +597,8 @@ def compare(
     train: Callable[..., dict[str, Any]] | None = None,
 ) -> CompareResult:
     """Train every (config, seed) not yet finished in ``out_dir``, then write ``compare.csv``, ``compare.md``,
-    ``compare.json`` and ``val_loss.png`` there. ``train`` defaults to :func:`moekit.training.run.train_run`."""
+    ``compare.json`` and ``val_loss.png`` there (and ``val_accuracy.png`` for classifiers). ``train`` defaults to
+    :func:`moekit.training.run.train_run`."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if train is None:
         from moekit.training.run import train_run as train
@@ -662,4 +665,6 @@ def compare(
         },
     )
     plot_compare(arm_runs, target, files[3])
+    if any(r["curve"]["val_accuracy"] for runs in arm_runs.values() for r in runs):  # classifiers
+        files.append(plot_compare(arm_runs, None, out / "val_accuracy.png", metric="val_accuracy"))
     return CompareResult(out, rows, baseline, target, trained, skipped, files)
