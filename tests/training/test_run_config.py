@@ -99,3 +99,26 @@ def test_set_parses_toml_values_and_none_means_dropless():
     cfg = load_run_config(None, ["moe.capacity_factor=none"])
     assert cfg.moe_config().capacity_factor is None
     assert 'capacity_factor = "none"' in to_toml(cfg.resolved())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.toml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_validates_and_round_trips(path):
+    cfg = load_run_config(path)
+    again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
+    assert again.resolved() == cfg.resolved()
+
+
+@pytest.mark.parametrize(
+    "dense, moe",
+    [("repro/switch-dense", f"repro/switch-e{e}") for e in (2, 4, 8, 16, 32)]
+    + [("repro/glam-dense", "repro/glam-every2"), ("repro/glam-dense-every4", "repro/glam-every4")],
+)
+def test_reproduction_dense_baselines_are_flop_matched(dense, moe):
+    vocab = 2048
+    d = load_run_config(CONFIGS / f"{dense}.toml").lm_config(vocab)
+    m = load_run_config(CONFIGS / f"{moe}.toml").lm_config(vocab)
+    matched = flop_matched_dense(m)
+    assert parameter_counts(d) == parameter_counts(matched)
+    assert dataclasses.replace(d, z_loss_coef=0.0, load_balance_coef=0.0) == dataclasses.replace(
+        matched, z_loss_coef=0.0, load_balance_coef=0.0
+    )
