@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.experts.activations import ACTIVATIONS, GATED
+from moekit.experts.activations import ACTIVATIONS
 from moekit.layers.aux import MoEAux, model_loss
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
+from moekit.models.config import _non_negative, _positive_int  # the same checks and messages as LMConfig
+from moekit.models.flops import _ffn_params
 from moekit.routing._init import switch_init_
 
 __all__ = [
@@ -45,19 +47,9 @@ __all__ = [
 POOLS = ("mean", "cls")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-
-
 def _positive_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"model.{name} must be a number > 0, got {value!r}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
 
 
 @dataclass
@@ -383,10 +375,6 @@ class ViT(nn.Module):
     def moe_layers(self) -> list[nn.Module]:
         """The MoE / Soft MoE FFNs, in block order."""
         return [b.ffn for b in self.blocks if b.is_moe]
-
-
-def _ffn_params(d_model: int, d_ff: int, activation: str) -> int:
-    return d_model * d_ff * (3 if activation in GATED else 2)
 
 
 def _experts_per_token(config: ViTConfig) -> float:
