@@ -32,6 +32,7 @@ from moekit.data.config import DataConfig, ImageDataConfig
 from moekit.errors import MoekitError
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models.config import LMConfig
+from moekit.models.vit import ViTConfig
 from moekit.training.config import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -55,13 +56,8 @@ SECTIONS = ("model", "moe", "data", "train", "parallel")
 DEFAULT_CONFIG_NAME = "switch-tiny"
 ARCHS = ("lm", "vit")
 _MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")] + ["arch"]
+_VIT_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
 _SOFT_KEYS = [f.name for f in dataclasses.fields(SoftMoEConfig)] + ["router"]
-
-
-def _vit_keys() -> list[str]:
-    from moekit.models.vit import ViTConfig
-
-    return [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
 
 
 # The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works
@@ -158,7 +154,7 @@ class RunConfig:
                 )
 
     def _check_vit(self) -> None:
-        keys = _vit_keys()
+        keys = _VIT_KEYS
         for key in self.model:
             if key not in keys:
                 raise ValueError(
@@ -184,10 +180,7 @@ class RunConfig:
         if self.moe is None:
             return None
         values = dict(self.moe)
-        if self.is_vit:
-            from moekit.models.vit import ViTConfig as defaults
-        else:
-            defaults = LMConfig
+        defaults = ViTConfig if self.is_vit else LMConfig
         values.setdefault("d_model", self.model.get("d_model", defaults.d_model))
         values.setdefault("d_ff", self.model.get("d_ff", defaults.d_ff))
         values.setdefault("activation", self.model.get("activation", defaults.activation))
@@ -215,10 +208,8 @@ class RunConfig:
         model.pop("arch", None)
         return config_from_dict(LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model")
 
-    def vit_config(self) -> Any:
+    def vit_config(self) -> ViTConfig:
         """The :class:`~moekit.models.vit.ViTConfig` of a ``model.arch = "vit"`` run."""
-        from moekit.models.vit import ViTConfig
-
         if not self.is_vit:
             raise ValueError("this run is a language model (model.arch = 'lm'), not a ViT")
         model = dict(self.model)
