@@ -33,11 +33,13 @@ from safetensors.numpy import save_file as np_save_file
 
 from moekit.data.batches import TokenBatches, unigram_cross_entropy
 from moekit.data.corpus import load_corpus
+from moekit.data.images import ImageBatches, ImageSplits, image_eval_batches, load_images
 from moekit.data.split import cut_pieces, split_pieces
 from moekit.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
 from moekit.errors import MoekitError
 from moekit.models import TransformerLM, parameter_counts
 from moekit.models.flops import flops_per_token
+from moekit.models.vit import ViT, vit_flops_per_image, vit_parameter_counts
 from moekit.training import checkpoint as ckpt
 from moekit.training.plots import plot_run
 from moekit.training.run_config import RunConfig, build_run_config, to_toml, tomllib
@@ -141,8 +143,6 @@ def load_run(run_dir: str | Path, *, allow_vit: bool = False) -> tuple[RunConfig
                 f"{run_dir} is an image classifier (model.arch = 'vit') run; this command works on language-model "
                 "runs (moekit eval works on both)"
             )
-        from moekit.models.vit import ViT
-
         splits = prepare_images(run_config)
         torch.manual_seed(run_config.train.seed)
         return run_config, splits, ViT(run_config.vit_config())
@@ -395,16 +395,12 @@ class ImageEvalData:
         self.labels = labels
 
     def batches(self, batch_size: int, max_batches: int | None) -> Any:
-        from moekit.data.images import image_eval_batches
-
         return image_eval_batches(self.images, self.labels, batch_size, max_batches)
 
 
-def prepare_images(run_config: RunConfig) -> Any:
+def prepare_images(run_config: RunConfig) -> ImageSplits:
     """The image set of a ViT run (``ImageSplits``), cut to ``data.train_examples`` / ``data.test_examples``,
     checked against the model's image size, channels and classes."""
-    from moekit.data.images import load_images
-
     d = run_config.data
     splits = load_images(d.dataset)
     if d.train_examples is not None:
@@ -429,9 +425,6 @@ def prepare_images(run_config: RunConfig) -> Any:
 
 
 def _image_task(run_config: RunConfig, log: Callable[[str], None]) -> _Task:
-    from moekit.data.images import ImageBatches
-    from moekit.models.vit import ViT, vit_flops_per_image, vit_parameter_counts
-
     splits = prepare_images(run_config)
     vit = run_config.vit_config()
     train = run_config.train
