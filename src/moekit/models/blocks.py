@@ -1,5 +1,5 @@
-"""Transformer building blocks of the decoder LM: RMSNorm, rotary positions, causal attention, one pre-norm
-block.
+"""Transformer building blocks: RMSNorm, rotary positions, multi-head attention (causal with rotary positions for
+the decoder LM, bidirectional for the ViT), and the pre-norm block both models stack.
 
 Shape legend: B batch, T sequence, D model width, H heads, Hd head width.
 """
@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from moekit.layers.aux import MoEAux
 from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
+from moekit.layers.soft_moe import SoftMoE
 from moekit.routing._init import switch_init_
 
-__all__ = ["RMSNorm", "Rotary", "CausalSelfAttention", "Block"]
+__all__ = ["RMSNorm", "Rotary", "SelfAttention", "CausalSelfAttention", "PreNormBlock", "Block"]
 
 
 class RMSNorm(nn.Module):
@@ -56,18 +57,21 @@ class Rotary(nn.Module):
         return x_BHTHd * cos + rotated * sin
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention through ``F.scaled_dot_product_attention(is_causal=True)``; no biases."""
+class SelfAttention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``; no biases, Switch init. Bidirectional
+    (every token sees every token: the ViT) unless ``causal``; ``rotary`` (a :class:`Rotary`) rotates queries and
+    keys when given."""
 
     def __init__(
-        self, d_model: int, n_heads: int, max_seq_len: int, rope_base: float, init_scale: float
+        self, d_model: int, n_heads: int, init_scale: float, *, causal: bool = False, rotary: Rotary | None = None
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
+        self.causal = causal
         self.w_qkv = nn.Parameter(torch.empty(3 * d_model, d_model))
         self.w_out = nn.Parameter(torch.empty(d_model, d_model))
-        self.rotary = Rotary(self.head_dim, max_seq_len, rope_base)
+        self.rotary = rotary
         switch_init_(self.w_qkv, fan_in=d_model, init_scale=init_scale)
         switch_init_(self.w_out, fan_in=d_model, init_scale=init_scale)
 
@@ -75,20 +79,57 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x_BTD.shape
         qkv = F.linear(x_BTD, self.w_qkv).view(B, T, 3, self.n_heads, self.head_dim)
         q_BHTHd, k_BHTHd, v_BHTHd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q_BHTHd = self.rotary(q_BHTHd)
-        k_BHTHd = self.rotary(k_BHTHd)
-        o_BHTHd = F.scaled_dot_product_attention(q_BHTHd, k_BHTHd, v_BHTHd, is_causal=True)
+        if self.rotary is not None:
+            q_BHTHd = self.rotary(q_BHTHd)
+            k_BHTHd = self.rotary(k_BHTHd)
+        o_BHTHd = F.scaled_dot_product_attention(q_BHTHd, k_BHTHd, v_BHTHd, is_causal=self.causal)
         return F.linear(o_BHTHd.transpose(1, 2).reshape(B, T, D), self.w_out)
 
 
-class Block(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``; the FFN is dense or MoE.
+class CausalSelfAttention(SelfAttention):
+    """The decoder's attention: causal, with rotary positions."""
 
-    ``forward`` returns ``(out, aux)`` where ``aux`` is the MoE layer's :class:`MoEAux` or None for a dense
-    FFN.
-    A token that no expert processes (dropped for capacity) gets FFN output 0 and passes on through the
-    residual.
+    def __init__(self, d_model: int, n_heads: int, max_seq_len: int, rope_base: float, init_scale: float) -> None:
+        rotary = Rotary(d_model // n_heads, max_seq_len, rope_base)
+        super().__init__(d_model, n_heads, init_scale, causal=True, rotary=rotary)
+
+
+class PreNormBlock(nn.Module):
+    """Pre-norm block: ``h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))``; the FFN is dense, MoE or Soft
+    MoE. Subclasses choose the norms and the attention.
+
+    ``forward`` returns ``(out, aux)`` where ``aux`` is the MoE layer's :class:`MoEAux` or None for a dense FFN.
+    A token that no expert processes (dropped for capacity) gets FFN output 0 and passes on through the residual.
     """
+
+    def __init__(self, attn_norm: nn.Module, attn: nn.Module, ffn_norm: nn.Module, ffn: nn.Module, dropout: float):
+        super().__init__()
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.ffn_norm = ffn_norm
+        self.ffn = ffn
+        self.dropout = float(dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, (MoE, SoftMoE))
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEAux | None]:
+        h_BTD = x_BTD + self._drop(self.attn(self.attn_norm(x_BTD)))
+        aux = None
+        if self.is_moe:
+            f_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
+        else:
+            f_BTD = self.ffn(self.ffn_norm(h_BTD))
+        return h_BTD + self._drop(f_BTD), aux
+
+    def _drop(self, x: Tensor) -> Tensor:
+        # Skipped entirely at p = 0 so a dropout-free model draws nothing from the RNG.
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+
+class Block(PreNormBlock):
+    """The decoder LM's block: RMSNorm and causal rotary attention (see :class:`PreNormBlock`)."""
 
     def __init__(
         self,
@@ -102,30 +143,13 @@ class Block(nn.Module):
         dropout: float,
         norm_eps: float,
     ) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(d_model, norm_eps)
-        self.attn = CausalSelfAttention(d_model, n_heads, max_seq_len, rope_base, init_scale)
-        self.ffn_norm = RMSNorm(d_model, norm_eps)
-        self.ffn = ffn
-        self.dropout = float(dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoE)
-
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEAux | None]:
-        a_BTD = self.attn(self.attn_norm(x_BTD))
-        h_BTD = x_BTD + self._drop(a_BTD)
-        aux = None
-        if isinstance(self.ffn, MoE):
-            f_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
-        else:
-            f_BTD = self.ffn(self.ffn_norm(h_BTD))
-        return h_BTD + self._drop(f_BTD), aux
-
-    def _drop(self, x: Tensor) -> Tensor:
-        # Skipped entirely at p = 0 so a dropout-free model draws nothing from the RNG.
-        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        super().__init__(
+            RMSNorm(d_model, norm_eps),
+            CausalSelfAttention(d_model, n_heads, max_seq_len, rope_base, init_scale),
+            RMSNorm(d_model, norm_eps),
+            ffn,
+            dropout,
+        )
 
 
 def dense_ffn(d_model: int, d_ff: int, activation: str, init_scale: float) -> DenseFFN:

@@ -30,6 +30,7 @@ from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
+from moekit.models.blocks import PreNormBlock, SelfAttention
 from moekit.models.config import _non_negative, _positive_int  # the same checks and messages as LMConfig
 from moekit.models.flops import _ffn_params
 from moekit.routing._init import switch_init_
@@ -219,58 +220,21 @@ class ViTOutput:
     correct: Tensor | None = None
 
 
-class SelfAttention(nn.Module):
-    """Multi-head NON-causal attention (every token sees every token of its image) through
-    ``F.scaled_dot_product_attention`` with no mask; no biases, Switch init as the LM's attention."""
+class EncoderBlock(PreNormBlock):
+    """The ViT's block: LayerNorm and bidirectional attention (see :class:`~moekit.models.blocks.PreNormBlock`).
 
-    def __init__(self, d_model: int, n_heads: int, init_scale: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.w_qkv = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.w_out = nn.Parameter(torch.empty(d_model, d_model))
-        switch_init_(self.w_qkv, fan_in=d_model, init_scale=init_scale)
-        switch_init_(self.w_out, fan_in=d_model, init_scale=init_scale)
-
-    def forward(self, x_BND: Tensor) -> Tensor:
-        B, N, D = x_BND.shape
-        qkv = F.linear(x_BND, self.w_qkv).view(B, N, 3, self.n_heads, self.head_dim)
-        q_BHNHd, k_BHNHd, v_BHNHd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        o_BHNHd = F.scaled_dot_product_attention(q_BHNHd, k_BHNHd, v_BHNHd)
-        return F.linear(o_BHNHd.transpose(1, 2).reshape(B, N, D), self.w_out)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``; the FFN is dense, MoE or Soft MoE.
-
-    ``forward`` returns ``(out, aux)``, ``aux`` None for a dense FFN. The MoE FFN gets ``[B, N, D]``: token and
-    expert choice flatten it into one routing group of B * N tokens; Soft MoE takes each image as one group.
+    The MoE FFN gets ``[B, N, D]``: token and expert choice flatten it into one routing group of B * N tokens;
+    Soft MoE takes each image as one group.
     """
 
     def __init__(self, ffn: nn.Module, d_model: int, n_heads: int, *, init_scale: float, dropout: float, eps: float):
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.attn = SelfAttention(d_model, n_heads, init_scale)
-        self.ffn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.ffn = ffn
-        self.dropout = float(dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, (MoE, SoftMoE))
-
-    def forward(self, x_BND: Tensor) -> tuple[Tensor, MoEAux | None]:
-        h_BND = x_BND + self._drop(self.attn(self.attn_norm(x_BND)))
-        aux = None
-        if self.is_moe:
-            f_BND, aux = self.ffn(self.ffn_norm(h_BND))
-        else:
-            f_BND = self.ffn(self.ffn_norm(h_BND))
-        return h_BND + self._drop(f_BND), aux
-
-    def _drop(self, x: Tensor) -> Tensor:
-        # Skipped entirely at p = 0 so a dropout-free model draws nothing from the RNG.
-        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        super().__init__(
+            nn.LayerNorm(d_model, eps=eps),
+            SelfAttention(d_model, n_heads, init_scale),
+            nn.LayerNorm(d_model, eps=eps),
+            ffn,
+            dropout,
+        )
 
 
 def patchify(images_BCHW: Tensor, patch_size: int) -> Tensor:
