@@ -106,13 +106,11 @@ def accuracy_table(result: dict) -> str:
         "parameters (total / active per token) | train GFLOP per image |"
     )
     lines = [head, "|" + "---|" * 9]
-    rows = {r["config"]: r for r in result["rows"]}
     for name, runs in result["runs"].items():
         acc = np.array([r["final_val_accuracy"] for r in runs if r.get("final_val_accuracy") is not None])
         loss = np.array([r["final_val_loss"] for r in runs if r.get("final_val_loss") is not None])
         drops = [r["curve"]["drop_fraction"] for r in runs if r["curve"]["drop_fraction"] is not None]
         first = runs[0]
-        row = rows.get(name, {})
         drop_text = f"{100 * np.mean(drops):.1f}%" if drops else "0 (none dropped)"
         lines.append(
             f"| {LABELS.get(name, name)} | {acc.mean():.4f} | {acc.std(ddof=1) if len(acc) > 1 else 0:.4f} | "
@@ -120,7 +118,6 @@ def accuracy_table(result: dict) -> str:
             f"{first['parameters_total']:,} / {first['parameters_active']:,} | "
             f"{first.get('train_flops_per_image', 0) / 1e9:.4f} |"
         )
-        del row
     return "\n".join(lines) + "\n"
 
 

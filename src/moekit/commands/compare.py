@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moekit.commands import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,14 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seeds", type=int, default=1, help="seeds per config: train.seed + 0 .. N-1 (default 1)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one value in every config (repeatable), e.g. --set train.threads=1",
-    )
+    add_overrides(p, "override one value in every config (repeatable), e.g. --set train.threads=1")
     p.add_argument(
         "--out", default=None, help="output directory (default runs/compare-<time>); reuse it to resume"
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moekit.commands import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from moekit.distill.student import INIT_METHODS
@@ -16,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="student FFN initialisation where the teacher had experts (default: mean)")
     p.add_argument("--dense-baseline", default=None, metavar="RUN_DIR",
                    help="a dense run trained alone on the same data, to compute the share of the gain kept")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="override a training value of the student (repeatable), e.g. --set train.max_steps=200")
+    add_overrides(p, "override a training value of the student (repeatable), e.g. --set train.max_steps=200",
+                  metavar="train.KEY=VALUE")
     p.add_argument("--run-dir", dest="student_dir", default=None,
                    help="where to write the student run (default: runs/distill-<init>-<time>)")
     p.add_argument("--hard-weight", type=float, default=0.75,

@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
     run = load_trained_run(args.run_dir, fallback=True, warn=report, allow_vit=True)
     train_cfg = dataclasses.replace(run.config.train, eval_batches=args.batches, progress="off")
     if run.config.is_vit:
-        from moekit.data.images import ImageBatches
-        from moekit.training.run import ImageEvalData
+        from moekit.data.images import ImageBatches, ImageEvalData
 
         splits = run.data
         batches = ImageBatches(splits.train_images, splits.train_labels, 1, 0)

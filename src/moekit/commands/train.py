@@ -9,18 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from moekit.commands import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a language model or ViT (default: switch-tiny LM on the built-in corpus)")
     p.add_argument("--config", default=None, help="TOML config file, or a name from configs/ (default: switch-tiny)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.max_steps=100",
-    )
+    add_overrides(p, "override one config value (repeatable), e.g. --set train.max_steps=100")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<config>-<time>)")
     p.add_argument(
         "--resume",

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.commands import add_overrides
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a config file strictly, without training")
     p.add_argument("config", help="TOML config file or a name from configs/")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(p, "override one config value before checking (repeatable)")
     p.set_defaults(func=run)
 
 

@@ -30,6 +30,7 @@ from moekit.errors import MoekitError
 __all__ = [
     "ImageSplits",
     "ImageBatches",
+    "ImageEvalData",
     "image_eval_batches",
     "read_idx",
     "load_fashion_mnist",
@@ -354,3 +355,14 @@ def image_eval_batches(
     for i in range(0, n, batch_size):
         idx = np.arange(i, min(i + batch_size, n))
         yield _batch(x, y, idx)
+
+
+class ImageEvalData:
+    """The fixed test images as the trainer's evaluation data (as ``TokenEvalData`` is for token ids)."""
+
+    def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def batches(self, batch_size: int, max_batches: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+        return image_eval_batches(self.images, self.labels, batch_size, max_batches)

@@ -37,36 +37,32 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     train = [(r["step"], _float(r["loss"])) for r in records if "loss" in r]
     val = [(r["step"], _float(r["val_loss"])) for r in records if "val_loss" in r]
     acc = [(r["step"], _float(r["val_accuracy"])) for r in records if "val_accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (total)", lw=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="validation cross-entropy", lw=2)
-    if unigram_baseline is not None:
-        ax.axhline(unigram_baseline, color="grey", ls="--", label=f"unigram baseline {unigram_baseline:.2f}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / image" if acc else "nats / token")
-    ax.set_title(run_dir.name)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    if acc:  # an image classifier
+    def step_plot(name: str, ylabel: str, draw) -> None:  # noqa: ANN001 - draw(ax) adds the lines
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*acc, strict=True), "o-", lw=2, label="test accuracy")
+        draw(ax)
         ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(ylabel)
         ax.set_title(run_dir.name)
+        ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out_dir / "accuracy.png"
+        path = out_dir / name
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+
+    def draw_loss(ax) -> None:  # noqa: ANN001
+        if train:
+            ax.plot(*zip(*train, strict=True), label="train loss (total)", lw=1)
+        if val:
+            ax.plot(*zip(*val, strict=True), "o-", label="validation cross-entropy", lw=2)
+        if unigram_baseline is not None:
+            ax.axhline(unigram_baseline, color="grey", ls="--", label=f"unigram baseline {unigram_baseline:.2f}")
+
+    step_plot("loss.png", "nats / image" if acc else "nats / token", draw_loss)
+    if acc:  # an image classifier
+        step_plot("accuracy.png", "accuracy", lambda ax: ax.plot(*zip(*acc, strict=True), "o-", lw=2,
+                                                                  label="test accuracy"))
 
     loads = [
         (r["step"], r["tokens_per_expert"], r.get("drop_fraction_per_layer"))

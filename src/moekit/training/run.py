@@ -33,7 +33,7 @@ from safetensors.numpy import save_file as np_save_file
 
 from moekit.data.batches import TokenBatches, unigram_cross_entropy
 from moekit.data.corpus import load_corpus
-from moekit.data.images import ImageBatches, ImageSplits, image_eval_batches, load_images
+from moekit.data.images import ImageBatches, ImageEvalData, ImageSplits, load_images
 from moekit.data.split import cut_pieces, split_pieces
 from moekit.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
 from moekit.errors import MoekitError
@@ -385,17 +385,6 @@ def _lm_task(
         batch_text=f"{train.batch_size} x {seq_len} tokens",
         baseline=baseline,
     )
-
-
-class ImageEvalData:
-    """The fixed test images as the trainer's evaluation data."""
-
-    def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
-        self.images = images
-        self.labels = labels
-
-    def batches(self, batch_size: int, max_batches: int | None) -> Any:
-        return image_eval_batches(self.images, self.labels, batch_size, max_batches)
 
 
 def prepare_images(run_config: RunConfig) -> ImageSplits:

@@ -55,6 +55,11 @@ __all__ = [
 SECTIONS = ("model", "moe", "data", "train", "parallel")
 DEFAULT_CONFIG_NAME = "switch-tiny"
 ARCHS = ("lm", "vit")
+
+
+def _check_arch(arch: object) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
 _MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")] + ["arch"]
 _VIT_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
 _SOFT_KEYS = [f.name for f in dataclasses.fields(SoftMoEConfig)] + ["router"]
@@ -116,8 +121,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         arch = self.arch
-        if arch not in ARCHS:
-            raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
+        _check_arch(arch)
         want = ImageDataConfig if arch == "vit" else DataConfig
         if not isinstance(self.data, want):
             raise ValueError(f"model.arch = {arch!r} needs a [data] section of {want.__name__} keys")
@@ -256,8 +260,7 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     model = dict(tables.get("model", {}))
     moe = dict(tables["moe"]) if tables.get("moe") else None
     arch = model.get("arch", "lm")
-    if arch not in ARCHS:  # checked first: it decides which keys [data] may hold
-        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
+    _check_arch(arch)  # checked first: it decides which keys [data] may hold
     data_cls = ImageDataConfig if arch == "vit" else DataConfig
     return RunConfig(
         model=model,

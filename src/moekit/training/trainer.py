@@ -372,11 +372,13 @@ class Trainer:
             if par is not None:
                 # Each rank routed its own rows: the batch's figures are the sums of the counts (every rank plans
                 # over all E experts), the means of the fractions (equal token counts per rank) and the max logit.
-                n_layers, n_experts = len(counts), len(counts[0])
-                drops, entropies = par.mean(drops), par.mean(entropies)
+                # One all-reduce for the sums and one for the max.
+                L, E = len(counts), len(counts[0])
+                summed = par.sum(drops + entropies + [c for row in counts for c in row])
+                drops = [v / par.world for v in summed[:L]]
+                entropies = [v / par.world for v in summed[L : 2 * L]]
+                counts = [[int(round(c)) for c in summed[2 * L + i * E : 2 * L + (i + 1) * E]] for i in range(L)]
                 max_logit = par.max([max_logit])[0]
-                flat = par.sum([c for row in counts for c in row])
-                counts = [[int(round(c)) for c in flat[i * n_experts : (i + 1) * n_experts]] for i in range(n_layers)]
             record["drop_fraction"] = float(np.mean(drops))
             record["drop_fraction_per_layer"] = drops
             record["router_entropy"] = float(np.mean(entropies))
