@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moekit.experts.activations import ACTIVATIONS, GATED, check_activation
 from moekit.ops.grouped_mm import grouped_mm
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 
 __all__ = ["ExpertBank"]
 

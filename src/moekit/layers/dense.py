@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.experts.activations import ACTIVATIONS, GATED, check_activation
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 
 __all__ = ["DenseFFN"]
 

@@ -14,7 +14,7 @@ from moekit.layers.aux import MoEAux
 from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 
 __all__ = ["RMSNorm", "Rotary", "SelfAttention", "CausalSelfAttention", "PreNormBlock", "Block"]
 

@@ -33,7 +33,7 @@ from moekit.layers.soft_moe import SoftMoE
 from moekit.models.blocks import PreNormBlock, SelfAttention
 from moekit.models.config import _non_negative, _positive_int  # the same checks and messages as LMConfig
 from moekit.models.flops import _ffn_params
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 
 __all__ = [
     "ViTConfig",

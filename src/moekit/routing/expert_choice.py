@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 from moekit.routing.decision import ExpertChoiceDecision
 from moekit.routing.topk import _router_logits
 

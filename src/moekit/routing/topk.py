@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.routing._init import switch_init_
+from moekit.init import switch_init_
 from moekit.routing.decision import RoutingDecision
 
 __all__ = ["TopKRouter", "SECOND_EXPERT_POLICIES", "ROUTER_DTYPES"]

@@ -1,4 +1,5 @@
-"""Initialisers shared by routers and experts (Switch Transformer section 2.3)."""
+"""Weight initialisers shared by routers, experts, dense FFNs and attention (Switch Transformer section 2.3): the one
+place moekit initialises weights."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import torch
 from torch import Tensor
+
+__all__ = ["switch_init_"]
 
 
 @torch.no_grad()
