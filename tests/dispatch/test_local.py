@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moekit.dispatch import LocalDispatcher, combine, permute, plan_token_choice, token_choice_capacity
+from moekit.dispatch import (
+    LocalDispatcher,
+    combine,
+    permute,
+    plan_routing,
+    plan_token_choice,
+    token_choice_capacity,
+)
 from moekit.routing import RoutingDecision
 
 
@@ -108,10 +115,10 @@ def test_local_dispatcher_round_trip():
     dec = RoutingDecision(ids, gates, torch.zeros(4, 3), torch.zeros(4, 3))
     x = torch.randn(4, 5)
     d = LocalDispatcher(3)
-    x_A, counts, state = d.dispatch(x, dec, None)
-    assert counts.tolist() == [1, 1, 2]
-    torch.testing.assert_close(x_A, x[[1, 3, 0, 2]])
-    torch.testing.assert_close(d.combine(x_A, state), x)
+    rows = d.dispatch(x, plan_routing(dec, 3))
+    assert rows.tokens_per_expert_E.tolist() == [1, 1, 2]
+    torch.testing.assert_close(rows.x_AD, x[[1, 3, 0, 2]])
+    torch.testing.assert_close(d.combine(rows.x_AD, rows), x)
 
 
 def _naive_plan(ids, E, C, G, valid, priority):

@@ -1,7 +1,9 @@
-"""Expert-parallel MoE layer on 2 and 4 gloo ranks equals the single-process layer: outputs, drops, gradients.
+"""Expert-parallel routed layers on 2 and 4 gloo ranks equal the single-process layer: outputs, drops, gradients,
+for token choice, expert choice and Soft MoE.
 
-Each rank's tokens are one routing group, so the reference is the single-process layer on all ranks' tokens with
-``group_size`` = tokens per rank (the same capacity and drop decisions, ALGORITHMS.md section 1).
+Each rank's tokens form its own routing groups, so the reference is the single-process layer on all ranks' tokens
+with the same groups: ``group_size`` = tokens per rank (or a divisor of it) for the MoE layer, one row of the batch
+per group for Soft MoE (the same capacity, drop and pick decisions, docs/ALGORITHMS.md sections 1, 3 and 4).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moekit import MoE, MoEConfig
+from moekit import MoE, MoEConfig, SoftMoE, SoftMoEConfig
 from moekit.dispatch.all_to_all import local_expert_range
 from moekit.layers.expert_parallel import shard_experts_, unshard_experts_
 from tests.distributed._launch import spawn
@@ -88,6 +90,71 @@ def _check(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_layer_matches_single_process(world):
     spawn(_check, world)
+
+
+def _compare_sharded(rank: int, world: int, ref, ep, x_full: torch.Tensor, split_dim: int) -> None:
+    """Run ``ref`` on all ranks' inputs and the sharded ``ep`` on this rank's share (dimension ``split_dim``);
+    outputs, input gradients, summed router gradients, this rank's expert gradients and the global loads agree."""
+    torch.manual_seed(3)
+    w_full = torch.randn(x_full.shape[:-1] + (D,))  # a fixed random cotangent
+    x_ref = x_full.clone().requires_grad_(True)
+    y_ref, aux_ref = ref(x_ref)
+    ((y_ref * w_full).sum() + aux_ref.z_loss * world).backward()
+    E = ref.num_experts
+    assert shard_experts_(ep) == 1
+    n = x_full.shape[split_dim] // world
+    x = x_full.narrow(split_dim, rank * n, n).clone().requires_grad_(True)
+    y, aux = ep(x)
+    ((y * w_full.narrow(split_dim, rank * n, n)).sum() + aux.z_loss).backward()
+    torch.testing.assert_close(y, y_ref.narrow(split_dim, rank * n, n), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad.narrow(split_dim, rank * n, n), rtol=1e-5, atol=1e-6)
+    for name, p in ep.router.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        torch.testing.assert_close(g, dict(ref.router.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+    first, stop = local_expert_range(E, world, rank)
+    for name, p in ep.experts.named_parameters():
+        assert p.shape[0] == E // world
+        torch.testing.assert_close(p.grad, dict(ref.experts.named_parameters())[name].grad[first:stop],
+                                   rtol=1e-5, atol=1e-6)
+    # Loads over all E experts, summed over the ranks, are the single process's.
+    loads = aux.tokens_per_expert.clone()
+    dist.all_reduce(loads)
+    assert loads.tolist() == aux_ref.tokens_per_expert.tolist()
+    unshard_experts_(ep)
+    for name, p in ep.experts.named_parameters():
+        torch.testing.assert_close(p.data, dict(ref.experts.named_parameters())[name].data)
+
+
+def _check_expert_choice(rank: int, world: int) -> None:
+    for E, cf, act, group_size in [(4, 1.0, "gelu", S_LOCAL), (8, 2.0, "swiglu", S_LOCAL // 2)]:
+        torch.manual_seed(1)
+        ref = MoE(MoEConfig(d_model=D, d_ff=F, num_experts=E, router="expert_choice", capacity_factor=cf,
+                            activation=act, group_size=group_size))
+        with torch.no_grad():  # O(1) router weights: picks overlap, some tokens get several experts and some none
+            ref.router.weight.copy_(torch.randn(E, D))
+        torch.manual_seed(2)
+        x_full = torch.randn(world * S_LOCAL, D)
+        _compare_sharded(rank, world, ref, copy.deepcopy(ref), x_full, split_dim=0)
+
+
+def _check_soft(rank: int, world: int) -> None:
+    for E, P, act in [(4, 1, "gelu"), (8, 2, "swiglu")]:
+        torch.manual_seed(1)
+        ref = SoftMoE(SoftMoEConfig(d_model=D, d_ff=F, num_experts=E, slots_per_expert=P, activation=act))
+        torch.manual_seed(2)
+        x_full = torch.randn(world * 3, 5, D)  # 3 groups (rows) of 5 tokens per rank
+        _compare_sharded(rank, world, ref, copy.deepcopy(ref), x_full, split_dim=0)
+
+
+def _check_expert_choice_and_soft(rank: int, world: int) -> None:
+    _check_expert_choice(rank, world)
+    _check_soft(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_expert_choice_and_soft_moe_match_single_process(world):
+    spawn(_check_expert_choice_and_soft, world)
 
 
 def _bad_split(rank: int, world: int) -> None:

@@ -65,7 +65,7 @@ def test_equals_einsum_reference_outputs_and_grads(activation, num_experts, slot
 def test_dispatch_and_combine_are_convex():
     layer = make_soft()
     y, aux = layer(torch.randn(B, M, D))
-    dispatch, combine = aux.routing
+    dispatch, combine = aux.routing.dispatch_BMEP, aux.routing.combine_BMEP
     assert dispatch.shape == combine.shape == (B, M, E, P)
     # Each slot: weights over the M tokens sum to 1. Each token: weights over all E*P slots sum to 1.
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(B, E, P))
@@ -87,7 +87,7 @@ def test_slots_lie_in_the_tokens_convex_hull():
     # With 1-D tokens, every slot value lies between the smallest and largest token of its group.
     layer = SoftMoE(SoftMoEConfig(d_model=4, d_ff=4, num_experts=2, slots_per_expert=2))
     x = torch.randn(3, 5, 4)
-    dispatch, _, _ = layer.router(x)
+    dispatch = layer.router(x).dispatch_BMEP
     slots = torch.einsum("bmep,bmd->bepd", dispatch, x)
     lo = x.min(dim=1).values[:, None, None, :]
     hi = x.max(dim=1).values[:, None, None, :]
@@ -124,9 +124,9 @@ def test_router_float32_under_bf16_autocast():
     y32, aux32 = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, aux = layer(x)
-    dispatch, combine = aux.routing
+    dispatch, combine = aux.routing.dispatch_BMEP, aux.routing.combine_BMEP
     assert dispatch.dtype == combine.dtype == torch.float32
-    torch.testing.assert_close(dispatch, aux32.routing[0], rtol=0, atol=0)
+    torch.testing.assert_close(dispatch, aux32.routing.dispatch_BMEP, rtol=0, atol=0)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y32, rtol=5e-2, atol=5e-2)
 

@@ -11,7 +11,8 @@ from moekit.routing import SoftRouter
 def test_dispatch_and_combine_are_convex():
     r = SoftRouter(8, 3, slots_per_expert=2)
     x = torch.randn(4, 5, 8)
-    dispatch, combine, logits = r(x)
+    d = r(x)
+    dispatch, combine, logits = d.dispatch_BMEP, d.combine_BMEP, d.logits_BMEP
     assert dispatch.shape == combine.shape == logits.shape == (4, 5, 3, 2)
     # Each slot is a convex mix of the group's tokens; each token a convex mix of all slots.
     torch.testing.assert_close(dispatch.sum(dim=1), torch.ones(4, 3, 2))
@@ -38,7 +39,8 @@ def test_logits_are_scaled_cosine_similarities():
 def test_zero_token_stays_finite():
     r = SoftRouter(4, 2)
     x = torch.zeros(1, 3, 4)
-    dispatch, combine, logits = r(x)
+    d = r(x)
+    dispatch, _combine, logits = d.dispatch_BMEP, d.combine_BMEP, d.logits_BMEP
     assert torch.isfinite(logits).all() and torch.isfinite(dispatch).all()
     torch.testing.assert_close(dispatch, torch.full((1, 3, 2, 1), 1 / 3))  # all logits 0: uniform
 
@@ -47,7 +49,8 @@ def test_float32_under_autocast():
     r = SoftRouter(8, 2)
     x = torch.randn(2, 3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        dispatch, combine, logits = r(x)
+        d = r(x)
+    dispatch, combine, logits = d.dispatch_BMEP, d.combine_BMEP, d.logits_BMEP
     assert logits.dtype == dispatch.dtype == combine.dtype == torch.float32
     torch.testing.assert_close(logits, r.logits(x), rtol=0, atol=0)
 

@@ -1,14 +1,14 @@
 """Expert-parallel dispatch over a torch.distributed process group: each rank holds ``E / ep`` experts.
 
-Same two methods as :class:`~moekit.dispatch.local.LocalDispatcher`, so the MoE layer does not change. Each rank
-plans its own tokens exactly as the local dispatcher would (its call is its routing group, so capacity and drops
-follow ALGORITHMS.md section 1 per rank), then:
+Same two methods as :class:`~moekit.dispatch.plan.LocalDispatcher`, so a layer does not change, and it wraps any
+plan (token choice, expert choice, Soft MoE). Each rank plans its own tokens exactly as one process would (its
+routing groups are its own tokens', so capacity, drops, expert-choice picks and Soft MoE slots are per rank), then:
 
-1. the kept rows, already sorted by global expert, are contiguous per owning rank (rank r owns experts
+1. the plan's rows, in global expert order, are contiguous per owning rank (rank r owns experts
    ``[r * E_local, (r + 1) * E_local)``), so one variable-size ``all_to_all_single`` sends each block to its owner;
 2. the rows arrive grouped by source rank, then local expert; a permutation regroups them by local expert (then
    source rank) so the bank's grouped matmul runs each local expert once;
-3. :meth:`combine` undoes 2 and 1 and applies the gates with the local plan.
+3. :meth:`combine` undoes 2 and 1 and lets the local plan combine the rows (gates, Soft MoE combine weights).
 
 The exchange is an autograd Function whose backward is the reverse exchange, so gradients reach the experts'
 owners and come back to the tokens' owners. Collectives run in the same order on every rank (every layer, forward
@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moekit.dispatch.local import DispatchPlan, combine, permute, plan_decision
-from moekit.routing.decision import RoutingDecision
+from moekit.dispatch.plan import ExpertRows, Plan
 
 __all__ = ["AllToAllDispatcher", "all_to_all_rows", "local_expert_range"]
 
@@ -83,8 +82,7 @@ class _Permute(torch.autograd.Function):
 
 @dataclass
 class _ExpertParallelState:
-    plan: DispatchPlan  # this rank's plan over all E experts (what the layer reports as drops and loads)
-    gates_SK: Tensor
+    plan: Plan  # this rank's plan over all E experts (what the layer reports as drops and loads)
     send_splits: list[int]  # rows sent to each rank
     recv_splits: list[int]  # rows received from each rank
     to_expert_major_B: Tensor  # received order (rank, expert) -> (expert, rank)
@@ -111,13 +109,10 @@ class AllToAllDispatcher:
         self.num_local_experts = stop - first
         self.first_expert = first
 
-    def dispatch(
-        self, x_SD: Tensor, decision: RoutingDecision, capacity: int | None, num_groups: int = 1
-    ) -> tuple[Tensor, Tensor, _ExpertParallelState]:
-        """Returns ``(x_BD, tokens_per_local_expert_L, state)``: the rows for this rank's experts, by expert."""
+    def dispatch(self, x_SD: Tensor, plan: Plan) -> ExpertRows:
+        """The rows for this rank's experts, by local expert, with their counts ``[L]``."""
         R, L = self.world_size, self.num_local_experts
-        plan = plan_decision(decision, self.num_experts, capacity, num_groups)
-        x_AD = permute(x_SD, plan)
+        x_AD = plan.dispatch(x_SD)
         # How many rows each rank sends for each of our experts: one small exchange of the counts.
         send_counts_RL = plan.tokens_per_expert_E.view(R, L)
         recv_counts_RL = torch.empty_like(send_counts_RL)
@@ -140,13 +135,14 @@ class AllToAllDispatcher:
         to_rank_major_B[to_expert_major_B] = torch.arange(B, device=x_SD.device)
         x_BD = _Permute.apply(x_BD, to_expert_major_B, to_rank_major_B)
         tokens_per_local_expert_L = recv_counts_RL.sum(dim=0)
-        state = _ExpertParallelState(
-            plan, decision.gates_SK, send_splits, recv_splits, to_expert_major_B, to_rank_major_B, x_BD
-        )
-        return x_BD, tokens_per_local_expert_L, state
+        per_expert_L = tokens_per_local_expert_L.tolist()
+        uniform = per_expert_L[0] if plan.rows_per_expert is not None and len(set(per_expert_L)) == 1 else None
+        state = _ExpertParallelState(plan, send_splits, recv_splits, to_expert_major_B, to_rank_major_B, x_BD)
+        return ExpertRows(x_BD, tokens_per_local_expert_L, uniform, state)
 
-    def combine(self, y_BD: Tensor, state: _ExpertParallelState) -> Tensor:
-        """Send the expert outputs back to the tokens' ranks and apply the gates there: ``[S, D]``."""
+    def combine(self, y_BD: Tensor, rows: ExpertRows) -> Tensor:
+        """Send the expert outputs back to the tokens' ranks and combine them there with the local plan: ``[S, D]``."""
+        state: _ExpertParallelState = rows.state
         # Every rank must run every reverse exchange in the backward, but autograd skips a node whose output gets
         # no gradient, which happens when a rank received no rows or kept none of its own (an empty tensor's path
         # through the bank or the gate-weighted sum may be cut). A zero-valued tie keeps both exchanges on the
@@ -155,7 +151,7 @@ class AllToAllDispatcher:
             y_BD = y_BD + 0.0 * state.x_BD.sum()
         y_BD = _Permute.apply(y_BD, state.to_rank_major_B, state.to_expert_major_B)
         y_AD = all_to_all_rows(y_BD, state.send_splits, state.recv_splits, self.group)
-        y_SD = combine(y_AD, state.plan, state.gates_SK)
+        y_SD = state.plan.combine(y_AD)
         if y_AD.shape[0] == 0 and y_AD.requires_grad:
             y_SD = y_SD + 0.0 * y_AD.sum()
         return y_SD

@@ -1,16 +1,17 @@
-"""Sort-based token dispatch on one process: permute tokens into expert order, apply capacity, and undo it.
+"""Gather plans: token-choice and expert-choice assignments as rows in expert order, capacity applied, and back.
 
 This is how every fast dropless system moves tokens (MegaBlocks, ScatterMoE, torchtitan): a stable sort of the
 assignments by expert, one gather of the token rows into expert order, and a gate-weighted sum back. Its cost is
-O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (PERFORMANCE.md).
+O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (docs/ALGORITHMS.md,
+performance notes).
 
 Every data movement here is a *gather*, forward and backward: the plan keeps both directions of the mapping
 (``token_idx_A``: row -> token, ``pos_SK``: (token, choice) -> row), so the backward of a gather is another gather
 rather than autograd's default ``index_add`` scatter, which runs several times slower on CPU (ScatterMoE makes the
 same choice on GPU: sort indices, never scatter padded copies).
 
-Capacity and drop rules are ALGORITHMS.md section 1: ``C = max(min_capacity, ceil(CF * k * S / E))`` capped at S
-(per routing group); every first choice claims a slot before any second choice; within a choice rank tokens go in
+Capacity and drop rules are docs/ALGORITHMS.md section 1: ``C = max(min_capacity, ceil(CF * k * S / E))`` capped
+at S (per routing group); every first choice claims a slot before any second choice; within a choice rank tokens go in
 group order (or the router's batch-priority order); positions >= C are dropped and contribute zero; kept gates are
 not renormalised.
 
@@ -20,51 +21,44 @@ A kept assignments (sorted by expert), N = S * K assignments in all.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from moekit.routing.decision import RoutingDecision
+from moekit.routing.decision import ExpertChoiceDecision, TokenChoiceDecision
+from moekit.routing.topk import token_choice_capacity
 
 __all__ = [
     "DispatchPlan",
-    "LocalDispatcher",
     "combine",
     "permute",
     "plan_decision",
+    "plan_expert_choice",
     "plan_token_choice",
     "token_choice_capacity",
 ]
 
 
-def token_choice_capacity(
-    tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
-) -> int | None:
-    """``max(min_capacity, ceil(CF * k * T / E))`` capped at T; ``None`` (dropless) when ``capacity_factor`` is None.
-
-    With CF = 1.0 the slots exactly fit a perfectly balanced group. The cap at T holds because one expert can
-    receive each token of the group at most once.
-    """
-    if capacity_factor is None:
-        return None
-    cap = max(min_capacity, math.ceil(capacity_factor * top_k * tokens_per_group / num_experts))
-    return min(cap, tokens_per_group)
-
-
-@dataclass
+@dataclass(repr=False)
 class DispatchPlan:
-    """Where each kept assignment goes, in expert order.
+    """Where each kept (token, expert) assignment goes, in expert order: the plan of token choice and expert choice.
+
+    Token choice fills it from each token's K choices; expert choice from each expert's picks, with K the largest
+    number of experts any token got (a token's picks are its "choices", in expert order).
 
     Attributes:
         token_idx_A: int64 token index (in [0, S)) of each kept assignment, sorted by expert (then group).
         assign_idx_A: int64 flat index ``s * K + k`` of each kept assignment, to gather its gate.
         tokens_per_expert_E: int64 number of kept assignments per expert (sums to A).
-        num_assignments: number of assignments the router made (valid ones), before capacity.
-        num_dropped: assignments dropped for lack of capacity.
+        num_assignments: token choice: assignments the router made (valid ones), before capacity. Expert choice:
+            the number of tokens S.
+        num_dropped: token choice: assignments dropped for lack of capacity. Expert choice: tokens no expert took.
         capacity: C per expert per group, or None for dropless.
         pos_SK: int64 row (in [0, A)) of each token's k-th choice, or -1 where it was dropped or declined.
+        gates_SK: combine weight of each (token, choice) (only kept entries are read); None for a bare plan.
+        rows_per_expert: the same row count for every expert (expert choice), or None; lets the bank run one
+            batched matmul.
     """
 
     token_idx_A: Tensor
@@ -74,6 +68,26 @@ class DispatchPlan:
     num_dropped: int
     capacity: int | None
     pos_SK: Tensor
+    gates_SK: Tensor | None = None
+    rows_per_expert: int | None = None
+
+    def dispatch(self, x_SD: Tensor) -> Tensor:
+        """The token rows of the kept assignments in expert order: ``[A, D]``."""
+        return permute(x_SD, self)
+
+    def combine(self, y_AD: Tensor) -> Tensor:
+        """Gate-weighted sum of each token's expert outputs: ``[S, D]``."""
+        if self.gates_SK is None:
+            raise ValueError("this plan has no gates: build it with plan_decision / plan_expert_choice")
+        return combine(y_AD, self, self.gates_SK)
+
+    def __repr__(self) -> str:
+        S, K = self.pos_SK.shape
+        return (
+            f"DispatchPlan(tokens={S}, choices={K}, rows={self.token_idx_A.numel()}, experts="
+            f"{self.tokens_per_expert_E.numel()}, capacity={self.capacity}, dropped={self.num_dropped} of "
+            f"{self.num_assignments})"
+        )
 
     @property
     def all_kept(self) -> bool:
@@ -157,44 +171,95 @@ def plan_token_choice(
 
 
 def plan_decision(
-    decision: RoutingDecision, num_experts: int, capacity: int | None, num_groups: int = 1
+    decision: TokenChoiceDecision,
+    num_experts: int,
+    capacity: int | None = None,
+    num_groups: int | None = None,
 ) -> DispatchPlan:
-    """:func:`plan_token_choice` for a router's decision (its declined choices and priority order included)."""
-    return plan_token_choice(
+    """:func:`plan_token_choice` for a router's decision (its declined choices, priority order and gates included).
+
+    ``capacity`` and ``num_groups`` default to the decision's own; pass them to plan the same choices otherwise.
+    """
+    plan = plan_token_choice(
         decision.expert_ids_SK,
         num_experts,
-        capacity,
-        num_groups=num_groups,
+        decision.capacity if capacity is None else capacity,
+        num_groups=decision.num_groups if num_groups is None else num_groups,
         valid_SK=decision.valid_SK,
         priority_S=decision.priority_S,
     )
+    plan.gates_SK = decision.gates_SK
+    return plan
 
 
-def _sum_rows_by_token(rows_AD: Tensor, plan: DispatchPlan) -> Tensor:
+def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
+    """Lay the experts' picks out as rows in expert order (expert, then group, then pick rank) and index, for each
+    token, the rows that took it, so both directions are gathers.
+
+    A token may be taken by 0..E experts; K is the most any token got (one host read of the counts). A token's
+    rows are listed in expert order, so its output sums its experts' contributions in expert order.
+    """
+    G, E, C = decision.token_ids_GEC.shape
+    S = decision.probs_SE.shape[0]
+    T = S // G
+    device = decision.token_ids_GEC.device
+    offsets_G11 = (torch.arange(G, device=device) * T).view(G, 1, 1)
+    token_idx_A = (decision.token_ids_GEC + offsets_G11).permute(1, 0, 2).reshape(-1)
+    gates_A = decision.gates_GEC.permute(1, 0, 2).reshape(-1)
+    A = token_idx_A.numel()
+    counts_S = torch.zeros(S, dtype=torch.int64, device=device).index_add_(0, token_idx_A, torch.ones_like(token_idx_A))
+    # A stable sort by token keeps each token's rows in expert order; a row's rank in its token's run is its slot.
+    sorted_tok_A, order_A = torch.sort(token_idx_A, stable=True)
+    starts_S = torch.cumsum(counts_S, 0) - counts_S
+    slot_A = torch.empty_like(token_idx_A)
+    slot_A[order_A] = torch.arange(A, device=device) - starts_S[sorted_tok_A]
+    K = int(counts_S.max())
+    assign_idx_A = token_idx_A * K + slot_A
+    pos_SK = torch.full((S * K,), -1, dtype=torch.int64, device=device)
+    pos_SK[assign_idx_A] = torch.arange(A, device=device)
+    plan = DispatchPlan(
+        token_idx_A=token_idx_A,
+        assign_idx_A=assign_idx_A,
+        tokens_per_expert_E=torch.full((E,), G * C, dtype=torch.int64, device=device),
+        num_assignments=S,
+        num_dropped=int((counts_S == 0).sum()),
+        capacity=C,
+        pos_SK=pos_SK.view(S, K),
+        rows_per_expert=G * C,
+    )
+    # Gates by (token, choice), moved by the same gathers as the rows (entries with no row are masked in combine).
+    plan.gates_SK = _GatherChoices.apply(gates_A.unsqueeze(-1), plan.pos_SK, plan.assign_idx_A).squeeze(-1)
+    return plan
+
+
+def _sum_rows_by_token(rows_AD: Tensor, pos_SK: Tensor, all_kept: bool) -> Tensor:
     """``out[s] = sum_k rows[pos[s, k]]`` over kept choices, by gathers only: ``[S, D]``."""
-    S, K = plan.pos_SK.shape
+    S, K = pos_SK.shape
     if rows_AD.shape[0] == 0:
         return rows_AD.new_zeros(S, rows_AD.shape[-1])
-    if plan.all_kept and K == 1:
-        return rows_AD.index_select(0, plan.pos_SK.view(-1))
-    g_SKD = rows_AD.index_select(0, plan.pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
-    if plan.all_kept:
+    if all_kept and K == 1:
+        return rows_AD.index_select(0, pos_SK.view(-1))
+    g_SKD = rows_AD.index_select(0, pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
+    if all_kept:
         return g_SKD.sum(dim=1)
-    mask_S1K = plan.kept_mask_SK().to(rows_AD.dtype).unsqueeze(1)
+    mask_S1K = (pos_SK >= 0).to(rows_AD.dtype).unsqueeze(1)
     return torch.bmm(mask_S1K, g_SKD).squeeze(1)  # masked sum over k in one pass
 
 
 class _GatherTokens(torch.autograd.Function):
-    """``x_AD = x_SD[token_idx_A]``; backward gathers the gradient back per token instead of scattering it."""
+    """``x_AD = x_SD[token_idx_A]``; backward gathers the gradient back per token instead of scattering it.
+
+    The context keeps index tensors only (never the plan, which holds gates that are part of the graph)."""
 
     @staticmethod
-    def forward(ctx, x_SD: Tensor, plan: DispatchPlan) -> Tensor:  # type: ignore[override]
-        ctx.plan = plan
-        return x_SD.index_select(0, plan.token_idx_A)
+    def forward(ctx, x_SD: Tensor, token_idx_A: Tensor, pos_SK: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.pos_SK = pos_SK
+        ctx.all_kept = token_idx_A.numel() == pos_SK.numel()
+        return x_SD.index_select(0, token_idx_A)
 
     @staticmethod
-    def backward(ctx, grad_AD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return _sum_rows_by_token(grad_AD.contiguous(), ctx.plan), None
+    def backward(ctx, grad_AD: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return _sum_rows_by_token(grad_AD.contiguous(), ctx.pos_SK, ctx.all_kept), None, None
 
 
 class _GatherChoices(torch.autograd.Function):
@@ -202,25 +267,24 @@ class _GatherChoices(torch.autograd.Function):
     gradient of each row from its one (token, choice) slot."""
 
     @staticmethod
-    def forward(ctx, y_AD: Tensor, plan: DispatchPlan) -> Tensor:  # type: ignore[override]
-        ctx.plan = plan
-        S, K = plan.pos_SK.shape
+    def forward(ctx, y_AD: Tensor, pos_SK: Tensor, assign_idx_A: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.assign_idx_A = assign_idx_A
+        S, K = pos_SK.shape
         if y_AD.shape[0] == 0:
             return y_AD.new_zeros(S, K, y_AD.shape[-1])
-        return y_AD.index_select(0, plan.pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
+        return y_AD.index_select(0, pos_SK.clamp(min=0).view(-1)).view(S, K, -1)
 
     @staticmethod
-    def backward(ctx, grad_SKD: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        plan = ctx.plan
+    def backward(ctx, grad_SKD: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         D = grad_SKD.shape[-1]
-        return grad_SKD.reshape(-1, D).index_select(0, plan.assign_idx_A), None
+        return grad_SKD.reshape(-1, D).index_select(0, ctx.assign_idx_A), None, None
 
 
 def permute(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token rows of the kept assignments into expert order: ``[A, D]``."""
     if not torch.is_grad_enabled() or not x_SD.requires_grad:
         return x_SD.index_select(0, plan.token_idx_A)
-    return _GatherTokens.apply(x_SD, plan)
+    return _GatherTokens.apply(x_SD, plan.token_idx_A, plan.pos_SK)
 
 
 def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int | None = None) -> Tensor:
@@ -231,34 +295,10 @@ def combine(y_AD: Tensor, plan: DispatchPlan, gates_SK: Tensor, num_tokens: int 
     """
     if num_tokens is not None and num_tokens != plan.pos_SK.shape[0]:
         raise ValueError(f"num_tokens={num_tokens} does not match the plan's {plan.pos_SK.shape[0]} tokens")
-    y_SKD = _GatherChoices.apply(y_AD, plan)
+    y_SKD = _GatherChoices.apply(y_AD, plan.pos_SK, plan.assign_idx_A)
     gates_SK = gates_SK.to(y_AD.dtype)
     if not plan.all_kept:
         gates_SK = gates_SK * plan.kept_mask_SK().to(y_AD.dtype)
     if gates_SK.shape[1] == 1:
         return y_SKD.squeeze(1) * gates_SK
     return torch.bmm(gates_SK.unsqueeze(1), y_SKD).squeeze(1)
-
-
-@dataclass
-class _LocalState:
-    plan: DispatchPlan
-    gates_SK: Tensor
-
-
-class LocalDispatcher:
-    """Single-process dispatcher. The expert-parallel dispatcher (``moekit.dispatch.all_to_all``) has the same
-    two methods, so a layer does not care where its experts live."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(
-        self, x_SD: Tensor, decision: RoutingDecision, capacity: int | None, num_groups: int = 1
-    ) -> tuple[Tensor, Tensor, _LocalState]:
-        """Returns ``(x_AD, tokens_per_expert_E, state)``: rows in expert order and the group sizes."""
-        plan = plan_decision(decision, self.num_experts, capacity, num_groups)
-        return permute(x_SD, plan), plan.tokens_per_expert_E, _LocalState(plan, decision.gates_SK)
-
-    def combine(self, y_AD: Tensor, state: _LocalState) -> Tensor:
-        return combine(y_AD, state.plan, state.gates_SK)

@@ -9,12 +9,12 @@ Shape legend: A rows in expert order, D model width, F expert hidden width, E ex
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.experts.activations import ACTIVATIONS, GATED, check_activation
-from moekit.ops.grouped_mm import grouped_mm
+from moekit.experts.activations import GATED, check_activation
+from moekit.experts.ffn import feed_forward
 from moekit.init import switch_init_
+from moekit.ops.grouped_mm import grouped_mm
 
 __all__ = ["ExpertBank"]
 
@@ -64,41 +64,31 @@ class ExpertBank(nn.Module):
             switch_init_(self.w_gate, fan_in=self.d_model, init_scale=self.init_scale)
         switch_init_(self.w_out, fan_in=self.d_ff, init_scale=self.init_scale)
 
-    def forward(self, x_AD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """Run rows ``x_AD`` (sorted by expert, ``tokens_per_expert_E`` rows each) through their experts."""
-        w_in, w_gate, w_out = self.w_in, self.w_gate, self.w_out
-        if x_AD.dtype != w_in.dtype:
-            # Under autocast the grouped op is not covered by the autocast lists: cast explicitly.
-            w_in = w_in.to(x_AD.dtype)
-            w_out = w_out.to(x_AD.dtype)
-            w_gate = w_gate.to(x_AD.dtype) if w_gate is not None else None
+    def forward(self, x_AD: Tensor, tokens_per_expert_E: Tensor, rows_per_expert: int | None = None) -> Tensor:
+        """Run rows ``x_AD`` (sorted by expert, ``tokens_per_expert_E`` rows each) through their experts.
+
+        ``rows_per_expert``, when every expert has that many rows (expert choice, Soft MoE), runs one batched
+        matmul instead of the grouped one.
+        """
+        if rows_per_expert is not None:
+            E = self.w_in.shape[0]
+            return self.forward_slots(x_AD.view(E, rows_per_expert, x_AD.shape[-1])).view(E * rows_per_expert, -1)
         offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        act = ACTIVATIONS[self.activation]
-        h_AF = grouped_mm(x_AD, w_in, tokens_per_expert_E, offsets_E, backend=self.backend)
-        if w_gate is not None:
-            h_AF = act(grouped_mm(x_AD, w_gate, tokens_per_expert_E, offsets_E, backend=self.backend)) * h_AF
-        else:
-            h_AF = act(h_AF)
-        if self.dropout > 0:
-            h_AF = F.dropout(h_AF, self.dropout, self.training)
-        return grouped_mm(h_AF, w_out, tokens_per_expert_E, offsets_E, backend=self.backend)
+
+        def matmul(a: Tensor, w: Tensor) -> Tensor:
+            return grouped_mm(a, w, tokens_per_expert_E, offsets_E, backend=self.backend)
+
+        return self._ffn(x_AD, matmul)
 
     def forward_slots(self, x_END: Tensor) -> Tensor:
-        """Run a fixed number N of rows per expert, ``[E, N, D] -> [E, N, D]`` (Soft MoE slots, expert choice).
+        """Run a fixed number N of rows per expert, ``[E, N, D] -> [E, N, D]``: a plain batched matmul."""
+        return self._ffn(x_END, torch.bmm)
 
-        Equal group sizes make this a plain batched matmul.
-        """
-        w_in, w_gate, w_out = self.w_in, self.w_gate, self.w_out
-        if x_END.dtype != w_in.dtype:
-            w_in = w_in.to(x_END.dtype)
-            w_out = w_out.to(x_END.dtype)
-            w_gate = w_gate.to(x_END.dtype) if w_gate is not None else None
-        act = ACTIVATIONS[self.activation]
-        h_ENF = torch.bmm(x_END, w_in)
-        h_ENF = act(torch.bmm(x_END, w_gate)) * h_ENF if w_gate is not None else act(h_ENF)
-        if self.dropout > 0:
-            h_ENF = F.dropout(h_ENF, self.dropout, self.training)
-        return torch.bmm(h_ENF, w_out)
+    def _ffn(self, x: Tensor, matmul) -> Tensor:
+        return feed_forward(
+            x, self.w_in, self.w_gate, self.w_out, self.activation,
+            dropout=self.dropout, training=self.training, matmul=matmul,
+        )
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}"

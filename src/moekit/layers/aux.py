@@ -1,21 +1,23 @@
-"""What an MoE layer returns beside its output: its auxiliary losses and routing metrics.
+"""What a routed layer returns beside its output: its auxiliary losses and routing metrics.
 
-Layers return this value instead of stashing losses in module globals (DESIGN principle 5), so a model sums the
-losses of its layers explicitly and nothing leaks between forward passes.
+Layers return this value instead of stashing losses in module globals, so a model sums the losses of its layers
+explicitly and nothing leaks between forward passes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from moekit.dispatch.plan import Plan
+from moekit.routing.decision import AnyDecision, entropy_nats
+
 __all__ = ["MoEAux", "model_loss", "router_entropy"]
 
 
-@dataclass
+@dataclass(repr=False)
 class MoEAux:
     """Auxiliary losses (float32 scalars with gradients) and detached metrics of one layer call.
 
@@ -23,14 +25,18 @@ class MoEAux:
         load_balancing_loss: Switch eq. 4 (k choices), mean over routing groups; 0 for expert choice and Soft MoE,
             which are balanced by construction.
         z_loss: ST-MoE router z-loss; 0 for Soft MoE (no router logits over experts).
-        tokens_per_expert: int64 ``[E]``, assignments each expert processed (after capacity).
+        tokens_per_expert: int64 ``[E]``, assignments each expert processed (after capacity), over all E experts
+            of this call (also under expert parallelism).
         drop_fraction: share of routed assignments dropped for lack of capacity (token choice); for expert choice,
             the share of tokens no expert picked; 0 for Soft MoE.
-        router_entropy: mean entropy (nats) of the router distribution per token.
+        router_entropy: mean entropy (nats) of the router distribution per token (Soft MoE: of its combine
+            weights over all slots).
         max_logit: the largest router logit (a precursor of instability in low precision).
-        routing: the router's decision, kept for analysis tools (routing traces).
-        plan: token choice only: the dispatcher's plan of this call (``plan.kept_mask_SK()`` says which choices
-            got a capacity slot), so analysis reads what the layer did instead of re-planning it.
+        routing: the router's decision (:class:`~moekit.routing.TokenChoiceDecision`,
+            :class:`~moekit.routing.ExpertChoiceDecision` or :class:`~moekit.routing.SoftRoutingDecision`), kept for
+            analysis tools (routing traces).
+        plan: the plan the dispatcher ran (for token choice ``plan.kept_mask_SK()`` says which choices got a
+            capacity slot), so analysis reads what the layer did instead of re-planning it.
     """
 
     load_balancing_loss: Tensor
@@ -39,8 +45,22 @@ class MoEAux:
     drop_fraction: Tensor
     router_entropy: Tensor
     max_logit: Tensor
-    routing: Any = None
-    plan: Any = None
+    routing: AnyDecision | None = None
+    plan: Plan | None = None
+
+    @classmethod
+    def from_routing(cls, decision: AnyDecision, plan: Plan) -> MoEAux:
+        """The aux of one call from its decision (losses, router statistics) and its plan (loads, drops)."""
+        return cls(
+            load_balancing_loss=decision.load_balancing_loss(),
+            z_loss=decision.z_loss(),
+            tokens_per_expert=plan.tokens_per_expert_E.detach(),
+            drop_fraction=torch.tensor(plan.drop_fraction, dtype=torch.float32),
+            router_entropy=decision.router_entropy(),
+            max_logit=decision.max_logit(),
+            routing=decision,
+            plan=plan,
+        )
 
     def metrics(self) -> dict[str, float | list[int]]:
         """Plain Python numbers for logging."""
@@ -53,19 +73,26 @@ class MoEAux:
             "max_logit": float(self.max_logit),
         }
 
+    def __repr__(self) -> str:
+        m = self.metrics()
+        return (
+            f"MoEAux(load_balancing_loss={m['load_balancing_loss']:.4g}, z_loss={m['z_loss']:.4g}, "
+            f"tokens_per_expert={m['tokens_per_expert']}, drop_fraction={m['drop_fraction']:.4g}, "
+            f"router_entropy={m['router_entropy']:.4g}, max_logit={m['max_logit']:.4g}, routing={self.routing!r})"
+        )
+
 
 def router_entropy(probs_SE: Tensor) -> Tensor:
     """Mean over tokens of ``-sum_e p log p`` (nats), detached, float32."""
-    p = probs_SE.detach().float()
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
+    return entropy_nats(probs_SE)
 
 
 def model_loss(
     ce: Tensor, aux: list[MoEAux], load_balance_coef: float, z_loss_coef: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A model's training loss from its task loss and its MoE layers' aux: ``(loss, L_B, L_Z)`` with
-    ``loss = ce + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2; the mean over MoE
-    layers follows T5X). Float32; L_B and L_Z are 0 for a model without MoE layers."""
+    ``loss = ce + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (docs/ALGORITHMS.md section 2; the mean over
+    MoE layers follows T5X). Float32; L_B and L_Z are 0 for a model without MoE layers."""
     zero = torch.zeros((), dtype=torch.float32, device=ce.device)
     lb = torch.stack([a.load_balancing_loss.float() for a in aux]).mean() if aux else zero
     z = torch.stack([a.z_loss.float() for a in aux]).mean() if aux else zero

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.experts.activations import ACTIVATIONS, GATED, check_activation
+from moekit.experts.activations import GATED, check_activation
+from moekit.experts.ffn import feed_forward
 from moekit.init import switch_init_
 
 __all__ = ["DenseFFN"]
@@ -15,7 +15,8 @@ __all__ = ["DenseFFN"]
 class DenseFFN(nn.Module):
     """``w_out(dropout(act(x @ w_in)))``, or gated ``act(x @ w_gate) * (x @ w_in)``; weights ``[D, F]`` / ``[F, D]``.
 
-    Takes ``[..., d_model]`` and returns a tensor of the same shape (no aux: nothing is routed).
+    Takes ``[..., d_model]`` and returns ``(y, None)``: the same protocol as the sparse layers (``(y, aux)``), with no
+    aux because nothing is routed, so a model block calls any FFN the same way.
     """
 
     def __init__(
@@ -39,12 +40,10 @@ class DenseFFN(nn.Module):
             switch_init_(self.w_gate, fan_in=self.d_model, init_scale=self.init_scale)
         switch_init_(self.w_out, fan_in=self.d_ff, init_scale=self.init_scale)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input width must equal d_model={self.d_model}, got shape {tuple(x.shape)}")
-        act = ACTIVATIONS[self.activation]
-        h = torch.matmul(x, self.w_in)
-        h = act(torch.matmul(x, self.w_gate)) * h if self.w_gate is not None else act(h)
-        if self.dropout > 0:
-            h = F.dropout(h, self.dropout, self.training)
-        return torch.matmul(h, self.w_out)
+        y = feed_forward(
+            x, self.w_in, self.w_gate, self.w_out, self.activation, dropout=self.dropout, training=self.training
+        )
+        return y, None

@@ -1,4 +1,5 @@
-"""Convert a model's MoE layers to expert parallelism and back: slice each expert bank, swap the dispatcher.
+"""Convert a model's routed layers (MoE with any router, Soft MoE) to expert parallelism and back: slice each
+expert bank, swap the dispatcher.
 
 The conversion keeps the same ``nn.Parameter`` objects and only replaces their ``.data`` (and the matching
 optimizer state), so an optimizer built on the full model keeps working on the sharded one, and checkpoints are
@@ -14,14 +15,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.dispatch.all_to_all import AllToAllDispatcher, local_expert_range
-from moekit.dispatch.local import LocalDispatcher
-from moekit.layers.moe import MoE
+from moekit.dispatch.plan import LocalDispatcher
+from moekit.layers.sparse import SparseFFN
 
 __all__ = ["expert_parameters", "is_expert_parallel", "shard_experts_", "unshard_experts_"]
 
 
-def _moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def _moe_layers(model: nn.Module) -> list[SparseFFN]:
+    return [m for m in model.modules() if isinstance(m, SparseFFN)]
 
 
 def is_expert_parallel(model: nn.Module) -> bool:
@@ -30,11 +31,11 @@ def is_expert_parallel(model: nn.Module) -> bool:
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every token-choice MoE layer's expert bank: the ones expert parallelism shards."""
-    return [p for m in _moe_layers(model) if m.config.router == "topk" for p in m.experts.parameters()]
+    """The parameters of every routed layer's expert bank: the ones expert parallelism shards."""
+    return [p for m in _moe_layers(model) for p in m.experts.parameters()]
 
 
-def _bank_params(layer: MoE) -> list[nn.Parameter]:
+def _bank_params(layer: SparseFFN) -> list[nn.Parameter]:
     return [p for p in (layer.experts.w_in, layer.experts.w_gate, layer.experts.w_out) if p is not None]
 
 
@@ -50,20 +51,18 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | None, p: nn.Parameter,
 
 
 def shard_experts_(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, group=None) -> int:
-    """Keep only this rank's ``E / ep`` experts in every token-choice MoE layer (and their optimizer state) and
-    swap in an :class:`AllToAllDispatcher`. Returns the number of layers converted.
+    """Keep only this rank's ``E / ep`` experts in every routed layer (and their optimizer state) and swap in an
+    :class:`AllToAllDispatcher`. Returns the number of layers converted.
 
-    Raises ValueError when E is not divisible by the group size, or for an expert-choice layer (its experts pick
-    tokens across the whole group, which this dispatcher does not implement).
+    Every router works: each rank routes its own tokens (its routing groups are its own) and the dispatcher moves
+    the plan's rows to the experts' owners. Raises ValueError when E is not divisible by the group size.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     converted = 0
     for layer in _moe_layers(model):
         if isinstance(layer.dispatcher, AllToAllDispatcher):
             continue
-        if layer.config.router != "topk":
-            raise ValueError("expert parallelism supports token-choice (topk) MoE layers only")
-        E = layer.config.num_experts
+        E = layer.num_experts
         first, stop = local_expert_range(E, world, rank)
         for p in _bank_params(layer):
             for k in _optimizer_tensors(optimizer, p, E):
@@ -91,7 +90,7 @@ def unshard_experts_(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     for layer in _moe_layers(model):
         if not isinstance(layer.dispatcher, AllToAllDispatcher):
             continue
-        E = layer.config.num_experts
+        E = layer.num_experts
         L = E // world
         for p in _bank_params(layer):
             for k in _optimizer_tensors(optimizer, p, L):

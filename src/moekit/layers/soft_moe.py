@@ -5,25 +5,27 @@ Shape legend: B groups (one per row of the batch), M tokens per group, D model w
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from moekit.dispatch.plan import LocalDispatcher
 from moekit.experts.bank import ExpertBank
 from moekit.layers.aux import MoEAux
 from moekit.layers.config import SoftMoEConfig
-from moekit.layers.moe import _autocast_dtype
+from moekit.layers.sparse import SparseFFN
 from moekit.routing.soft import SoftRouter
 
 __all__ = ["SoftMoE"]
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(SparseFFN):
     """Soft MoE. Takes ``[..., M, d_model]`` (each row of M tokens is one group; a 2-D input is one group) and
     returns ``(y, aux)``. No token is ever dropped and no example affects another.
 
     Attributes:
         router: :class:`SoftRouter` with ``phi`` ``[D, E, P]`` and ``scale``.
-        experts: :class:`ExpertBank`.
+        experts: :class:`ExpertBank`; it runs the ``E * P`` slots of every group (see
+            :class:`~moekit.dispatch.soft.SoftPlan`).
+        dispatcher: as for :class:`~moekit.layers.moe.MoE`; Soft MoE works under expert parallelism too.
     """
 
     def __init__(self, config: SoftMoEConfig) -> None:
@@ -36,6 +38,8 @@ class SoftMoE(nn.Module):
         self.experts = ExpertBank(
             c.num_experts, c.d_model, c.d_ff, c.activation, init_scale=c.init_scale, dropout=c.expert_dropout
         )
+        self.num_experts = c.num_experts
+        self.dispatcher = LocalDispatcher(c.num_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         D = self.config.d_model
@@ -44,26 +48,5 @@ class SoftMoE(nn.Module):
         M = x.shape[-2]
         if M == 0:
             raise ValueError("SoftMoE got a group with no tokens")
-        x_BMD = x.reshape(-1, M, D)
-        B = x_BMD.shape[0]
-        E, P = self.config.num_experts, self.config.slots_per_expert
-        dispatch_BMEP, combine_BMEP, logits_BMEP = self.router(x_BMD)
-        dtype = _autocast_dtype(x_BMD)
-        x_run = x_BMD.to(dtype)
-        # Slots are mixes of the ORIGINAL tokens (not the normalised ones used for the logits).
-        slots_EBPD = torch.einsum("bmep,bmd->ebpd", dispatch_BMEP.to(dtype), x_run)
-        out_END = self.experts.forward_slots(slots_EBPD.reshape(E, B * P, D))
-        out_EBPD = out_END.view(E, B, P, D)
-        y_BMD = torch.einsum("bmep,ebpd->bmd", combine_BMEP.to(out_EBPD.dtype), out_EBPD)
-        zero = torch.zeros((), dtype=torch.float32, device=x.device)
-        c = combine_BMEP.detach().reshape(B * M, E * P)
-        aux = MoEAux(
-            load_balancing_loss=zero,
-            z_loss=zero,
-            tokens_per_expert=torch.full((E,), B * P, dtype=torch.int64, device=x.device),
-            drop_fraction=zero,
-            router_entropy=-(c * torch.log(c.clamp_min(1e-30))).sum(-1).mean(),
-            max_logit=logits_BMEP.detach().max(),
-            routing=(dispatch_BMEP.detach(), combine_BMEP.detach()),
-        )
-        return y_BMD.view(*x.shape[:-1], D), aux
+        y_SD, aux = self.route(x.reshape(-1, M, D))  # each row of M tokens is one routing group
+        return y_SD.view(*x.shape[:-1], D), aux

@@ -10,18 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux
 from moekit.layers.dense import DenseFFN
-from moekit.layers.moe import MoE
-from moekit.layers.soft_moe import SoftMoE
-from moekit.init import switch_init_
+from moekit.layers.sparse import SparseFFN
 
 __all__ = ["RMSNorm", "Rotary", "SelfAttention", "CausalSelfAttention", "PreNormBlock", "Block"]
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` (Zhang & Sennrich 2019), computed in float32 because the mean of squares of a
-    bf16
+    """``x / rms(x) * weight`` (Zhang & Sennrich 2019), computed in float32 because the mean of squares of a bf16
     tensor loses the small components; the result is cast back to the input dtype."""
 
     def __init__(self, d_model: int, eps: float = 1e-6) -> None:
@@ -36,8 +34,7 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), "rotate half" layout. Tables are buffers that are not
-    saved:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout. Tables are buffers that are not saved:
     they are a pure function of the config."""
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
@@ -98,7 +95,8 @@ class PreNormBlock(nn.Module):
     """Pre-norm block: ``h = x + attn(attn_norm(x)); out = h + ffn(ffn_norm(h))``; the FFN is dense, MoE or Soft
     MoE. Subclasses choose the norms and the attention.
 
-    ``forward`` returns ``(out, aux)`` where ``aux`` is the MoE layer's :class:`MoEAux` or None for a dense FFN.
+    ``forward`` returns ``(out, aux)`` where ``aux`` is the FFN's own aux: a :class:`MoEAux` for a routed layer, None
+    for a dense FFN (every FFN returns ``(y, aux)``, so the block never asks which kind it has).
     A token that no expert processes (dropped for capacity) gets FFN output 0 and passes on through the residual.
     """
 
@@ -112,15 +110,11 @@ class PreNormBlock(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.ffn, (MoE, SoftMoE))
+        return isinstance(self.ffn, SparseFFN)
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEAux | None]:
         h_BTD = x_BTD + self._drop(self.attn(self.attn_norm(x_BTD)))
-        aux = None
-        if self.is_moe:
-            f_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
-        else:
-            f_BTD = self.ffn(self.ffn_norm(h_BTD))
+        f_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
         return h_BTD + self._drop(f_BTD), aux
 
     def _drop(self, x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.experts.activations import ACTIVATIONS
+from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux, model_loss
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.layers.dense import DenseFFN
@@ -33,7 +34,6 @@ from moekit.layers.soft_moe import SoftMoE
 from moekit.models.blocks import PreNormBlock, SelfAttention
 from moekit.models.config import _non_negative, _positive_int  # the same checks and messages as LMConfig
 from moekit.models.flops import _ffn_params
-from moekit.init import switch_init_
 
 __all__ = [
     "ViTConfig",

@@ -1,23 +1,46 @@
-"""The value a router hands to a dispatcher: where each token goes, with what weight.
+"""What a router hands to a dispatcher: where each token goes, with what weight, plus what the aux losses need.
 
-Routers decide and never move data; dispatchers move data and never decide. These small dataclasses are the seam.
+Routers decide and never move data; dispatchers move data and never decide. Every router returns one of the three
+decision types below, and each decision knows its own auxiliary losses and routing metrics, so the layer builds its
+:class:`~moekit.layers.aux.MoEAux` with no per-router branch. ``moekit.dispatch.plan_routing`` turns any decision
+into a plan of rows for the expert bank.
 
-Shape legend: S tokens (all groups of one call, flattened), E experts, K choices per token, C tokens per expert
-(expert choice).
+Shape legend: S tokens of the call (G groups of T tokens, flattened), E experts, K choices per token, C tokens each
+expert takes per group (expert choice), B groups and M tokens per group and P slots per expert (Soft MoE).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-__all__ = ["RoutingDecision", "ExpertChoiceDecision"]
+from moekit.routing.losses import load_balancing_loss, router_z_loss
+
+__all__ = [
+    "AnyDecision",
+    "ExpertChoiceDecision",
+    "RoutingDecision",
+    "SoftRoutingDecision",
+    "TokenChoiceDecision",
+    "entropy_nats",
+]
 
 
-@dataclass
-class RoutingDecision:
-    """Token-choice routing of S tokens.
+def entropy_nats(probs_NX: Tensor) -> Tensor:
+    """Mean over rows of ``-sum p log p`` (nats) along the last dimension, detached, float32."""
+    p = probs_NX.detach().float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(dim=-1).mean()
+
+
+def _zero_like(t: Tensor) -> Tensor:
+    return torch.zeros((), dtype=torch.float32, device=t.device)
+
+
+@dataclass(repr=False)
+class TokenChoiceDecision:
+    """Token-choice routing of S tokens: each token picks its K experts.
 
     Attributes:
         expert_ids_SK: int64, the k experts each token chose (best first).
@@ -28,6 +51,9 @@ class RoutingDecision:
             it takes no capacity slot and contributes nothing. None means every choice is valid.
         priority_S: int64 or None. The order in which tokens claim capacity slots within a choice rank
             (batch-priority routing). None means group order.
+        capacity: slots per expert per routing group, or None for dropless.
+        num_groups: the S tokens form this many equal, consecutive routing groups (capacity and the balance loss
+            are per group).
     """
 
     expert_ids_SK: Tensor
@@ -36,15 +62,44 @@ class RoutingDecision:
     logits_SE: Tensor
     valid_SK: Tensor | None = None
     priority_S: Tensor | None = None
+    capacity: int | None = None
+    num_groups: int = 1
+
+    def load_balancing_loss(self) -> Tensor:
+        """Switch eq. 4 over the k choices, per routing group, averaged."""
+        E = self.probs_SE.shape[-1]
+        return load_balancing_loss(self.probs_SE, self.expert_ids_SK, E, num_groups=self.num_groups)
+
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self.logits_SE)
+
+    def router_entropy(self) -> Tensor:
+        return entropy_nats(self.probs_SE)
+
+    def max_logit(self) -> Tensor:
+        return self.logits_SE.detach().max()
+
+    def __repr__(self) -> str:
+        S, K = self.expert_ids_SK.shape
+        return (
+            f"TokenChoiceDecision(tokens={S}, top_k={K}, experts={self.probs_SE.shape[-1]}, "
+            f"capacity={self.capacity}, groups={self.num_groups}, "
+            f"declined={'none' if self.valid_SK is None else int((~self.valid_SK).sum())}, "
+            f"batch_priority={self.priority_S is not None})"
+        )
 
 
-@dataclass
+# The public name of the token-choice decision before expert choice and Soft MoE had typed decisions too.
+RoutingDecision = TokenChoiceDecision
+
+
+@dataclass(repr=False)
 class ExpertChoiceDecision:
-    """Expert-choice routing of one or more groups: each expert picks its C best tokens of each group.
+    """Expert-choice routing of G groups: each expert picks its C best tokens of each group.
 
     Attributes:
-        token_ids_GEC: int64 index of the chosen token *within its group* ([groups, E, C]).
-        gates_GEC: float32 router probability of each chosen (expert, token) pair.
+        token_ids_GEC: int64 index of the chosen token *within its group*.
+        gates_GEC: float32 router probability of each chosen (expert, token) pair (the combine weight).
         probs_SE: float32 router probabilities of all tokens (softmax over experts).
         logits_SE: float32 raw router logits.
     """
@@ -53,3 +108,58 @@ class ExpertChoiceDecision:
     gates_GEC: Tensor
     probs_SE: Tensor
     logits_SE: Tensor
+
+    def load_balancing_loss(self) -> Tensor:
+        """0: every expert takes exactly C tokens per group, balanced by construction (Zhou et al. 2022)."""
+        return _zero_like(self.logits_SE)
+
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self.logits_SE)
+
+    def router_entropy(self) -> Tensor:
+        return entropy_nats(self.probs_SE)
+
+    def max_logit(self) -> Tensor:
+        return self.logits_SE.detach().max()
+
+    def __repr__(self) -> str:
+        G, E, C = self.token_ids_GEC.shape
+        return f"ExpertChoiceDecision(groups={G}, experts={E}, tokens_per_expert_per_group={C})"
+
+
+@dataclass(repr=False)
+class SoftRoutingDecision:
+    """Soft MoE routing of B groups of M tokens into E experts with P slots each.
+
+    Attributes:
+        dispatch_BMEP: float32; every slot's weights over its group's M tokens (sum to 1 over M).
+        combine_BMEP: float32; every token's weights over all E * P slots (sum to 1 over E, P).
+        logits_BMEP: float32 logits both are softmaxes of.
+    """
+
+    dispatch_BMEP: Tensor
+    combine_BMEP: Tensor
+    logits_BMEP: Tensor
+
+    def load_balancing_loss(self) -> Tensor:
+        """0: every slot is filled, nothing to balance."""
+        return _zero_like(self.logits_BMEP)
+
+    def z_loss(self) -> Tensor:
+        """0: there are no router logits over experts to keep small (the logits are bounded by ``scale``)."""
+        return _zero_like(self.logits_BMEP)
+
+    def router_entropy(self) -> Tensor:
+        """Mean entropy of each token's combine weights over the E * P slots."""
+        B, M, E, P = self.combine_BMEP.shape
+        return entropy_nats(self.combine_BMEP.reshape(B * M, E * P))
+
+    def max_logit(self) -> Tensor:
+        return self.logits_BMEP.detach().max()
+
+    def __repr__(self) -> str:
+        B, M, E, P = self.combine_BMEP.shape
+        return f"SoftRoutingDecision(groups={B}, tokens_per_group={M}, experts={E}, slots_per_expert={P})"
+
+
+AnyDecision = TokenChoiceDecision | ExpertChoiceDecision | SoftRoutingDecision

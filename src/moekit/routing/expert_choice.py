@@ -1,4 +1,4 @@
-"""Expert-choice routing (Zhou et al. 2022, ALGORITHMS.md section 3).
+"""Expert-choice routing (Zhou et al. 2022, docs/ALGORITHMS.md section 3).
 
 Each expert takes the ``ceil(S * c / E)`` tokens of its group that score it highest, so experts are balanced by
 construction and a token may get 0..E experts. It looks across the whole group, so it is non-causal: a causal LM

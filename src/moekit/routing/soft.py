@@ -1,4 +1,4 @@
-"""Soft MoE dispatch and combine weights (Puigcerver et al. 2023, ALGORITHMS.md section 4).
+"""Soft MoE dispatch and combine weights (Puigcerver et al. 2023, docs/ALGORITHMS.md section 4).
 
 Every slot is a convex mix of all tokens of its group, every token a convex mix of all slot outputs: no top-k, no
 sorting, no dropping, and no interaction between groups. Logits use L2-normalised tokens and slot parameters times
@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moekit.routing.decision import SoftRoutingDecision
+
 __all__ = ["SoftRouter", "l2_normalize"]
 
 
@@ -23,7 +25,8 @@ def l2_normalize(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
 
 
 class SoftRouter(nn.Module):
-    """Holds ``phi`` ``[D, E, P]`` and ``scale``; returns dispatch and combine weights ``[B, M, E, P]``.
+    """Holds ``phi`` ``[D, E, P]`` and ``scale``; returns a :class:`SoftRoutingDecision` of dispatch and combine
+    weights ``[B, M, E, P]``.
 
     Args:
         d_model: D.
@@ -57,8 +60,8 @@ class SoftRouter(nn.Module):
             phin_DEP = l2_normalize(self.phi.float(), dim=0)
             return self.scale.float() * torch.einsum("bmd,dep->bmep", xn_BMD, phin_DEP)
 
-    def forward(self, x_BMD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(dispatch_BMEP, combine_BMEP, logits_BMEP)``, all float32.
+    def forward(self, x_BMD: Tensor) -> SoftRoutingDecision:
+        """Route B groups of M tokens; all weights float32.
 
         ``dispatch`` sums to 1 over tokens M for every slot; ``combine`` sums to 1 over all E*P slots for every
         token.
@@ -67,4 +70,4 @@ class SoftRouter(nn.Module):
         B, M, E, P = logits_BMEP.shape
         dispatch_BMEP = torch.softmax(logits_BMEP, dim=1)
         combine_BMEP = torch.softmax(logits_BMEP.reshape(B, M, E * P), dim=-1).view(B, M, E, P)
-        return dispatch_BMEP, combine_BMEP, logits_BMEP
+        return SoftRoutingDecision(dispatch_BMEP, combine_BMEP, logits_BMEP)

@@ -1,23 +1,39 @@
 """Token-choice top-k routing: Switch (k=1), GShard / GLaM / ST-MoE (k=2), noisy top-k (Shazeer 2017).
 
-ALGORITHMS.md section 1. The router never moves data: it returns a RoutingDecision for a dispatcher.
+docs/ALGORITHMS.md section 1. The router never moves data: it returns a TokenChoiceDecision for a dispatcher.
 
 Shape legend: S tokens, D model width, E experts, K choices per token.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.init import switch_init_
-from moekit.routing.decision import RoutingDecision
+from moekit.routing.decision import TokenChoiceDecision
 
-__all__ = ["TopKRouter", "SECOND_EXPERT_POLICIES", "ROUTER_DTYPES"]
+__all__ = ["TopKRouter", "SECOND_EXPERT_POLICIES", "ROUTER_DTYPES", "token_choice_capacity"]
 
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def token_choice_capacity(
+    tokens_per_group: int, num_experts: int, top_k: int, capacity_factor: float | None, min_capacity: int = 4
+) -> int | None:
+    """``max(min_capacity, ceil(CF * k * T / E))`` capped at T; ``None`` (dropless) when ``capacity_factor`` is None.
+
+    With CF = 1.0 the slots exactly fit a perfectly balanced group. The cap at T holds because one expert can
+    receive each token of the group at most once.
+    """
+    if capacity_factor is None:
+        return None
+    cap = max(min_capacity, math.ceil(capacity_factor * top_k * tokens_per_group / num_experts))
+    return min(cap, tokens_per_group)
 
 
 def _router_logits(x_SD: Tensor, weight_ED: Tensor, dtype: torch.dtype) -> Tensor:
@@ -48,6 +64,9 @@ class TopKRouter(nn.Module):
         second_expert_threshold: the threshold of the "random" policy (0.2).
         init_scale: Switch init scale for ``weight`` (std = sqrt(init_scale / d_model)).
         router_dtype: "float32" (default, always correct) or "bfloat16" (only to reproduce Switch Table 2).
+        capacity_factor: CF of the capacity ``C = max(min_capacity, ceil(CF * k * T / E))`` per group of T tokens,
+            stored in the decision for the dispatcher; None (default) is dropless.
+        min_capacity: lower bound on C.
     """
 
     def __init__(
@@ -64,6 +83,8 @@ class TopKRouter(nn.Module):
         second_expert_threshold: float = 0.2,
         init_scale: float = 0.1,
         router_dtype: str = "float32",
+        capacity_factor: float | None = None,
+        min_capacity: int = 4,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -91,6 +112,8 @@ class TopKRouter(nn.Module):
         self.second_expert_threshold = float(second_expert_threshold)
         self.init_scale = float(init_scale)
         self.router_dtype = router_dtype
+        self.capacity_factor = capacity_factor
+        self.min_capacity = int(min_capacity)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy_gating else None
         self.reset_parameters()
@@ -100,8 +123,11 @@ class TopKRouter(nn.Module):
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
 
-    def forward(self, x_SD: Tensor) -> RoutingDecision:
-        """Route S tokens. ``x_SD`` may be any float dtype; all routing math runs in ``router_dtype``."""
+    def forward(self, x: Tensor) -> TokenChoiceDecision:
+        """Route ``x_GTD`` (G routing groups of T tokens) or ``x_SD`` (one group). Any float dtype; all routing math
+        runs in ``router_dtype``."""
+        G, T = (1, x.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1])
+        x_SD = x.reshape(G * T, x.shape[-1])
         dtype = ROUTER_DTYPES[self.router_dtype]
         h_SD = x_SD.to(dtype)
         if self.training and self.jitter_eps > 0:
@@ -134,17 +160,19 @@ class TopKRouter(nn.Module):
 
         priority_S = None
         if self.batch_priority:
-            # Highest top-1 probability first; a stable sort keeps group order among ties.
-            # Fix (tests/routing/test_topk.py): sort by the router probability of the first choice, not by
-            # gates_SK[:, 0]; renormalised top-k gates (or noisy-gating gates) order tokens differently.
+            # Highest top-1 probability first; a stable sort keeps group order among ties. The key is the router
+            # probability of the first choice, not gates_SK[:, 0]: renormalised top-k gates (or noisy-gating gates)
+            # would order tokens differently.
             top1_prob_S = probs_SE.gather(-1, expert_ids_SK[:, :1]).squeeze(-1).float()
             priority_S = torch.sort(top1_prob_S, descending=True, stable=True).indices
 
-        return RoutingDecision(
+        return TokenChoiceDecision(
             expert_ids_SK=expert_ids_SK,
             gates_SK=gates_SK.float(),
             probs_SE=probs_SE.float(),
             logits_SE=logits_SE.float(),
             valid_SK=valid_SK,
             priority_S=priority_S,
+            capacity=token_choice_capacity(T, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity),
+            num_groups=G,
         )
