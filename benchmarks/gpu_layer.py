@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moekit import MoE, MoEConfig
-from moekit.bench.peers import EinsumMoE, LoopMoE
+from moekit.lab.bench.peers import EinsumMoE, LoopMoE
 from moekit.layers import DenseFFN
 
 CASES = {

@@ -6,7 +6,7 @@ Run: ``python benchmarks/layer_throughput.py`` (same options as ``moekit bench``
 
 import sys
 
-from moekit.cli import main
+from moekit.lab.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

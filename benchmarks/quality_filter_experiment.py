@@ -42,7 +42,7 @@ def _write_docs(root: Path, docs: list[tuple[str, str]]) -> int:
 
 
 def _pieces(source: str, docs: list[str], ids: np.ndarray) -> list[tuple[str, str]]:
-    from moekit.data.split import cut_pieces
+    from moekit.lab.data.split import cut_pieces
 
     out = []
     for i in ids:
@@ -53,7 +53,7 @@ def _pieces(source: str, docs: list[str], ids: np.ndarray) -> list[tuple[str, st
 
 
 def prepare(args: argparse.Namespace) -> None:
-    from moekit.data.text_sources import brown_documents, moby_dick_documents, sotu_documents, spam_assassin_mails
+    from moekit.lab.data.text_sources import brown_documents, moby_dick_documents, sotu_documents, spam_assassin_mails
 
     root = Path(args.root)
     rng = np.random.default_rng(args.seed)
@@ -134,11 +134,11 @@ def heldout_loss(run_dir: str | Path, texts: list[str], batch_size: int = 16) ->
     import torch
 
     from moekit.data.batches import eval_windows
-    from moekit.data.split import cut_pieces
-    from moekit.data.tokenizer import encode_pieces, load_tokenizer
     from moekit.errors import MoekitError
+    from moekit.lab.data.split import cut_pieces
+    from moekit.lab.data.tokenizer import encode_pieces, load_tokenizer
+    from moekit.lab.training.run import load_run
     from moekit.training import checkpoint as ckpt
-    from moekit.training.run import load_run
 
     run_config, _, model = load_run(run_dir)
     if run_config.train.threads > 0:  # as the run trained: share the machine

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from moekit.data.batches import TokenBatches
-from moekit.data.corpus import builtin_documents
-from moekit.data.split import cut_pieces, split_pieces
-from moekit.data.tokenizer import encode_pieces, train_tokenizer
+from moekit.lab.data.corpus import builtin_documents
+from moekit.lab.data.split import cut_pieces, split_pieces
+from moekit.lab.data.tokenizer import encode_pieces, train_tokenizer
+from moekit.lab.training.run_config import load_run_config
 from moekit.models import TransformerLM, flops_per_token, parameter_counts
 from moekit.training.optim import build_optimizer
-from moekit.training.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MOE, DROPLESS, DENSE = "switch-tiny", "switch-tiny-dropless", "dense-tiny"

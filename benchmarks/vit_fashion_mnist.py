@@ -129,8 +129,8 @@ def time_arms(arms: list[str], overrides: list[str], rounds: int, steps: int = 1
 
     import torch
 
+    from moekit.lab.training.run_config import load_run_config
     from moekit.models.vit import ViT
-    from moekit.training.run_config import load_run_config
 
     models, opts, batches = {}, {}, {}
     for name in arms:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from moekit.training.compare import compare
+    from moekit.lab.training.compare import compare
 
     sources = [str(ROOT / "configs" / f"{name}.toml") for name in args.arms]
     res = compare(sources, seeds=args.seeds, overrides=args.overrides, out_dir=args.out, baseline="vit-dense")

@@ -2,6 +2,6 @@
 
 import sys
 
-from moekit.cli import main
+from moekit.lab.cli import main
 
 sys.exit(main())

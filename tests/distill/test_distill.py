@@ -13,7 +13,6 @@ from moekit.distill import (
     DistilledLM,
     copy_non_expert_weights,
     distillation_loss,
-    gain_kept,
     init_student_ffns,
     student_config,
 )
@@ -108,12 +107,6 @@ def test_distilled_lm_trains_on_the_mix_and_evaluates_on_plain_ce():
     plain = student(tokens, targets)
     torch.testing.assert_close(plain.loss, plain.ce_loss)
     assert "_teacher" not in dict(student.named_modules())
-
-
-def test_gain_kept():
-    # dense 5.0, teacher 4.0 (gain 1.0), student 4.7: it keeps (5.0 - 4.7) / 1.0 = 30%.
-    assert gain_kept(5.0, 4.0, 4.7) == pytest.approx(0.3)
-    assert gain_kept(5.0, 5.2, 4.9) is None  # no teacher gain to keep
 
 
 def test_label_weight_one_is_plain_training():

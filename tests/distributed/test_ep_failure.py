@@ -33,8 +33,8 @@ def _worker(rank: int, port: int, mode: str, cfg: str, run_dir: str, report: str
             os._exit(1)
         time.sleep(60)  # hangs; the parent ends it
         return
-    from moekit.training.run import train_run
-    from moekit.training.run_config import load_run_config
+    from moekit.lab.training.run import train_run
+    from moekit.lab.training.run_config import load_run_config
 
     config = load_run_config(cfg, ["parallel.expert_parallel=2", f"parallel.timeout_s={TIMEOUT_S}"])
     try:

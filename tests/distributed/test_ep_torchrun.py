@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
 
-from moekit.cli import main  # noqa: E402
+from moekit.lab.cli import main  # noqa: E402
 
 
 def test_torchrun_train_then_resume_with_one_process(tmp_path, capsys):

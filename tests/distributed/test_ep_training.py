@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
 
+from moekit.lab.training.run import train_run  # noqa: E402
+from moekit.lab.training.run_config import load_run_config  # noqa: E402
 from moekit.training.metrics import read_metrics  # noqa: E402
-from moekit.training.run import train_run  # noqa: E402
-from moekit.training.run_config import load_run_config  # noqa: E402
 from tests.distributed._launch import spawn  # noqa: E402
 
 OVERRIDES = ["moe.group_size=16", "moe.jitter_eps=0.0"]

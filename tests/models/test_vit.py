@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from moekit import MoEConfig, SoftMoEConfig
-from moekit.data.images import ImageBatches, load_digits_split
+from moekit.data.images import ImageBatches
+from moekit.lab.data.images import load_digits_split
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
 from moekit.models import ViT, ViTConfig, vit_flop_matched_dense, vit_flops_per_image, vit_parameter_counts

@@ -1,23 +1,8 @@
-"""Routing analysis of trained MoE models: per-token routing traces, expert load and drops, router entropy, the
-tokens each expert sees, ST-MoE style token-category specialisation with significance scores, routing agreement
-across layers, and a self-contained HTML report (``moekit analyze``)."""
+"""Routing analysis of trained MoE models (the reusable part): per-token routing traces read from the layers' own
+forward pass, and pure-numpy statistics over them (expert load and drops, router entropy, the tokens each expert
+sees, category specialisation with significance scores, routing agreement across layers). The token categories,
+the summary and the HTML report of ``moekit analyze`` are in :mod:`moekit.lab.analysis`."""
 
-from moekit.analysis.categories import CATEGORIES, FUNCTION_WORDS, categorize, category_of, piece_text
-from moekit.analysis.pipeline import analyze_run
-from moekit.analysis.report import expert_name, render_report
-from moekit.analysis.summary import summarise
-from moekit.analysis.trace import RoutingTrace, trace_model
+from moekit.analysis.trace import RoutingTrace, iter_windows, trace_model
 
-__all__ = [
-    "CATEGORIES",
-    "FUNCTION_WORDS",
-    "RoutingTrace",
-    "analyze_run",
-    "categorize",
-    "category_of",
-    "expert_name",
-    "piece_text",
-    "render_report",
-    "summarise",
-    "trace_model",
-]
+__all__ = ["RoutingTrace", "iter_windows", "trace_model"]

@@ -1,23 +1,16 @@
-"""Data: text corpora, the byte-level BPE tokenizer, the fixed split and resumable batches; image data sets for the
-ViT."""
+"""Data the trainer consumes: resumable shuffled token and image batches and fixed evaluation data. Corpora, the
+tokenizer, the split and the image data set readers are in :mod:`moekit.lab.data`."""
 
-from moekit.data.batches import TokenBatches, eval_windows, unigram_cross_entropy
-from moekit.data.config import DataConfig
-from moekit.data.corpus import load_corpus
-from moekit.data.images import ImageBatches, ImageSplits, image_eval_batches, load_images, read_idx
-from moekit.data.tokenizer import load_tokenizer, train_tokenizer
+from moekit.data.batches import ShuffledOrder, TokenBatches, TokenEvalData, eval_windows, unigram_cross_entropy
+from moekit.data.images import ImageBatches, ImageEvalData, image_eval_batches
 
 __all__ = [
-    "DataConfig",
     "ImageBatches",
-    "ImageSplits",
+    "ImageEvalData",
+    "ShuffledOrder",
     "TokenBatches",
+    "TokenEvalData",
     "eval_windows",
     "image_eval_batches",
-    "load_corpus",
-    "load_images",
-    "load_tokenizer",
-    "read_idx",
-    "train_tokenizer",
     "unigram_cross_entropy",
 ]

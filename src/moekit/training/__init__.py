@@ -1,8 +1,8 @@
-"""Training: the trainer, optimizers, schedules, non-finite policy, atomic checkpoints and the run driver."""
+"""Training: the trainer, optimizers, schedules, non-finite policy, metrics and atomic checkpoints. The run driver
+(config files, data preparation, plots, ``moekit compare``) is in :mod:`moekit.lab.training`."""
 
 from moekit.training.adafactor import Adafactor
 from moekit.training.config import TrainConfig
-from moekit.training.run_config import RunConfig, load_run_config
 from moekit.training.trainer import Trainer, TrainResult
 
-__all__ = ["Adafactor", "RunConfig", "TrainConfig", "TrainResult", "Trainer", "load_run_config"]
+__all__ = ["Adafactor", "TrainConfig", "TrainResult", "Trainer"]

@@ -1,0 +1,51 @@
+"""``moekit distill RUN_DIR``: distil a trained MoE run into its FLOP-matched dense model (Switch Transformer
+section 4.2) and report the share of the teacher's gain over a dense baseline that the student keeps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moekit.lab.commands import add_overrides
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from moekit.distill.student import INIT_METHODS
+
+    p = sub.add_parser("distill", help="distil a trained MoE run into its FLOP-matched dense model")
+    p.add_argument("run_dir", help="the teacher: a run directory of an MoE model written by moekit train")
+    p.add_argument("--init", default="mean", choices=INIT_METHODS,
+                   help="student FFN initialisation where the teacher had experts (default: mean)")
+    p.add_argument("--dense-baseline", default=None, metavar="RUN_DIR",
+                   help="a dense run trained alone on the same data, to compute the share of the gain kept")
+    add_overrides(p, "override a training value of the student (repeatable), e.g. --set train.max_steps=200",
+                  metavar="train.KEY=VALUE")
+    p.add_argument("--run-dir", dest="student_dir", default=None,
+                   help="where to write the student run (default: runs/distill-<init>-<time>)")
+    p.add_argument("--hard-weight", type=float, default=0.75,
+                   help="weight of the label cross-entropy; the teacher term gets 1 - this (Switch: 0.75; 1.0 is the "
+                   "no-teacher ablation)")
+    p.add_argument("--fallback", action="store_true",
+                   help="if a newest checkpoint fails its checksum, use the newest one that passes")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.lab.distill import distill_run
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    info = distill_run(args.run_dir, args.student_dir, init=args.init, dense_baseline=args.dense_baseline,
+                       overrides=args.overrides, hard_weight=args.hard_weight, fallback=args.fallback, log=log)
+    print(
+        f"teacher {info['teacher_val_loss']:.4f}, student ({info['init']} init) {info['student_val_loss']:.4f} "
+        f"(before training {info['student_init_val_loss']:.4f}) nats/token; parameters "
+        f"{info['student_parameters']:,} / {info['teacher_parameters']:,} = {info['parameter_ratio']:.3f}"
+    )
+    if info["dense_baseline_val_loss"] is not None:
+        kept = info["gain_kept"]
+        kept_txt = "n/a (the teacher is no better than the dense baseline)" if kept is None else f"{kept:.1%}"
+        print(f"dense baseline {info['dense_baseline_val_loss']:.4f}; share of the teacher's gain kept: {kept_txt}")
+    print(f"run directory: {info['run_dir']}")
+    return 0

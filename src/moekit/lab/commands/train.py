@@ -1,0 +1,89 @@
+"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default
+Switch-style
+model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram
+model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moekit.lab.commands import add_overrides
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a language model or ViT (default: switch-tiny LM on the built-in corpus)")
+    p.add_argument("--config", default=None, help="TOML config file, or a name from configs/ (default: switch-tiny)")
+    add_overrides(p, "override one config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/<config>-<time>)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest valid checkpoint",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.errors import MoekitError
+    from moekit.lab.training.run import default_run_dir, train_run
+    from moekit.lab.training.run_config import DEFAULT_CONFIG_NAME, load_run_config
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    if args.resume:
+        if args.config or args.run_dir:
+            raise MoekitError("--resume takes the config and run directory from RUN_DIR; drop --config / --run-dir")
+        run_dir = Path(args.resume)
+        run_config = None
+        if args.overrides:  # only [train] and [parallel] values may change on resume (e.g. a larger max_steps)
+            bad = [o for o in args.overrides if not o.strip().startswith(("train.", "parallel."))]
+            if bad:
+                raise MoekitError(f"--resume accepts only train.* and parallel.* overrides, got {bad[0]!r}")
+            from moekit.lab.training.run import read_run_config
+            from moekit.lab.training.run_config import build_run_config, parse_overrides
+            from moekit.training.distributed import launch_world_size
+
+            tables = read_run_config(run_dir).resolved()
+            parsed = parse_overrides(args.overrides)
+            tables["train"].update(parsed.get("train", {}))
+            # The expert-parallel degree is the launch's (a checkpoint reshards to any degree dividing E).
+            tables["parallel"]["expert_parallel"] = launch_world_size()
+            tables["parallel"].update(parsed.get("parallel", {}))
+            run_config = build_run_config(tables)
+        summary = train_run(run_config, run_dir, resume=True, log=log)
+    else:
+        config_name = args.config or DEFAULT_CONFIG_NAME
+        from moekit.lab.training.run_config import find_named_config
+
+        source = args.config if args.config else find_named_config(DEFAULT_CONFIG_NAME)
+        run_config = load_run_config(source, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
+        summary = train_run(run_config, run_dir, log=log)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # tear down together, so no rank destroys its group while a peer still exchanges
+        dist.destroy_process_group()
+    if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
+        return 0
+    val, uni = summary["final_val_loss"], summary.get("unigram_val_loss")
+    if val is not None and summary.get("arch") == "vit":
+        print(
+            f"test accuracy {summary['final_val_accuracy']:.4f} (loss {val:.3f} nats/image); majority-class "
+            f"baseline {summary['majority_val_accuracy']:.4f}; {summary['steps']} steps, "
+            f"{summary['tokens_per_s']:.0f} images/s, {summary['wall_seconds_this_session']:.0f}s"
+        )
+    elif val is not None:
+        print(
+            f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
+            f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+            f"{summary['wall_seconds_this_session']:.0f}s"
+        )
+    if summary["skipped_steps"]:
+        print(f"skipped steps (non-finite): {summary['skipped_steps']}, roll-backs: {summary['rollbacks']}")
+    print(f"run directory: {summary['run_dir']}")
+    return 0

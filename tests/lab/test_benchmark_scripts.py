@@ -1,0 +1,86 @@
+"""The benchmark scripts run end to end on tiny shapes and report numbers that are internally consistent."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from moekit.lab.bench.layer import render_markdown, run_benchmark
+from moekit.lab.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_layer_benchmark_tiny(tmp_path):
+    cases = run_benchmark([4], [1, 2], tokens=64, d_model=16, d_ff=32, rounds=2, threads=1, out_dir=tmp_path,
+                          command="test", measure_memory=False)
+    assert [(c.num_experts, c.top_k) for c in cases] == [(4, 1), (4, 2)]
+    for c in cases:
+        assert set(c.times_ms) == {"moe", "moe_cf1.25", "dense", "einsum", "loop"}
+        assert all(len(v) == 2 and min(v) > 0 for v in c.times_ms.values())
+    data = json.loads((tmp_path / "layer_throughput.json").read_text())
+    assert data["meta"]["tokens"] == 64 and len(data["cases"]) == 2
+    md = (tmp_path / "layer_throughput.md").read_text()
+    assert md == render_markdown(cases, data["meta"])
+    # The moe/dense ratio printed is the ratio of the medians.
+    c = cases[0]
+    row = [line for line in md.splitlines() if line.startswith("| 4 | 1 |")][0].split("|")
+    assert float(row[8]) == pytest.approx(c.median_ms("moe") / c.median_ms("dense"), abs=0.006)
+
+
+def test_bench_command_rejects_bad_sizes(capsys):
+    assert main(["bench", "--tokens", "0"]) == 2
+    assert "--tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_layer", ROOT / "benchmarks" / "gpu_layer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--small", "--iters", "1", "--cases", "b", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_layer_cpu.json").read_text())
+    b = data["cases"]["b"]
+    assert b["moe_over_dense_tflops"] == pytest.approx(b["moe"]["tflops"] / b["dense"]["tflops"])
+    assert b["loop_over_moe_time"] == pytest.approx(b["loop"]["ms"] / b["moe"]["ms"])
+
+
+def test_expert_parallel_benchmark_smoke(tmp_path, monkeypatch):
+    # Imported by name (not from a file spec) so the spawned ranks can unpickle its worker function.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import expert_parallel
+
+    out = tmp_path / "ep.md"
+    args = ["--batch", "4", "--seq-len", "8", "--d-model", "16", "--d-ff", "32", "--experts", "4", "--vocab", "50",
+            "--steps", "2", "--warmup", "1", "--out", str(out)]
+    assert expert_parallel.main(args) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1 x 1", "1 x 2", "2 x 1"]
+    share = float(rows[2].split("|")[5].strip().rstrip("%"))
+    assert 0.0 < share < 100.0
+
+
+def test_vit_benchmark_smoke_on_digits(tmp_path):
+    pytest.importorskip("sklearn")
+    spec = importlib.util.spec_from_file_location("vit_fashion_mnist", ROOT / "benchmarks" / "vit_fashion_mnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--seeds", "2", "--arms", "vit-dense", "vit-softmoe", "--out", str(tmp_path / "out"),
+            "--results", str(tmp_path / "res"), "--time-rounds", "1"]
+    for item in ["data.dataset=digits", "model.patch_size=2", "train.max_steps=4", "train.batch_size=16",
+                 "train.eval_every=2", "train.warmup_steps=1", "train.progress=off", "train.threads=1"]:
+        args += ["--set", item]
+    assert mod.main(args) == 0
+    table = (tmp_path / "res" / "accuracy.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["dense", "Soft MoE, 16 x 1 slot"]
+    # the accuracy columns are the mean / min / max of the two seeds' summaries
+    accs = [json.loads((tmp_path / "out" / "vit-softmoe" / f"seed{s}" / "summary.json").read_text())[
+        "final_val_accuracy"] for s in (0, 1)]
+    cells = table[3].split("|")
+    assert float(cells[2]) == pytest.approx(sum(accs) / 2, abs=6e-5)
+    assert float(cells[4]) == pytest.approx(min(accs), abs=6e-5)
+    assert float(cells[5]) == pytest.approx(max(accs), abs=6e-5)
+    assert cells[7].strip() in ("0 (none dropped)", "0.0%")
+    assert (tmp_path / "res" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    timing = (tmp_path / "res" / "step_time.md").read_text().splitlines()
+    assert timing[2].split("|")[3].strip() == "1.00"  # dense / dense

@@ -1,0 +1,124 @@
+"""Run configs: strict keys with "did you mean", values named with their rule, --set parsing, TOML round trip,
+and the named configs in configs/."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from moekit.errors import MoekitError
+from moekit.lab.training.run_config import build_run_config, load_run_config, parse_overrides, to_toml
+from moekit.models import flop_matched_dense, parameter_counts
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def test_builtin_default_is_switch_tiny():
+    default = load_run_config(None).resolved()
+    assert default == load_run_config(CONFIGS / "switch-tiny.toml").resolved()
+    moe = default["moe"]
+    assert (
+        moe["num_experts"],
+        moe["top_k"],
+        moe["capacity_factor"],
+        moe["jitter_eps"],
+        moe["init_scale"],
+    ) == (8, 1, 1.25, 0.01, 0.1)
+    assert (default["model"]["moe_every"], default["model"]["load_balance_coef"]) == (2, 0.01)
+
+
+@pytest.mark.parametrize("name", ["switch-tiny", "glam-tiny", "stmoe-tiny", "dense-tiny"])
+def test_named_configs_validate_and_round_trip_through_toml(name):
+    cfg = load_run_config(CONFIGS / f"{name}.toml")
+    again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
+    assert again.resolved() == cfg.resolved()
+
+
+def test_named_config_layouts():
+    glam = load_run_config(CONFIGS / "glam-tiny.toml").lm_config(4096)
+    stmoe = load_run_config(CONFIGS / "stmoe-tiny.toml")
+    st_lm = stmoe.lm_config(4096)
+    assert glam.moe.top_k == 2 and glam.moe_layers() == [1, 3]
+    assert st_lm.moe.top_k == 2 and st_lm.moe_layers() == [3] and st_lm.z_loss_coef == 1e-3
+    assert stmoe.train.optimizer == "adafactor" and stmoe.train.update_clip_d == 1.0
+    # dense-tiny is the FLOP-matched dense model of switch-tiny
+    switch = load_run_config(CONFIGS / "switch-tiny.toml").lm_config(4096)
+    dense = load_run_config(CONFIGS / "dense-tiny.toml").lm_config(4096)
+    matched = flop_matched_dense(switch)
+    assert parameter_counts(dense) == parameter_counts(matched)
+    assert dataclasses.replace(dense, z_loss_coef=0.0) == dataclasses.replace(matched, z_loss_coef=0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_step=3"], r"unknown config key 'train.max_step' \(did you mean 'max_steps'\?\)"),
+        (["model.d_modle=64"], r"unknown config key 'model.d_modle' \(did you mean 'd_model'\?\)"),
+        (["moe.num_expert=4"], r"unknown config key 'moe.num_expert' \(did you mean 'num_experts'\?\)"),
+        (["model.vocab_size=100"], r"set by the tokenizer: use data.vocab_size"),
+        (["trian.seed=1"], r"unknown section 'trian' \(did you mean 'train'\?\)"),
+        (["train.lr=-1"], r"train.lr must be a number > 0.0, got -1"),
+        (["train.optimizer='sgd'"], r"train.optimizer must be one of \('adamw', 'adafactor'\), got 'sgd'"),
+        (["train.max_steps=2.5"], r"train.max_steps must be an integer >= 1, got 2.5"),
+        (["moe.top_k=9"], r"top_k must be <= num_experts=8"),
+        (["moe.router='expert_choice'"], r"expert choice routing looks across the whole sequence"),
+        (["model.max_seq_len=64"], r"data.seq_len \(128\) must be <= model.max_seq_len \(64\)"),
+        (["parallel.expert_parallel=3"], r"parallel.expert_parallel = 3 must divide moe.num_experts = 8"),
+        (["parallel.expert_parallel=0"], r"parallel.expert_parallel must be an integer >= 1, got 0"),
+        (["parallel.timeout_s=0"], r"parallel.timeout_s must be a number > 0, got 0"),
+        (["parallel.expert_parallel=2", "train.batch_size=3"], r"train.batch_size = 3 \(the global batch\) must be"),
+        (["train.max_steps"], r"--set expects section.key=value"),
+    ],
+)
+def test_config_errors_are_clear(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_unknown_section_in_a_file_and_bad_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[modle]\nd_model = 64\n")
+    with pytest.raises(ValueError, match=r"unknown config section \[modle\] \(did you mean 'model'\?\)"):
+        load_run_config(bad)
+    bad.write_text("[model\n")
+    with pytest.raises(MoekitError, match="not valid TOML"):
+        load_run_config(bad)
+    with pytest.raises(MoekitError, match="not found"):
+        load_run_config(tmp_path / "missing.toml")
+
+
+def test_set_parses_toml_values_and_none_means_dropless():
+    assert parse_overrides(["train.lr=1e-3", "data.corpus=sotu", "train.tensorboard=true", "moe.top_k=2"]) == {
+        "train": {"lr": 1e-3, "tensorboard": True},
+        "data": {"corpus": "sotu"},
+        "moe": {"top_k": 2},
+    }
+    cfg = load_run_config(None, ["moe.capacity_factor=none"])
+    assert cfg.moe_config().capacity_factor is None
+    assert 'capacity_factor = "none"' in to_toml(cfg.resolved())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.toml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_validates_and_round_trips(path):
+    cfg = load_run_config(path)
+    again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
+    assert again.resolved() == cfg.resolved()
+
+
+@pytest.mark.parametrize(
+    "dense, moe",
+    [("repro/switch-dense", f"repro/switch-e{e}") for e in (2, 4, 8, 16, 32)]
+    + [("repro/glam-dense", "repro/glam-every2"), ("repro/glam-dense-every4", "repro/glam-every4")],
+)
+def test_reproduction_dense_baselines_are_flop_matched(dense, moe):
+    vocab = 2048
+    d = load_run_config(CONFIGS / f"{dense}.toml").lm_config(vocab)
+    m = load_run_config(CONFIGS / f"{moe}.toml").lm_config(vocab)
+    matched = flop_matched_dense(m)
+    assert parameter_counts(d) == parameter_counts(matched)
+    assert dataclasses.replace(d, z_loss_coef=0.0, load_balance_coef=0.0) == dataclasses.replace(
+        matched, z_loss_coef=0.0, load_balance_coef=0.0
+    )
