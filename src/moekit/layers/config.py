@@ -85,8 +85,7 @@ class MoEConfig:
                 raise ValueError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
             if not self.capacity_factor > 0:
                 raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
-            # Fix (tests/layers/test_config.py): inf passed here and crashed the first forward with an
-            # OverflowError in math.ceil; dropless is spelled None.
+            # inf would reach math.ceil in the capacity rule and fail there; dropless is spelled None.
             if not math.isfinite(self.capacity_factor):
                 cf = self.capacity_factor
                 raise ValueError(f"capacity_factor must be finite (None for dropless), got {cf}")

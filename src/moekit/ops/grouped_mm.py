@@ -88,10 +88,9 @@ def _fast_ok(x_AD: Tensor, w_EDF: Tensor) -> bool:
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient.
 
-    Fix (found by tests/ops/test_grouped_mm.py): the backward of ``torch._grouped_mm`` raises "Invalid
-    strides/sizes" or "strides should be multiple of 16 bytes" when the incoming gradient is not
-    contiguous, e.g. the expanded gradient of ``y.sum()`` or a transposed one. The reference path accepts
-    any gradient layout.
+    The backward of ``torch._grouped_mm`` raises "Invalid strides/sizes" or "strides should be multiple of 16
+    bytes" when the incoming gradient is not contiguous, e.g. the expanded gradient of ``y.sum()`` or a transposed
+    one. The reference path accepts any gradient layout.
     """
 
     @staticmethod
