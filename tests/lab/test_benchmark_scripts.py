@@ -6,27 +6,40 @@ from pathlib import Path
 
 import pytest
 
-from moekit.lab.bench.layer import render_markdown, run_benchmark
+from moekit.lab.bench.layer import run_benchmark
 from moekit.lab.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _table_rows(md: str) -> list[list[str]]:
+    """The data rows of the Markdown table, as stripped cells."""
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| ")
+            and line.split("|")[1].strip().isdigit()]
+
+
 def test_layer_benchmark_tiny(tmp_path):
-    cases = run_benchmark([4], [1, 2], tokens=64, d_model=16, d_ff=32, rounds=2, threads=1, out_dir=tmp_path,
+    cases = run_benchmark([4], [1, 2], tokens=64, d_model=16, d_ff=32, rounds=3, threads=1, out_dir=tmp_path,
                           command="test", measure_memory=False)
     assert [(c.num_experts, c.top_k) for c in cases] == [(4, 1), (4, 2)]
     for c in cases:
         assert set(c.times_ms) == {"moe", "moe_cf1.25", "dense", "einsum", "loop"}
-        assert all(len(v) == 2 and min(v) > 0 for v in c.times_ms.values())
+        assert all(len(v) == 3 and min(v) > 0 for v in c.times_ms.values())
     data = json.loads((tmp_path / "layer_throughput.json").read_text())
-    assert data["meta"]["tokens"] == 64 and len(data["cases"]) == 2
-    md = (tmp_path / "layer_throughput.md").read_text()
-    assert md == render_markdown(cases, data["meta"])
-    # The moe/dense ratio printed is the ratio of the medians.
-    c = cases[0]
-    row = [line for line in md.splitlines() if line.startswith("| 4 | 1 |")][0].split("|")
-    assert float(row[8]) == pytest.approx(c.median_ms("moe") / c.median_ms("dense"), abs=0.006)
+    assert data["meta"]["tokens"] == 64 and data["meta"]["rounds"] == 3 and len(data["cases"]) == 2
+    # Every number of the Markdown table, recomputed from the raw per-round times in the JSON: the median of the
+    # three rounds (the middle value after sorting) and the ratios of those medians, to the printed precision.
+    rows = _table_rows((tmp_path / "layer_throughput.md").read_text())
+    assert len(rows) == 2
+    for row, case in zip(rows, data["cases"], strict=True):
+        assert (int(row[0]), int(row[1])) == (case["num_experts"], case["top_k"])
+        med = {v: sorted(t)[1] for v, t in case["times_ms"].items()}
+        for col, v in zip(range(2, 7), ["moe", "moe_cf1.25", "dense", "einsum", "loop"], strict=True):
+            assert float(row[col]) == pytest.approx(med[v], abs=0.051), v
+        for col, (num, den) in zip(range(7, 11), [("moe", "dense"), ("moe_cf1.25", "dense"), ("loop", "moe"),
+                                                  ("einsum", "moe")], strict=True):
+            assert float(row[col]) == pytest.approx(med[num] / med[den], abs=0.0051), (num, den)
+        assert row[11:] == ["nan"] * 5  # memory not measured in this run: said, not invented
 
 
 def test_bench_command_rejects_bad_sizes(capsys):
