@@ -2,13 +2,13 @@
 
 This is how every fast dropless system moves tokens (MegaBlocks, ScatterMoE, torchtitan): a stable sort of the
 assignments by expert, one gather of the token rows into expert order, and a gate-weighted sum back. Its cost is
-O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (docs/ALGORITHMS.md,
-performance notes).
+O(S * k * d), independent of E, unlike the one-hot ``[S, E, C]`` einsum of GShard / Switch (docs/ALGORITHMS.md
+section 17.1).
 
 Every data movement here is a *gather*, forward and backward: the plan keeps both directions of the mapping
 (``token_idx_A``: row -> token, ``pos_SK``: (token, choice) -> row), so the backward of a gather is another gather
-rather than autograd's default ``index_add`` scatter, which runs several times slower on CPU (ScatterMoE makes the
-same choice on GPU: sort indices, never scatter padded copies).
+rather than autograd's default ``index_add`` scatter (no atomic adds and no zero-filled buffer on GPU, as ScatterMoE
+does; on CPU the margin depends on k and the machine: docs/ALGORITHMS.md sections 8 and 17.2).
 
 Capacity and drop rules are docs/ALGORITHMS.md section 1: ``C = max(min_capacity, ceil(CF * k * S / E))`` capped
 at S (per routing group); every first choice claims a slot before any second choice; within a choice rank tokens go in
