@@ -3,15 +3,14 @@
 
 Never pickle. The JSON records the adapter config and the exact site names, so ``load_adapters`` can
 rebuild the adapters on a plain base model before loading the tensors. The directory is written to a
-temporary sibling and renamed, so a crash never leaves half a checkpoint behind.
+temporary sibling and renamed over the old one (:func:`moekit.atomic.atomic_dir`), so a crash never leaves half a
+checkpoint behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from moekit.adapters.config import config_from_dict, config_to_dict
 from moekit.adapters.inject import adapter_config, adapter_sites, adapter_state_dict, apply_adapters
+from moekit.atomic import atomic_dir
 from moekit.errors import MoekitError
 
 WEIGHTS_NAME = "adapters.safetensors"
@@ -39,16 +39,9 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     meta = {"format": FORMAT, "version": 1, "config": config_to_dict(config), "sites": sites,
             "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return directory
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from moekit.atomic import atomic_dir, write_synced
 from moekit.errors import MoekitError
 
 __all__ = [
@@ -56,25 +56,7 @@ class CheckpointError(MoekitError):
     """A checkpoint is missing, partial or fails its checksum (the message names the file)."""
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write and fsync one file (every checkpoint file goes through here)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not support fsync on directories
-        pass
-    finally:
-        os.close(fd)
+_write_bytes = write_synced  # every checkpoint file is written (and fsynced) through this one name
 
 
 def rng_state() -> dict[str, str]:
@@ -129,10 +111,6 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     opt_tensors, opt_meta = _optimizer_split(optimizer)
     model_sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     payload = {
@@ -141,19 +119,12 @@ def save_checkpoint(
         STATE_FILE: json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1).encode(),
     }
     manifest = {"format": FORMAT, "step": step, "files": {}}
-    for name, data in payload.items():
-        _write_bytes(tmp / name, data)
-        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step written again (after a rollback): swap the old one out first
-        trash = root / f".trash-step_{step:08d}-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(root)
+    # The same step written again (after a rollback) swaps the old directory out; see atomic_dir.
+    with atomic_dir(final, fsync=True) as tmp:
+        for name, data in payload.items():
+            _write_bytes(tmp / name, data)
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        _write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     for old in list_checkpoints(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -32,6 +32,7 @@ from moekit.adapters.config import IA3Config, LoRAConfig, MoLoRAConfig, MoVConfi
 from moekit.adapters.inject import apply_adapters, trainable_parameters
 from moekit.adapters.io import save_adapters
 from moekit.adapters.recording import RouterRecorder, record_router_probs, set_sequence_mask
+from moekit.atomic import atomic_write_text
 from moekit.errors import MoekitError
 from moekit.lab.adapters.tasks import HELDOUT_TASKS, SEEN_TASKS, Example, build_tasks
 
@@ -265,9 +266,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | os.PathLike) -> dict[str, A
     results["trainable_fraction"] = results["trainable_params"] / results["base_params"]
     if routing:
         results["routing"] = routing
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out / "results.json")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     if adapter_cfg is not None:
         save_adapters(encoder, out / "adapters")
     return results

@@ -34,6 +34,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekit.atomic import atomic_write_text
 from moekit.errors import MoekitError
 
 SEEN_TASKS = ("sentiment", "subjectivity", "debate_party", "spam", "brown_genre", "intent")
@@ -257,9 +258,7 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     else:
         all_tasks = _load_all()
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps({k: [e.__dict__ for e in v] for k, v in all_tasks.items()}))
-        os.replace(tmp, cached)
+        atomic_write_text(cached, json.dumps({k: [e.__dict__ for e in v] for k, v in all_tasks.items()}))
     train: dict[str, list[Example]] = {}
     test: dict[str, list[Example]] = {}
     for name in seen + heldout:

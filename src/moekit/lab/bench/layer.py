@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.atomic import atomic_write_text
 from moekit.lab.bench.peers import EinsumMoE, LoopMoE
 from moekit.lab.runtime import tune_malloc
 from moekit.layers import DenseFFN, MoE, MoEConfig
@@ -229,12 +230,8 @@ def run_benchmark(
             "malloc_tuned": tuned, "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse",
         }
         data = {"meta": meta, "cases": [asdict(c) for c in cases]}
-        tmp = out_dir / "layer_throughput.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(out_dir / "layer_throughput.json")
-        tmp = out_dir / "layer_throughput.md.tmp"
-        tmp.write_text(render_markdown(cases, meta))
-        tmp.replace(out_dir / "layer_throughput.md")
+        atomic_write_text(out_dir / "layer_throughput.json", json.dumps(data, indent=1))
+        atomic_write_text(out_dir / "layer_throughput.md", render_markdown(cases, meta))
         print(f"results written to {out_dir}/layer_throughput.md")
     return cases
 

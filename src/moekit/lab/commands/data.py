@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from moekit.atomic import atomic_dir
 from moekit.errors import MoekitError
 from moekit.lab.data.corpus import _decode  # one place decides what "binary" and "not UTF-8" mean
 
@@ -166,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
     keep = keep_mask(scores, threshold=args.threshold, pareto_alpha=alpha, seed=args.seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for sub in ("kept", "dropped"):
             (tmp / sub).mkdir()
         with open(tmp / "scores.jsonl", "w", encoding="utf-8") as f:
@@ -201,10 +198,6 @@ def run(args: argparse.Namespace) -> int:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"kept {n_kept} of {len(texts)} documents ({n_kept / len(texts):.1%}; {summary['chars_kept']:,} of "
         f"{int(chars.sum()):,} characters) -> {out}/kept, the rest in {out}/dropped"

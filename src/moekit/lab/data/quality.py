@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +40,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
+from moekit.atomic import atomic_dir
 from moekit.errors import MoekitError
 
 __all__ = [
@@ -381,19 +379,12 @@ class QualityClassifier:
         existing one is replaced only after the new one is fully written)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             meta = {"format": FORMAT, "config": asdict(self.config), "bias": self.bias, "metrics": self.metrics}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             np_save_file(
                 {"weight": self.weight, "bias": np.asarray([self.bias], dtype=np.float64)}, str(tmp / WEIGHTS_FILE)
             )
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

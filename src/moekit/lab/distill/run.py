@@ -15,7 +15,6 @@ teacher.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from moekit.analysis.trace import iter_windows, trace_model
+from moekit.atomic import atomic_write_text
 from moekit.data.batches import TokenBatches, eval_windows, unigram_cross_entropy
 from moekit.distill.loss import HARD_WEIGHT
 from moekit.distill.model import DistilledLM
@@ -119,9 +119,7 @@ def distill_run(
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(teacher.run_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
     shutil.copyfile(teacher.run_dir / TOKENS_FILE, run_dir / TOKENS_FILE)
-    tmp = run_dir / f"config.toml.tmp-{os.getpid()}"
-    tmp.write_text(to_toml(run_config.resolved()), encoding="utf-8")
-    os.replace(tmp, run_dir / "config.toml")
+    atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
 
     torch.manual_seed(tc.seed)
     student = DistilledLM(run_config.lm_config(teacher.data.vocab_size), hard_weight=hard_weight)

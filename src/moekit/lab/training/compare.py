@@ -36,7 +36,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from moekit.atomic import atomic_path, atomic_write_text
 from moekit.errors import MoekitError
 from moekit.lab.training.run_config import RunConfig, build_run_config, load_run_config, tomllib
 from moekit.training.metrics import read_metrics
@@ -217,9 +217,8 @@ def _share_data(source: Path | None, run_dir: Path) -> None:
     for rel in (TOKENS_FILE, TOKENIZER_FILE):
         src, dst = source / rel, run_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def _has_data(run_dir: Path) -> bool:
@@ -240,13 +239,7 @@ def _clean(value: Any) -> Any:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(_clean(value), indent=1))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_clean(value), indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,10 +568,9 @@ def plot_compare(
     what = "validation loss" if is_loss else "validation accuracy"
     fig.suptitle(f"{what}, mean over {seeds} seed(s)" + (", band = min-max" if seeds > 1 else ""))
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -650,8 +642,8 @@ def compare(
     }
     rows, target = aggregate(arm_runs, baseline)
     files = [out / "compare.csv", out / "compare.md", out / "compare.json", out / "val_loss.png"]
-    _write_text(files[0], to_csv(rows, target is not None))
-    _write_text(files[1], to_markdown(rows, baseline, target))
+    atomic_write_text(files[0], to_csv(rows, target is not None))
+    atomic_write_text(files[1], to_markdown(rows, baseline, target))
     _write_json(
         files[2],
         {

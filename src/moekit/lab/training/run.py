@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
+from moekit.atomic import atomic_path, atomic_write_text
 from moekit.data.batches import TokenBatches, unigram_cross_entropy
 from moekit.data.images import ImageBatches, ImageEvalData
 from moekit.errors import MoekitError
@@ -69,12 +69,6 @@ class PreparedData:
     tokenizer_path: Path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> PreparedData:
     """Reuse the run's tokenizer and token arrays when present; otherwise build them from the corpus."""
     d = run_config.data
@@ -99,12 +93,10 @@ def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None
     )
     # The run directory is created only now, once the corpus has loaded: bad input leaves nothing behind.
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tokens_path.with_name(tokens_path.name + f".tmp-{os.getpid()}")
-    np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
-    os.replace(tmp, tokens_path)
-    tok_tmp = tok_path.with_name(tok_path.name + f".tmp-{os.getpid()}")
-    tok.save(str(tok_tmp))
-    os.replace(tok_tmp, tok_path)
+    with atomic_path(tokens_path) as tmp:
+        np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
+    with atomic_path(tok_path) as tmp:
+        tok.save(str(tmp))
     return PreparedData(train_tokens, val_tokens, tok.get_vocab_size(), tok_path)
 
 
@@ -268,7 +260,7 @@ def _train_run(
         log(f"run directory: {run_dir}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+        atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     torch.manual_seed(run_config.train.seed)
     model = task.build_model()
     # Threads are chosen once per session (auto: fewer on a busy machine); the saved config keeps the request.
@@ -334,7 +326,7 @@ def _train_run(
     )
     if run_config.is_vit:
         summary["train_flops_per_image"] = task.train_flops
-    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
