@@ -11,34 +11,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from moekit.config import check_choice, check_number, check_positive_int
+
 ROUTING_MODES = ("soft", "topk")
 ROUTER_INPUTS = ("token", "sentence")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _check_dropout(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {value!r}")
-
-
 def _check_routing(num_experts: int, routing: Any, top_k: Any, router_input: Any) -> None:
-    _check_positive_int("num_experts", num_experts)
-    if routing not in ROUTING_MODES:
-        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
-    _check_positive_int("top_k", top_k)
+    check_positive_int("num_experts", num_experts)
+    check_choice("routing", routing, ROUTING_MODES)
+    check_positive_int("top_k", top_k)
     if routing == "topk" and top_k > num_experts:
         raise ValueError(f"top_k must be <= num_experts ({num_experts}) with routing='topk', got {top_k!r}")
-    if router_input not in ROUTER_INPUTS:
-        raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
+    check_choice("router_input", router_input, ROUTER_INPUTS)
+
+
+def _check_lora(r: Any, alpha: Any, dropout: Any) -> None:
+    check_positive_int("r", r)
+    check_number("alpha", alpha, low=0, low_open=True, expected="a positive number")
+    check_number("dropout", dropout, low=0, high=1, high_open=True)
 
 
 @dataclass
@@ -59,9 +50,7 @@ class LoRAConfig:
     kind: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
-        _check_positive_int("r", self.r)
-        _check_positive_float("alpha", self.alpha)
-        _check_dropout(self.dropout)
+        _check_lora(self.r, self.alpha, self.dropout)
 
 
 @dataclass
@@ -102,9 +91,7 @@ class MoLoRAConfig:
 
     def __post_init__(self) -> None:
         _check_routing(self.num_experts, self.routing, self.top_k, self.router_input)
-        _check_positive_int("r", self.r)
-        _check_positive_float("alpha", self.alpha)
-        _check_dropout(self.dropout)
+        _check_lora(self.r, self.alpha, self.dropout)
 
 
 AdapterConfig = IA3Config | LoRAConfig | MoVConfig | MoLoRAConfig

@@ -5,27 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from moekit.config import check_choice, check_int, check_positive_int, check_unit_interval
 from moekit.experts.activations import ACTIVATIONS
 from moekit.routing.topk import ROUTER_DTYPES, SECOND_EXPERT_POLICIES
 
 __all__ = ["MoEConfig", "SoftMoEConfig", "ROUTERS"]
 
 ROUTERS = ("topk", "expert_choice")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_activation(value: object) -> None:
-    if value not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 @dataclass
@@ -75,9 +61,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
-            _check_positive_int(name, getattr(self, name))
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+            check_positive_int(name, getattr(self, name))
+        check_choice("router", self.router, ROUTERS)
         if self.router == "topk" and self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got top_k={self.top_k}")
         if self.capacity_factor is not None:
@@ -94,23 +79,18 @@ class MoEConfig:
             raise ValueError(
                 "capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None"
             )
-        _check_activation(self.activation)
-        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
-            raise ValueError(f"min_capacity must be an integer >= 0, got {self.min_capacity!r}")
-        _check_unit_interval("jitter_eps", self.jitter_eps)
-        _check_unit_interval("expert_dropout", self.expert_dropout)
+        check_choice("activation", self.activation, sorted(ACTIVATIONS))
+        check_int("min_capacity", self.min_capacity, 0)
+        check_unit_interval("jitter_eps", self.jitter_eps)
+        check_unit_interval("expert_dropout", self.expert_dropout)
         if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")
         if self.group_size is not None:
-            _check_positive_int("group_size", self.group_size)
-        if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
-            raise ValueError(
-                f"second_expert_policy must be one of {SECOND_EXPERT_POLICIES}, got {self.second_expert_policy!r}"
-            )
+            check_positive_int("group_size", self.group_size)
+        check_choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         if not self.second_expert_threshold > 0:
             raise ValueError(f"second_expert_threshold must be > 0, got {self.second_expert_threshold!r}")
-        if self.router_dtype not in ROUTER_DTYPES:
-            raise ValueError(f"router_dtype must be one of {tuple(ROUTER_DTYPES)}, got {self.router_dtype!r}")
+        check_choice("router_dtype", self.router_dtype, tuple(ROUTER_DTYPES))
         if self.router == "expert_choice" and (self.noisy_gating or self.batch_priority):
             raise ValueError("noisy_gating and batch_priority apply to router='topk' only")
 
@@ -144,8 +124,8 @@ class SoftMoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "slots_per_expert"):
-            _check_positive_int(name, getattr(self, name))
-        _check_activation(self.activation)
-        _check_unit_interval("expert_dropout", self.expert_dropout)
+            check_positive_int(name, getattr(self, name))
+        check_choice("activation", self.activation, sorted(ACTIVATIONS))
+        check_unit_interval("expert_dropout", self.expert_dropout)
         if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")

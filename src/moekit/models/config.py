@@ -9,20 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moekit.config import (
+    check_choice,
+    check_non_negative,
+    check_positive_int,
+    check_positive_number,
+    check_unit_interval,
+)
 from moekit.experts.activations import ACTIVATIONS
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 
 __all__ = ["LMConfig"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"model.{name} must be a number >= 0, got {value!r}")
 
 
 @dataclass
@@ -73,31 +70,25 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads != 0 or (self.d_model // self.n_heads) % 2 != 0:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of"
                 " even width (rotary positions rotate pairs of channels)"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
+        check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
         if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
             raise ValueError(
                 f"model.moe_offset must be an integer in [0, moe_every={self.moe_every}),"
                 f" got {self.moe_offset!r}"
             )
         if self.dense_d_ff_at_moe is not None:
-            _positive_int("dense_d_ff_at_moe", self.dense_d_ff_at_moe)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+            check_positive_int("model.dense_d_ff_at_moe", self.dense_d_ff_at_moe)
+        check_unit_interval("model.dropout", self.dropout)
         for name in ("load_balance_coef", "z_loss_coef"):
-            _non_negative(name, getattr(self, name))
+            check_non_negative(f"model.{name}", getattr(self, name))
         for name in ("init_scale", "rope_base", "norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"model.{name} must be a number > 0, got {value!r}")
+            check_positive_number(f"model.{name}", getattr(self, name))
         self._check_moe()
 
     def _check_moe(self) -> None:

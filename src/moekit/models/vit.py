@@ -24,6 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import (
+    check_choice,
+    check_non_negative,
+    check_positive_int,
+    check_positive_number,
+    check_unit_interval,
+)
 from moekit.experts.activations import ACTIVATIONS
 from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux, model_loss
@@ -32,7 +39,6 @@ from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
 from moekit.models.blocks import PreNormBlock, SelfAttention
-from moekit.models.config import _non_negative, _positive_int  # the same checks and messages as LMConfig
 from moekit.models.flops import _ffn_params
 
 __all__ = [
@@ -46,11 +52,6 @@ __all__ = [
 ]
 
 POOLS = ("mean", "cls")
-
-
-def _positive_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"model.{name} must be a number > 0, got {value!r}")
 
 
 @dataclass
@@ -114,25 +115,22 @@ class ViTConfig:
             "n_heads",
             "d_ff",
         ):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(f"model.{name}", getattr(self, name))
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"model.patch_size must divide model.image_size ({self.image_size}), got {self.patch_size}"
             )
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"model.n_heads must divide model.d_model ({self.d_model}), got {self.n_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.pool not in POOLS:
-            raise ValueError(f"model.pool must be one of {POOLS}, got {self.pool!r}")
+        check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
+        check_choice("model.pool", self.pool, POOLS)
         if self.dense_d_ff_at_moe is not None:
-            _positive_int("dense_d_ff_at_moe", self.dense_d_ff_at_moe)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+            check_positive_int("model.dense_d_ff_at_moe", self.dense_d_ff_at_moe)
+        check_unit_interval("model.dropout", self.dropout)
         for name in ("init_scale", "norm_eps"):
-            _positive_number(name, getattr(self, name))
+            check_positive_number(f"model.{name}", getattr(self, name))
         for name in ("load_balance_coef", "z_loss_coef"):
-            _non_negative(name, getattr(self, name))
+            check_non_negative(f"model.{name}", getattr(self, name))
         self._check_moe_blocks()
         self._check_moe()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moekit.config import check_choice, check_int, check_number
+
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "NONFINITE_POLICIES", "PROGRESS_MODES"]
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -12,25 +14,6 @@ SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("float32", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback", "raise")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
-
-
-def _int(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"train.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _num(name: str, value: object, *, low: float, high: float = float("inf"), low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        rule = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != float("inf") else "")
-        raise ValueError(f"train.{name} must be a number {rule}, got {value!r}")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"train.{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass
@@ -93,30 +76,30 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        _int("max_steps", self.max_steps, 1)
-        _int("batch_size", self.batch_size, 1)
-        _int("seed", self.seed, 0)
-        _int("log_every", self.log_every, 1)
-        _int("eval_every", self.eval_every, 0)
+        check_int("train.max_steps", self.max_steps, 1)
+        check_int("train.batch_size", self.batch_size, 1)
+        check_int("train.seed", self.seed, 0)
+        check_int("train.log_every", self.log_every, 1)
+        check_int("train.eval_every", self.eval_every, 0)
         if self.eval_batches is not None:
-            _int("eval_batches", self.eval_batches, 1)
-        _int("checkpoint_every", self.checkpoint_every, 0)
-        _int("keep_checkpoints", self.keep_checkpoints, 2)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _num("lr", self.lr, low=0.0, low_open=True)
-        _num("weight_decay", self.weight_decay, low=0.0)
-        _num("beta1", self.beta1, low=0.0, high=0.999999)
-        _num("beta2", self.beta2, low=0.0, high=0.999999)
-        _num("eps", self.eps, low=0.0, low_open=True)
-        _num("update_clip_d", self.update_clip_d, low=0.0, low_open=True)
-        _int("warmup_steps", self.warmup_steps, 0)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _num("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _num("grad_clip", self.grad_clip, low=0.0)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        _int("max_consecutive_skips", self.max_consecutive_skips, 1)
-        _int("threads", self.threads, 0)
-        _choice("progress", self.progress, PROGRESS_MODES)
+            check_int("train.eval_batches", self.eval_batches, 1)
+        check_int("train.checkpoint_every", self.checkpoint_every, 0)
+        check_int("train.keep_checkpoints", self.keep_checkpoints, 2)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_number("train.lr", self.lr, low=0.0, low_open=True)
+        check_number("train.weight_decay", self.weight_decay, low=0.0)
+        check_number("train.beta1", self.beta1, low=0.0, high=0.999999)
+        check_number("train.beta2", self.beta2, low=0.0, high=0.999999)
+        check_number("train.eps", self.eps, low=0.0, low_open=True)
+        check_number("train.update_clip_d", self.update_clip_d, low=0.0, low_open=True)
+        check_int("train.warmup_steps", self.warmup_steps, 0)
+        check_choice("train.schedule", self.schedule, SCHEDULES)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_number("train.grad_clip", self.grad_clip, low=0.0)
+        check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_int("train.max_consecutive_skips", self.max_consecutive_skips, 1)
+        check_int("train.threads", self.threads, 0)
+        check_choice("train.progress", self.progress, PROGRESS_MODES)
         if not isinstance(self.tensorboard, bool):
             raise ValueError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")

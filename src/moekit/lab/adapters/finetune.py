@@ -33,6 +33,7 @@ from moekit.adapters.inject import apply_adapters, trainable_parameters
 from moekit.adapters.io import save_adapters
 from moekit.adapters.recording import RouterRecorder, record_router_probs, set_sequence_mask
 from moekit.atomic import atomic_write_text
+from moekit.config import check_choice, check_number, check_positive_int
 from moekit.errors import MoekitError
 from moekit.lab.adapters.tasks import HELDOUT_TASKS, SEEN_TASKS, Example, build_tasks
 
@@ -70,14 +71,13 @@ class FinetuneConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for key in ("steps", "batch_size", "max_len", "eval_max_len", "n_train", "n_test", "threads"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < (0 if key == "steps" else 1):
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if self.lr is not None and not self.lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {self.lr!r}")
+        check_choice("method", self.method, METHODS)
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:  # 0: evaluate only
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for key in ("batch_size", "max_len", "eval_max_len", "n_train", "n_test", "threads"):
+            check_positive_int(key, getattr(self, key))
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0)
         self.adapter_config()  # validates num_experts / routing / top_k / router_input / r / alpha
 
     def adapter_config(self) -> Any:

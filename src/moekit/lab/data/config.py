@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moekit.config import check_int, check_number, check_positive_int
+
 __all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS"]
 
 
@@ -41,18 +43,11 @@ class DataConfig:
             )
         if self.vocab_size > 65535:
             raise ValueError(f"data.vocab_size must be <= 65535, got {self.vocab_size!r}")
-        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
-            raise ValueError(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
-        if (
-            isinstance(self.val_fraction, bool)
-            or not isinstance(self.val_fraction, (int, float))
-            or not 0.0 < self.val_fraction < 0.5
-        ):
-            raise ValueError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction!r}")
-        if not isinstance(self.piece_chars, int) or self.piece_chars < 256:
-            raise ValueError(f"data.piece_chars must be an integer >= 256, got {self.piece_chars!r}")
-        if self.max_chars is not None and (not isinstance(self.max_chars, int) or self.max_chars < 1):
-            raise ValueError(f"data.max_chars must be a positive integer, got {self.max_chars!r}")
+        check_int("data.seq_len", self.seq_len, 2)
+        check_number("data.val_fraction", self.val_fraction, low=0, high=0.5, low_open=True, high_open=True)
+        check_int("data.piece_chars", self.piece_chars, 256)
+        if self.max_chars is not None:
+            check_positive_int("data.max_chars", self.max_chars)
 
 
 # Shapes of the named image sets, known before loading so a config can be checked (and a ViT sized) without

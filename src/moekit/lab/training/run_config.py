@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import config_from_dict, suggest
+from moekit.config import check_int, check_positive_number, config_from_dict, suggest
 from moekit.errors import MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.layers.config import MoEConfig, SoftMoEConfig
@@ -91,12 +91,8 @@ class ParallelConfig:
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        ep = self.expert_parallel
-        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-            raise ValueError(f"parallel.expert_parallel must be an integer >= 1, got {ep!r}")
-        t = self.timeout_s
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
-            raise ValueError(f"parallel.timeout_s must be a number > 0, got {t!r}")
+        check_int("parallel.expert_parallel", self.expert_parallel, 1)
+        check_positive_number("parallel.timeout_s", self.timeout_s)
 
 
 @dataclass
