@@ -11,6 +11,8 @@ from moekit.adapters import (
     LoRAConfig,
     MoLoRAConfig,
     MoVConfig,
+    adapter_config_from_dict,
+    adapter_config_to_dict,
     apply_adapters,
     iter_adapters,
     load_adapters,
@@ -253,6 +255,18 @@ def test_target_modules_explicit_and_unknown_model():
 def test_config_validation(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_adapter_config_json_round_trip():
+    for config in (IA3Config(), LoRAConfig(r=2, alpha=4.0), MoVConfig(num_experts=3, routing="topk", top_k=1),
+                   MoLoRAConfig(num_experts=2, router_input="sentence")):
+        data = adapter_config_to_dict(config)
+        assert data["adapter"] == config.kind
+        assert adapter_config_from_dict(data) == config
+    with pytest.raises(ValueError, match=r"adapter must be one of .*got 'prefix'"):
+        adapter_config_from_dict({"adapter": "prefix"})
+    with pytest.raises(ValueError, match=r"unknown lora config field\(s\) \['rank'\]"):
+        adapter_config_from_dict({"adapter": "lora", "rank": 4})
 
 
 def test_apply_twice_is_an_error():

@@ -12,8 +12,8 @@ from moekit.adapters.config import (
     LoRAConfig,
     MoLoRAConfig,
     MoVConfig,
-    config_from_dict,
-    config_to_dict,
+    adapter_config_from_dict,
+    adapter_config_to_dict,
 )
 from moekit.adapters.inject import (
     adapter_config,
@@ -29,8 +29,8 @@ from moekit.adapters.recording import RouterRecorder, record_router_probs, set_s
 
 __all__ = [
     "AdapterConfig", "IA3Config", "LoRAConfig", "MoLoRAConfig", "MoVConfig", "RouterRecorder",
-    "adapter_config",
-    "adapter_sites", "adapter_state_dict", "apply_adapters", "config_from_dict", "config_to_dict",
+    "adapter_config", "adapter_config_from_dict", "adapter_config_to_dict",
+    "adapter_sites", "adapter_state_dict", "apply_adapters",
     "iter_adapters", "load_adapters", "merge_adapters", "record_router_probs", "save_adapters",
     "set_sequence_mask", "trainable_parameters",
 ]

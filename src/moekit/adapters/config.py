@@ -1,8 +1,9 @@
 """Typed configs for the parameter-efficient adapters: (IA)3, LoRA, MoV and MoLoRA (ALGORITHMS.md section 5).
 
 One dataclass per adapter type, validated in ``__post_init__`` so a bad value fails when the config is
-built, with a ``ValueError`` that names the field, the value and the rule. ``config_from_dict`` /
-``config_to_dict`` are the JSON round trip that ``save_adapters`` / ``load_adapters`` rely on.
+built, with a ``ValueError`` that names the field, the value and the rule. ``adapter_config_to_dict`` /
+``adapter_config_from_dict`` are the JSON round trip that ``save_adapters`` / ``load_adapters`` rely on (named
+apart from :func:`moekit.config.config_from_dict`, which builds any config dataclass from a TOML section).
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ AdapterConfig = IA3Config | LoRAConfig | MoVConfig | MoLoRAConfig
 CONFIG_TYPES: dict[str, type] = {c.kind: c for c in (IA3Config, LoRAConfig, MoVConfig, MoLoRAConfig)}
 
 
-def config_to_dict(config: AdapterConfig) -> dict[str, Any]:
+def adapter_config_to_dict(config: AdapterConfig) -> dict[str, Any]:
     """``{"adapter": kind, **fields}``: the JSON form stored beside saved adapter weights."""
     return {"adapter": config.kind, **dataclasses.asdict(config)}
 
 
-def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Inverse of :func:`config_to_dict`; unknown adapter types and unknown fields are errors."""
+def adapter_config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Inverse of :func:`adapter_config_to_dict`; unknown adapter types and unknown fields are errors."""
     data = dict(data)
     kind = data.pop("adapter", None)
     if kind not in CONFIG_TYPES:

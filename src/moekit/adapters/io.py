@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moekit.adapters.config import config_from_dict, config_to_dict
+from moekit.adapters.config import adapter_config_from_dict, adapter_config_to_dict
 from moekit.adapters.inject import adapter_config, adapter_sites, adapter_state_dict, apply_adapters
 from moekit.atomic import atomic_dir
 from moekit.errors import MoekitError
@@ -37,7 +37,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
-    meta = {"format": FORMAT, "version": 1, "config": config_to_dict(config), "sites": sites,
+    meta = {"format": FORMAT, "version": 1, "config": adapter_config_to_dict(config), "sites": sites,
             "shapes": {k: list(v.shape) for k, v in tensors.items()}}
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -60,7 +60,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     meta = json.loads(cfg_path.read_text())
     if meta.get("format") != FORMAT:
         raise MoekitError(f"{cfg_path} is not a moekit adapter config (format={meta.get('format')!r})")
-    config = config_from_dict(meta["config"])
+    config = adapter_config_from_dict(meta["config"])
     saved_sites: dict[str, str] = meta["sites"]
     current = adapter_config(model)
     if current is None:
