@@ -61,12 +61,10 @@ def plot_accuracy(result: dict, path: Path, step_seconds: dict[str, float] | Non
     """Accuracy vs step and vs training seconds. With ``step_seconds`` (each arm's side-by-side median step time)
     the time axis is step x that time, so every arm is timed under the same conditions; otherwise it is each run's
     own clock, which also records how busy the machine was while that run trained."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
     for name, runs in result["runs"].items():
         runs = [r for r in runs if r["curve"]["val_accuracy"]]
         if not runs:
@@ -95,7 +93,6 @@ def plot_accuracy(result: dict, path: Path, step_seconds: dict[str, float] | Non
     fig.suptitle("ViT on Fashion-MNIST at equal FFN FLOPs per image (mean of seeds, band: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def accuracy_table(result: dict) -> str:
@@ -182,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from moekit.lab.runtime import train_run_with_threads
     from moekit.lab.training.compare import compare
 
     sources = [str(ROOT / "configs" / f"{name}.toml") for name in args.arms]
-    res = compare(sources, seeds=args.seeds, overrides=args.overrides, out_dir=args.out, baseline="vit-dense")
+    res = compare(sources, seeds=args.seeds, overrides=args.overrides, out_dir=args.out, baseline="vit-dense",
+                  train=train_run_with_threads)  # as moekit compare: each run's train.threads applies
     out = Path(args.out)
     result = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     names = ["accuracy.png", "accuracy.md", "compare.md", "compare.csv", "val_loss.png"]

@@ -1,5 +1,10 @@
 """The ``moekit`` command line. Thin on purpose: each subcommand lives in ``moekit.lab.commands.<name>`` and exposes
-``register(subparsers)``; all knobs live in configs. Errors meant for the user exit non-zero with one line."""
+``register(subparsers)``; all knobs live in configs. Errors meant for the user exit non-zero with one line.
+
+Process-wide settings are applied here and in the command entries, never by a library function: glibc's malloc
+tuning once, below, for the commands that offer ``--no-tune-malloc`` (train, compare, finetune, bench); the thread
+count of the config by the commands that train (``moekit.lab.runtime.set_threads``). Plots use matplotlib's object
+API, so no backend is selected anywhere."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import importlib
 import sys
 
 from moekit.errors import MoekitError
+from moekit.lab.runtime import tune_malloc
 
 # Each module defines register(subparsers) -> None, which adds its parser and sets ``func`` (args -> int).
 COMMAND_MODULES = [
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "tune_malloc"):  # a command that registered --no-tune-malloc
+            args.malloc_tuned = tune_malloc() if args.tune_malloc else False
         return int(args.func(args) or 0)
     except (MoekitError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, UnicodeDecodeError) as exc:

@@ -1,4 +1,8 @@
-"""Process-level performance settings, all opt-in (importing moekit changes nothing).
+"""Process-wide settings, applied by the ``moekit`` command line only (importing moekit changes nothing, and no
+library function, core or lab, calls these): torch's thread count and glibc's malloc thresholds.
+
+``set_threads(requested)``: ``train.threads`` (or ``moekit finetune --threads``) applied to this process; 0 (auto)
+resolves with :func:`moekit.training.trainer.resolve_threads` (fewer threads on a busy machine).
 
 ``tune_malloc()``: on glibc, allocations above ``M_MMAP_THRESHOLD`` get fresh pages from the kernel on every call,
 and every first touch of such a page faults. An MoE step allocates hundreds of MB of weight gradients and
@@ -12,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from pathlib import Path
+from typing import Any
 
-__all__ = ["tune_malloc"]
+__all__ = ["set_threads", "train_run_with_threads", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -35,3 +41,26 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) -
     ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
     _tuned = bool(ok)
     return _tuned
+
+
+def set_threads(requested: int) -> int:
+    """Set torch's intra-op thread count for this process: ``requested`` when > 0, else the automatic choice of
+    :func:`~moekit.training.trainer.resolve_threads`. Returns the count now in effect."""
+    import torch
+
+    from moekit.training.trainer import resolve_threads
+
+    threads = resolve_threads(requested)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
+def train_run_with_threads(run_config: Any, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """:func:`moekit.lab.training.run.train_run` after :func:`set_threads` of the run's ``train.threads`` (what
+    ``moekit train`` and ``moekit compare`` do for each run; ``compare(..., train=train_run_with_threads)``)."""
+    from moekit.lab.training.run import read_run_config, train_run
+
+    config = run_config if run_config is not None else read_run_config(Path(run_dir))
+    set_threads(config.train.threads)
+    return train_run(run_config, run_dir, **kwargs)

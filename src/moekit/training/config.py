@@ -44,7 +44,9 @@ class TrainConfig:
         "rollback" (roll back at once) or "raise".
     max_consecutive_skips: see ``nonfinite``.
     threads: torch intra-op threads; 0 (auto): torch's default (one per core), fewer when the load average
-            says other processes hold cores (see ``trainer.resolve_threads``).
+            says other processes hold cores (see ``trainer.resolve_threads``). A process-wide setting, so the
+            ``Trainer`` does not apply it: the command line does (``moekit.lab.runtime.set_threads``), a script
+            calls ``torch.set_num_threads`` itself.
     progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "off".
     tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     """

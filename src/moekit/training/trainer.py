@@ -389,9 +389,6 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``max_steps`` (continuing from ``self.step``), evaluating and checkpointing on the way."""
         c = self.config
-        threads = resolve_threads(c.threads)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
         # A fresh start empties a log left by a process killed before its first checkpoint; a resume cuts
         # the log back to its length at the checkpoint.
         truncate = 0 if self.step == 0 else self._metrics_bytes

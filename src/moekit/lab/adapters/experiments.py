@@ -114,11 +114,8 @@ def results_table(results: list[dict[str, Any]], majority: dict[str, float] | No
 
 def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | None = None) -> Path:
     """Heatmaps of the mean routing probability per expert (columns) per task (rows), one panel per site."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     routing = result["routing"]
     tasks = list(routing)
@@ -134,7 +131,8 @@ def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | No
     held = set(result["config"]["heldout_tasks"])
     labels = [f"{t} (held out)" if t in held else t for t in tasks]
     size = (4.2 * len(sites), 0.42 * len(tasks) + 1.6)
-    fig, axes = plt.subplots(1, len(sites), figsize=size, squeeze=False)
+    fig = Figure(figsize=size)
+    axes = fig.subplots(1, len(sites), squeeze=False)
     for ax, site in zip(axes[0], sites, strict=True):
         m_TE = np.array([routing[t][site] for t in tasks])
         im = ax.imshow(m_TE, aspect="auto", cmap="viridis")
@@ -149,5 +147,4 @@ def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -194,8 +194,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Trains ``cfg`` and writes ``results.json`` (and the adapters) to ``out_dir``; returns the results."""
-    torch.set_num_threads(cfg.threads)
+    """Trains ``cfg`` and writes ``results.json`` (and the adapters) to ``out_dir``; returns the results.
+    ``cfg.threads`` is recorded, not applied: the caller sets torch's thread count (``moekit finetune`` does)."""
     torch.manual_seed(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

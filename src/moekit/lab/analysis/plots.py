@@ -1,7 +1,8 @@
 """PNG figures of a routing analysis, returned as bytes so the HTML report can embed them (base64 data URIs: the
 report is one self-contained file that opens offline).
 
-matplotlib's Agg backend is selected explicitly so this works with no display.
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``, whose ``savefig`` renders with Agg):
+no pyplot, no backend switch, no global state, so this works with no display and leaves a notebook's backend alone.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import numpy as np
 __all__ = ["load_figure", "specialisation_figure", "agreement_figure"]
 
 
-def _plt():
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Any:
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def _png(fig: Any) -> bytes:
-    plt = _plt()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -39,10 +35,10 @@ def _p(p: float) -> str:
 def load_figure(summary: dict[str, Any]) -> bytes:
     """Per MoE layer: each expert's share of routed assignments (kept and dropped stacked), then router entropy
     and dropped share per layer."""
-    plt = _plt()
     layers = summary["layers"]
     E = summary["num_experts"]
-    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4 * (len(layers) + 1), 3.4), squeeze=False)
+    fig = _figure((4 * (len(layers) + 1), 3.4))
+    axes = fig.subplots(1, len(layers) + 1, squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=False):
         load = layer["load"]
         total = max(sum(load["chosen_per_expert"]), 1)
@@ -70,13 +66,13 @@ def load_figure(summary: dict[str, Any]) -> bytes:
 
 def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
     """Heatmap of log2(expert share / corpus share) per expert and category for one layer, with the counts."""
-    plt = _plt()
     layer = summary["layers"][layer_index]
     names = summary["categories"]
     enr = np.array([[np.nan if v is None else v for v in ex["enrichment"]] for ex in layer["experts"]], dtype=float)
     with np.errstate(divide="ignore"):
         log_enr = np.log2(np.where(enr > 0, enr, np.nan))
-    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2.5, 0.42 * len(layer["experts"]) + 1.6))
+    fig = _figure((1.0 * len(names) + 2.5, 0.42 * len(layer["experts"]) + 1.6))
+    ax = fig.subplots()
     im = ax.imshow(np.nan_to_num(log_enr, nan=-3.0).clip(-3, 3), cmap="RdBu_r", vmin=-3, vmax=3, aspect="auto")
     for e, ex in enumerate(layer["experts"]):
         for c, n in enumerate(ex["category_counts"]):
@@ -93,11 +89,11 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
 
 def agreement_figure(summary: dict[str, Any], index: int) -> bytes:
     """Row-normalised transition matrix of the top-1 expert between two consecutive MoE layers."""
-    plt = _plt()
     a = summary["agreement"][index]
     M = np.array(a["transition_share"])
     E = M.shape[0]
-    fig, ax = plt.subplots(figsize=(4.6, 4))
+    fig = _figure((4.6, 4))
+    ax = fig.subplots()
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)
     ax.set_yticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)

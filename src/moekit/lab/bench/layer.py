@@ -32,7 +32,6 @@ from torch import nn
 
 from moekit.atomic import atomic_write_text
 from moekit.lab.bench.peers import EinsumMoE, LoopMoE
-from moekit.lab.runtime import tune_malloc
 from moekit.layers import DenseFFN, MoE, MoEConfig
 
 VARIANTS = ("moe", "moe_cf1.25", "dense", "einsum", "loop")
@@ -198,7 +197,14 @@ def run_benchmark(
     experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, threads: int,
     out_dir: Path | None, command: str, measure_memory: bool = True, tuned: bool = False,
 ) -> list[Case]:
-    torch.set_num_threads(threads)
+    """Time every (E, k) case; ``threads`` is the thread count the caller set (``moekit bench`` sets it: this
+    function changes no process-wide setting), recorded in the results and used by the memory subprocesses;
+    ``tuned``: whether the caller tuned glibc's malloc (recorded)."""
+    if threads != torch.get_num_threads():
+        raise ValueError(
+            f"run_benchmark(threads={threads}) but torch runs {torch.get_num_threads()} threads: call "
+            f"torch.set_num_threads({threads}) first"
+        )
     cases: list[Case] = []
     for E in experts:
         for k in top_ks:
@@ -248,7 +254,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
     _SET_TO_NONE["value"] = args.grad_policy == "none"
-    tuned = False if args.no_tune_malloc else tune_malloc()
+    tuned = bool(getattr(args, "malloc_tuned", False))  # moekit.lab.cli.main applied it (or not)
     out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))
     command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
     run_benchmark(experts, top_ks, tokens, d_model, d_ff, rounds, args.threads, out, command,

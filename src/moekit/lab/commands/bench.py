@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moekit.lab.commands import add_tune_malloc
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="layer throughput vs dense FFN, one-hot einsum and per-expert loop")
@@ -15,11 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke test)")
-    p.add_argument(
-        "--no-tune-malloc", action="store_true",
-        help="keep glibc's default allocator settings (by default large freed blocks are kept for reuse, for all "
-        "variants alike; see moekit.lab.runtime.tune_malloc)",
-    )
+    add_tune_malloc(p)  # applied for all variants alike
     p.add_argument(
         "--grad-policy", choices=("none", "reuse"), default="none",
         help="between steps: zero_grad(set_to_none=True) ('none', PyTorch's default) or reuse zeroed buffers",
@@ -29,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from moekit.lab.bench.layer import main_from_args
 
+    if args.threads >= 1:  # main_from_args refuses the others
+        torch.set_num_threads(args.threads)
     return main_from_args(args)

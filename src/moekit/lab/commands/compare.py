@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.lab.commands import add_overrides
+from moekit.lab.commands import add_overrides, add_tune_malloc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,10 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="config (file stem) whose final validation loss the speedups are measured to (default: the first "
         "config without a [moe] section; none: no speedup columns)",
     )
+    add_tune_malloc(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.lab.runtime import train_run_with_threads
     from moekit.lab.training.compare import compare
 
     def log(msg: str) -> None:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         baseline=args.baseline,
         log=log,
+        train=train_run_with_threads,  # each run's train.threads applies to this process while it trains
     )
     print((result.out_dir / "compare.md").read_text(encoding="utf-8"), end="")
     print(f"trained {len(result.trained)} run(s), skipped {len(result.skipped)} finished earlier")

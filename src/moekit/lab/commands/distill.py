@@ -30,8 +30,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _student_threads(args: argparse.Namespace) -> int | None:
+    """The student's ``train.threads``: the teacher's, or the ``--set train.threads`` override; None when the run
+    directory or the overrides are unreadable (``distill_run`` then reports why)."""
+    from moekit.errors import MoekitError
+    from moekit.lab.training.run import read_run_config
+    from moekit.lab.training.run_config import parse_overrides
+
+    try:
+        threads = parse_overrides(args.overrides).get("train", {}).get("threads")
+        if threads is None:
+            threads = read_run_config(args.run_dir).train.threads
+    except (MoekitError, ValueError):
+        return None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0 else None
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.lab.distill import distill_run
+    from moekit.lab.runtime import set_threads
+
+    threads = _student_threads(args)
+    if threads is not None:
+        set_threads(threads)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moekit.lab.commands import add_tune_malloc
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune",
@@ -37,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the Markdown table of a grid dir (and --plot the routing of its MoV run)")
     p.add_argument("--plot", default=None, help="with --report: PNG path for the routing heatmaps")
     p.add_argument("--plot-run", default="mov10", help="with --plot: which run's routing to draw")
+    add_tune_malloc(p)
     p.set_defaults(func=run)
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.errors import MoekitError
     from moekit.lab.adapters import experiments
     from moekit.lab.adapters.finetune import FinetuneConfig, run_finetune
+    from moekit.lab.runtime import set_threads
 
     if args.report:
         results = experiments.load_results(args.report)
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 router_input=args.router_input, r=args.r, alpha=args.alpha, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, max_len=args.max_len, eval_max_len=args.eval_max_len,
                 n_train=args.n_train, n_test=args.n_test, seed=args.seed, threads=args.threads)
+    set_threads(args.threads)  # every run of this process (a grid too) uses --threads
     if args.grid:
         for k in ("num_experts", "routing", "top_k", "router_input"):
             base.pop(k)  # the grid sets these per entry

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moekit.lab.commands import add_overrides
+from moekit.lab.commands import add_overrides, add_tune_malloc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,12 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest valid checkpoint",
     )
+    add_tune_malloc(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import MoekitError
-    from moekit.lab.training.run import default_run_dir, train_run
+    from moekit.lab.runtime import train_run_with_threads
+    from moekit.lab.training.run import default_run_dir
     from moekit.lab.training.run_config import DEFAULT_CONFIG_NAME, load_run_config
 
     def log(msg: str) -> None:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             tables["parallel"]["expert_parallel"] = launch_world_size()
             tables["parallel"].update(parsed.get("parallel", {}))
             run_config = build_run_config(tables)
-        summary = train_run(run_config, run_dir, resume=True, log=log)
+        summary = train_run_with_threads(run_config, run_dir, resume=True, log=log)
     else:
         config_name = args.config or DEFAULT_CONFIG_NAME
         from moekit.lab.training.run_config import find_named_config
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         source = args.config if args.config else find_named_config(DEFAULT_CONFIG_NAME)
         run_config = load_run_config(source, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
-        summary = train_run(run_config, run_dir, log=log)
+        summary = train_run_with_threads(run_config, run_dir, log=log)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

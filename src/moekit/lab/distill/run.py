@@ -110,9 +110,7 @@ def distill_run(
                 f"--dense-baseline {dense_baseline} was trained on other validation tokens (another corpus or "
                 "tokenizer) than the teacher: the losses are not comparable"
             )
-    tc = run_config.train
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
+    tc = run_config.train  # tc.threads is the caller's to apply (moekit distill does): a process-wide setting
     seq_len = run_config.data.seq_len
 
     # The run directory is an ordinary dense run over the teacher's own data and tokenizer.

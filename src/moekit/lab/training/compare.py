@@ -537,12 +537,10 @@ def plot_compare(
     """Validation loss (or, ``metric = "val_accuracy"``, a classifier's accuracy) vs step and vs training seconds:
     mean over seeds, min-max band. ``target`` (a loss) is drawn on the loss plot only."""
     is_loss = metric == "val_loss"
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API: no pyplot, no backend switch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
     for name, runs in arm_runs.items():
         for ax, key in zip(axes, ("step", "time_s"), strict=True):
             band = _band(runs, key, metric)
@@ -570,7 +568,6 @@ def plot_compare(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
     return path
 
 
@@ -590,7 +587,8 @@ def compare(
 ) -> CompareResult:
     """Train every (config, seed) not yet finished in ``out_dir``, then write ``compare.csv``, ``compare.md``,
     ``compare.json`` and ``val_loss.png`` there (and ``val_accuracy.png`` for classifiers). ``train`` defaults to
-    :func:`moekit.lab.training.run.train_run`."""
+    :func:`moekit.lab.training.run.train_run`, which leaves the thread count alone; ``moekit compare`` passes
+    :func:`moekit.lab.runtime.train_run_with_threads` so that each run's ``train.threads`` applies."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if train is None:
         from moekit.lab.training.run import train_run as train

@@ -1,7 +1,8 @@
 """PNG plots of a run from its ``metrics.jsonl``: train / validation loss, and per-layer expert load over
 time.
 
-matplotlib's Agg backend is selected explicitly so plotting works with no display.
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``, whose ``savefig`` renders with Agg):
+no pyplot, no backend switch, no global state, so this works with no display and leaves a notebook's backend alone.
 """
 
 from __future__ import annotations
@@ -23,10 +24,7 @@ def _float(v: object) -> float:
 def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list[Path]:
     """Write ``plots/loss.png``, (for classifiers) ``plots/accuracy.png`` and (for MoE runs)
     ``plots/expert_load.png``; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
@@ -38,7 +36,8 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     val = [(r["step"], _float(r["val_loss"])) for r in records if "val_loss" in r]
     acc = [(r["step"], _float(r["val_accuracy"])) for r in records if "val_accuracy" in r]
     def step_plot(name: str, ylabel: str, draw) -> None:  # noqa: ANN001 - draw(ax) adds the lines
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         draw(ax)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -48,7 +47,6 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
 
     def draw_loss(ax) -> None:  # noqa: ANN001
@@ -71,7 +69,8 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
     ]
     if loads:
         num_layers = len(loads[0][1])
-        fig, axes = plt.subplots(num_layers, 1, figsize=(7, 2.2 * num_layers + 0.6), squeeze=False)
+        fig = Figure(figsize=(7, 2.2 * num_layers + 0.6))
+        axes = fig.subplots(num_layers, 1, squeeze=False)
         steps = [s for s, _, _ in loads]
         for layer in range(num_layers):
             ax = axes[layer][0]
@@ -93,6 +92,5 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
         fig.tight_layout()
         path = out_dir / "expert_load.png"
         fig.savefig(path, dpi=110)
-        plt.close(fig)
         written.append(path)
     return written

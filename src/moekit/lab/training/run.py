@@ -44,7 +44,7 @@ from moekit.models import TransformerLM, parameter_counts
 from moekit.models.flops import flops_per_token
 from moekit.models.vit import ViT, vit_flops_per_image, vit_parameter_counts
 from moekit.training import checkpoint as ckpt
-from moekit.training.trainer import Trainer, resolve_threads
+from moekit.training.trainer import Trainer
 
 __all__ = [
     "LoadedRun",
@@ -250,8 +250,9 @@ def _train_run(
     is_main = not distributed or torch.distributed.get_rank() == 0
     if not is_main:  # only rank 0 writes files and user-facing lines
         log = lambda msg: None  # noqa: E731
-    threads = resolve_threads(run_config.train.threads)
-    torch.set_num_threads(threads)
+    # The thread count is the process's: the caller applies train.threads (moekit train and compare do, with
+    # moekit.lab.runtime.set_threads); a library function does not change a process-wide setting.
+    threads = torch.get_num_threads()
     if run_config.is_vit:
         task = _image_task(run_config, log)
     else:
@@ -263,9 +264,8 @@ def _train_run(
         atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     torch.manual_seed(run_config.train.seed)
     model = task.build_model()
-    # Threads are chosen once per session (auto: fewer on a busy machine); the saved config keeps the request.
     trainer = Trainer(
-        dataclasses.replace(run_config.train, threads=threads),
+        run_config.train,
         model,
         task.batches,
         task.val_data,
