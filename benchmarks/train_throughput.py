@@ -18,6 +18,7 @@ in interleaved rounds (the order rotating), because this kind of machine shows i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -77,7 +78,7 @@ def main() -> None:
     models, optims, batches, info = {}, {}, {}, {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        lm_cfg = cfg.lm_config(vocab)
+        lm_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         models[name] = TransformerLM(lm_cfg).train()
         optims[name] = build_optimizer(models[name], cfg.train)
         batches[name] = TokenBatches(tokens, cfg.train.batch_size, cfg.data.seq_len, seed=0)

@@ -132,7 +132,7 @@ def time_arms(arms: list[str], overrides: list[str], rounds: int, steps: int = 1
     models, opts, batches = {}, {}, {}
     for name in arms:
         cfg = load_run_config(str(ROOT / "configs" / f"{name}.toml"), overrides)
-        vit = cfg.vit_config()
+        vit = cfg.model
         torch.manual_seed(0)
         models[name] = ViT(vit)
         opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3)

@@ -16,6 +16,11 @@ from moekit.models import flop_matched_dense, parameter_counts
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
+def _lm(name: str, vocab_size: int):
+    """The typed [model] of configs/<name>.toml with a tokenizer of ``vocab_size``."""
+    return dataclasses.replace(load_run_config(CONFIGS / f"{name}.toml").model, vocab_size=vocab_size)
+
+
 def test_builtin_default_is_switch_tiny():
     default = load_run_config(None).resolved()
     assert default == load_run_config(CONFIGS / "switch-tiny.toml").resolved()
@@ -35,18 +40,19 @@ def test_named_configs_validate_and_round_trip_through_toml(name):
     cfg = load_run_config(CONFIGS / f"{name}.toml")
     again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
     assert again.resolved() == cfg.resolved()
+    assert again == cfg  # the typed config itself, [moe] inside [model]
 
 
 def test_named_config_layouts():
-    glam = load_run_config(CONFIGS / "glam-tiny.toml").lm_config(4096)
+    glam = _lm("glam-tiny", 4096)
     stmoe = load_run_config(CONFIGS / "stmoe-tiny.toml")
-    st_lm = stmoe.lm_config(4096)
+    st_lm = _lm("stmoe-tiny", 4096)
     assert glam.moe.top_k == 2 and glam.moe_layers() == [1, 3]
     assert st_lm.moe.top_k == 2 and st_lm.moe_layers() == [3] and st_lm.z_loss_coef == 1e-3
     assert stmoe.train.optimizer == "adafactor" and stmoe.train.update_clip_d == 1.0
     # dense-tiny is the FLOP-matched dense model of switch-tiny
-    switch = load_run_config(CONFIGS / "switch-tiny.toml").lm_config(4096)
-    dense = load_run_config(CONFIGS / "dense-tiny.toml").lm_config(4096)
+    switch = _lm("switch-tiny", 4096)
+    dense = _lm("dense-tiny", 4096)
     matched = flop_matched_dense(switch)
     assert parameter_counts(dense) == parameter_counts(matched)
     assert dataclasses.replace(dense, z_loss_coef=0.0) == dataclasses.replace(matched, z_loss_coef=0.0)
@@ -97,7 +103,7 @@ def test_set_parses_toml_values_and_none_means_dropless():
         "moe": {"top_k": 2},
     }
     cfg = load_run_config(None, ["moe.capacity_factor=none"])
-    assert cfg.moe_config().capacity_factor is None
+    assert cfg.moe.capacity_factor is None
     assert 'capacity_factor = "none"' in to_toml(cfg.resolved())
 
 
@@ -106,6 +112,7 @@ def test_every_shipped_config_validates_and_round_trips(path):
     cfg = load_run_config(path)
     again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
     assert again.resolved() == cfg.resolved()
+    assert again == cfg
 
 
 @pytest.mark.parametrize(
@@ -115,10 +122,27 @@ def test_every_shipped_config_validates_and_round_trips(path):
 )
 def test_reproduction_dense_baselines_are_flop_matched(dense, moe):
     vocab = 2048
-    d = load_run_config(CONFIGS / f"{dense}.toml").lm_config(vocab)
-    m = load_run_config(CONFIGS / f"{moe}.toml").lm_config(vocab)
+    d = _lm(dense, vocab)
+    m = _lm(moe, vocab)
     matched = flop_matched_dense(m)
     assert parameter_counts(d) == parameter_counts(matched)
     assert dataclasses.replace(d, z_loss_coef=0.0, load_balance_coef=0.0) == dataclasses.replace(
         matched, z_loss_coef=0.0, load_balance_coef=0.0
     )
+
+
+def test_config_is_parsed_once_into_typed_sections():
+    from moekit.layers.config import MoEConfig, SoftMoEConfig
+    from moekit.models.config import LMConfig
+    from moekit.models.vit import ViTConfig
+
+    lm = load_run_config(None, ["data.seq_len=64"])
+    assert isinstance(lm.model, LMConfig) and isinstance(lm.moe, MoEConfig) and lm.moe is lm.model.moe
+    # max_seq_len follows data.seq_len unless set; vocab_size is data.vocab_size (the tokenizer's target)
+    assert (lm.model.max_seq_len, lm.model.vocab_size, lm.arch) == (64, 4096, "lm")
+    assert "vocab_size" not in lm.resolved()["model"] and "arch" not in lm.resolved()["model"]
+    vit = load_run_config(CONFIGS / "vit-softmoe.toml")
+    assert isinstance(vit.model, ViTConfig) and isinstance(vit.moe, SoftMoEConfig) and vit.arch == "vit"
+    assert vit.resolved()["model"]["arch"] == "vit" and vit.resolved()["moe"]["router"] == "soft"
+    dense = load_run_config(CONFIGS / "dense-tiny.toml")
+    assert dense.moe is None and "moe" not in dense.resolved()

@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 
 from moekit.errors import MoekitError  # noqa: E402
 from moekit.lab.cli import main  # noqa: E402
-from moekit.lab.training.run import train_run  # noqa: E402
+from moekit.lab.training.run import read_run_config, train_run  # noqa: E402
 from moekit.lab.training.run_config import build_run_config, load_run_config, to_toml  # noqa: E402
 from moekit.layers.config import SoftMoEConfig  # noqa: E402
 from moekit.models.vit import vit_flops_per_image  # noqa: E402
@@ -60,9 +60,9 @@ def _silent(msg: str) -> None:
 @pytest.mark.parametrize("name", VIT_CONFIGS)
 def test_vit_configs_validate_and_round_trip(name):
     cfg = load_run_config(CONFIGS / f"{name}.toml")
-    assert cfg.is_vit and cfg.data.dataset == "fashion_mnist"
+    assert cfg.arch == "vit" and cfg.data.dataset == "fashion_mnist"
     # the image geometry follows from the data set
-    vit = cfg.vit_config()
+    vit = cfg.model
     assert (vit.image_size, vit.in_channels, vit.num_classes, vit.num_tokens) == (28, 1, 10, 16)
     again = build_run_config(tomllib.loads(to_toml(cfg.resolved())))
     assert again.resolved() == cfg.resolved()
@@ -72,12 +72,12 @@ def test_vit_configs_spend_equal_ffn_flops_per_image():
     """The recipes are matched in FFN FLOPs; what differs is routing overhead (router matmul; Soft MoE's
     dispatch and combine einsums), which must stay small next to the whole model."""
     flops = {
-        n: vit_flops_per_image(load_run_config(CONFIGS / f"{n}.toml").vit_config())["forward"] for n in VIT_CONFIGS
+        n: vit_flops_per_image(load_run_config(CONFIGS / f"{n}.toml").model)["forward"] for n in VIT_CONFIGS
     }
     dense = flops["vit-dense"]
     for name, value in flops.items():
         assert dense <= value <= 1.06 * dense, (name, value / dense)
-    soft = load_run_config(CONFIGS / "vit-softmoe.toml").vit_config()
+    soft = load_run_config(CONFIGS / "vit-softmoe.toml").model
     assert isinstance(soft.moe, SoftMoEConfig)
     # total slots = tokens: the condition for dense-matched FLOPs (ALGORITHMS.md section 4)
     assert soft.moe.num_experts * soft.moe.slots_per_expert == soft.num_tokens
@@ -127,6 +127,10 @@ def test_digits_vit_run_end_to_end_and_eval_agrees(tmp_path, capsys):
     assert (tmp_path / "run" / "plots" / "accuracy.png").is_file()
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["final_val_accuracy"] == summary["final_val_accuracy"]
+    # The config written to the run directory and stored in the checkpoint reads back to the typed config.
+    assert read_run_config(tmp_path / "run") == cfg
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000040" / "state.json").read_text())
+    assert build_run_config(state["config"]) == cfg
 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run")]) == 0

@@ -46,7 +46,7 @@ def analyze_run(
     """Analyse the routing of the run in ``run_dir`` over its validation split (or the text at ``data``: a file or
     a directory of files, tokenized with the run's tokenizer). Returns the summary written to ``analysis.json``."""
     log = log or (lambda msg: None)
-    run = load_trained_run(run_dir, fallback=fallback, warn=log)
+    run = load_trained_run(run_dir, fallback=fallback, warn=log, command="analyze")
     if not run.model.moe_layers:
         raise MoekitError(f"{run_dir} is a dense model: it has no MoE layers, so no routing to analyse")
     tok = load_tokenizer(run.data.tokenizer_path)

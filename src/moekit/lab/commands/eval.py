@@ -8,7 +8,6 @@ fails.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 
@@ -22,39 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from moekit.data.batches import TokenBatches
     from moekit.lab.training.run import load_trained_run
     from moekit.training.trainer import Trainer
 
     def report(msg: str) -> None:
         print(f"moekit eval: warning: {msg}", file=sys.stderr)
 
-    run = load_trained_run(args.run_dir, fallback=True, warn=report, allow_vit=True)
+    run = load_trained_run(args.run_dir, fallback=True, warn=report, command="eval")
+    task = run.config.task
     train_cfg = dataclasses.replace(run.config.train, eval_batches=args.batches, progress="off")
-    if run.config.is_vit:
-        from moekit.data.images import ImageBatches, ImageEvalData
-
-        splits = run.data
-        batches = ImageBatches(splits.train_images, splits.train_labels, 1, 0)
-        trainer = Trainer(
-            train_cfg,
-            run.model,
-            batches,
-            ImageEvalData(splits.test_images, splits.test_labels),
-            args.run_dir,
-            log=report,
-        )
-        loss = trainer.evaluate()
-        print(
-            f"checkpoint {run.checkpoint.name} (step {run.step}): test accuracy {trainer.last_val_accuracy:.4f}, "
-            f"loss {loss:.4f} nats/image"
-        )
-        return 0
-    batches = TokenBatches(run.data.train_tokens, 1, run.config.data.seq_len, 0)
-    trainer = Trainer(train_cfg, run.model, batches, run.data.val_tokens, args.run_dir, log=report)
+    # The trainer evaluates at the run's batch size; its training batches are never drawn here.
+    batches = task.batches(run.config, run.data)
+    trainer = Trainer(train_cfg, run.model, batches, task.eval_data(run.config, run.data), args.run_dir, log=report)
     loss = trainer.evaluate()
-    print(
-        f"checkpoint {run.checkpoint.name} (step {run.step}): validation loss {loss:.4f} nats/token, "
-        f"perplexity {math.exp(loss):.2f}"
-    )
+    print(f"checkpoint {run.checkpoint.name} (step {run.step}): {task.eval_line(loss, trainer.last_val_accuracy)}")
     return 0

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moekit.errors import MoekitError
     from moekit.lab.data.tokenizer import load_tokenizer
-    from moekit.lab.training.run import TOKENIZER_FILE, load_trained_run
+    from moekit.lab.training.run import load_trained_run
 
     if args.max_new_tokens < 1:
         raise MoekitError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -34,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     def report(msg: str) -> None:
         print(f"moekit generate: warning: {msg}", file=sys.stderr)
 
-    model = load_trained_run(args.run_dir, fallback=True, warn=report).model
-    tok = load_tokenizer(f"{args.run_dir}/{TOKENIZER_FILE}")
+    run = load_trained_run(args.run_dir, fallback=True, warn=report, command="generate")
+    model = run.model
+    tok = load_tokenizer(run.data.tokenizer_path)
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     gen = torch.Generator().manual_seed(args.seed)
     out = model.generate(

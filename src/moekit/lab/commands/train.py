@@ -72,19 +72,11 @@ def run(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
         return 0
-    val, uni = summary["final_val_loss"], summary.get("unigram_val_loss")
-    if val is not None and summary.get("arch") == "vit":
-        print(
-            f"test accuracy {summary['final_val_accuracy']:.4f} (loss {val:.3f} nats/image); majority-class "
-            f"baseline {summary['majority_val_accuracy']:.4f}; {summary['steps']} steps, "
-            f"{summary['tokens_per_s']:.0f} images/s, {summary['wall_seconds_this_session']:.0f}s"
-        )
-    elif val is not None:
-        print(
-            f"validation loss {val:.3f} nats/token (perplexity {summary['final_val_perplexity']:.1f}); "
-            f"unigram baseline {uni:.3f}; {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
-            f"{summary['wall_seconds_this_session']:.0f}s"
-        )
+    from moekit.lab.training.tasks import task_for_arch
+
+    line = task_for_arch(summary["arch"]).result_line(summary)
+    if line is not None:
+        print(line)
     if summary["skipped_steps"]:
         print(f"skipped steps (non-finite): {summary['skipped_steps']}, roll-backs: {summary['rollbacks']}")
     print(f"run directory: {summary['run_dir']}")

@@ -32,8 +32,9 @@ from moekit.distill.model import DistilledLM
 from moekit.distill.student import copy_non_expert_weights, expert_usage, init_student_ffns, student_config
 from moekit.errors import MoekitError
 from moekit.lab.training.plots import plot_run
-from moekit.lab.training.run import TOKENIZER_FILE, TOKENS_FILE, default_run_dir, load_trained_run
+from moekit.lab.training.run import default_run_dir, load_trained_run
 from moekit.lab.training.run_config import build_run_config, parse_overrides, to_toml
+from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.models import TransformerLM, parameter_counts
 from moekit.training.trainer import Trainer
 
@@ -85,7 +86,7 @@ def distill_run(
     if not 0.0 <= hard_weight <= 1.0:
         raise MoekitError(f"the label weight must be in [0, 1], got {hard_weight}")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    teacher = load_trained_run(teacher_dir, fallback=fallback, warn=log)
+    teacher = load_trained_run(teacher_dir, fallback=fallback, warn=log, command="distill")
     if not teacher.model.moe_layers:
         raise MoekitError(f"{teacher_dir} is a dense model: distillation needs an MoE teacher")
     parsed = parse_overrides(overrides or [])
@@ -102,7 +103,7 @@ def distill_run(
         raise MoekitError(f"{run_dir} already holds a run; choose another --run-dir")
     baseline = None
     if dense_baseline is not None:
-        baseline = load_trained_run(dense_baseline, fallback=fallback, warn=log)
+        baseline = load_trained_run(dense_baseline, fallback=fallback, warn=log, command="distill")
         if baseline.model.moe_layers:
             raise MoekitError(f"--dense-baseline {dense_baseline} is an MoE run, not a dense one")
         if not np.array_equal(baseline.data.val_tokens, teacher.data.val_tokens):
@@ -120,7 +121,7 @@ def distill_run(
     atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
 
     torch.manual_seed(tc.seed)
-    student = DistilledLM(run_config.lm_config(teacher.data.vocab_size), hard_weight=hard_weight)
+    student = DistilledLM(run_config.task.model_for_data(run_config, teacher.data), hard_weight=hard_weight)
     copied = copy_non_expert_weights(teacher.model, student)
     usage_tokens = teacher.data.train_tokens[: USAGE_BATCHES * tc.batch_size * seq_len]
     usage = expert_usage(trace_model(teacher.model, iter_windows(usage_tokens, seq_len, tc.batch_size, None)))

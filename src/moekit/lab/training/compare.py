@@ -158,7 +158,8 @@ def plan_arms(sources: list[str], seeds: int, overrides: list[str], out_dir: Pat
 
 
 def _budget(cfg: RunConfig) -> dict[str, Any]:
-    out = {f"data.{k}": v for k, v in cfg.resolved()["data"].items()}
+    out: dict[str, Any] = {"model.arch": cfg.arch}  # first: the task decides which [data] keys there are
+    out.update({f"data.{k}": v for k, v in cfg.resolved()["data"].items()})
     out.update({f"train.{k}": getattr(cfg.train, k) for k in _BUDGET_TRAIN_KEYS})
     return out
 
@@ -203,28 +204,25 @@ def _check_run_dir_matches(run_dir: Path, planned: RunConfig) -> None:
                 )
 
 
-def _share_data(source: Path | None, run_dir: Path) -> None:
-    """Give a new run the tokenizer and token arrays of an earlier run of the same comparison.
+def _share_data(source: Path | None, run_dir: Path, files: tuple[str, ...]) -> None:
+    """Give a new run the prepared data ``files`` (the task's ``data_files``: a language model's token arrays and
+    tokenizer) of an earlier run of the same comparison.
 
-    Every arm has the same [data] section (checked), so this is what ``prepare_data`` would build again; sharing
-    it saves the tokenizer training per run and guarantees one tokenizer and split for all arms. Each file is
-    copied to a temporary name and renamed, the tokenizer last (``prepare_data`` reuses them only when both
-    exist)."""
+    Every arm has the same [data] section (checked), so this is what the task would prepare again; sharing it
+    saves the tokenizer training per run and guarantees one tokenizer and split for all arms. Each file is copied
+    to a temporary name and renamed, in the task's order (the tokenizer last: ``prepare_data`` reuses them only
+    when both exist)."""
     if source is None:
         return
-    from moekit.lab.training.run import TOKENIZER_FILE, TOKENS_FILE
-
-    for rel in (TOKENS_FILE, TOKENIZER_FILE):
+    for rel in files:
         src, dst = source / rel, run_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
 
 
-def _has_data(run_dir: Path) -> bool:
-    from moekit.lab.training.run import TOKENIZER_FILE, TOKENS_FILE
-
-    return (run_dir / TOKENIZER_FILE).is_file() and (run_dir / TOKENS_FILE).is_file()
+def _has_data(run_dir: Path, files: tuple[str, ...]) -> bool:
+    return bool(files) and all((run_dir / rel).is_file() for rel in files)
 
 
 def _clean(value: Any) -> Any:
@@ -309,8 +307,8 @@ def steps_to_target(curve: dict[str, Any], target: float) -> tuple[float, float]
 
 
 def _read_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
-    # A language model trains batch x seq_len tokens a step; for an image classifier a "token" is one image.
-    tokens_per_step = cfg.train.batch_size * int(getattr(cfg.data, "seq_len", 1))
+    # What the trainer counts per step: batch x seq_len tokens for a language model, batch images for a classifier.
+    tokens_per_step = cfg.train.batch_size * cfg.task.units_per_row(cfg)
     records = read_metrics(run_dir / "metrics.jsonl")
     curve = run_curve(records, tokens_per_step)
     run: dict[str, Any] = {"run_dir": str(run_dir), "seed": cfg.train.seed, "curve": curve}
@@ -325,12 +323,12 @@ def _read_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
         run["failed"] = False
     final = run.get("final_val_loss")
     run["final_val_loss"] = None if final is None else _float(final)
-    # A language model starts near ln(V), the loss of a uniform prediction (small init): an evaluation above it
-    # is a blow-up. In float32 a blown-up model seldom gives NaN (softmax subtracts the max), its loss jumps.
-    vocab = getattr(cfg.data, "vocab_size", None)
+    # An evaluation above the task's ceiling (a language model: ln(V), where a fresh model starts) is a blow-up.
+    # In float32 a blown-up model seldom gives NaN (softmax subtracts the max), its loss jumps.
+    ceiling = cfg.task.loss_ceiling(cfg)
     finite_losses = [v for v in curve["val_loss"] if math.isfinite(v)]
     run["max_val_loss"] = max(finite_losses) if finite_losses else None
-    spiked = vocab is not None and run["max_val_loss"] is not None and run["max_val_loss"] > math.log(vocab)
+    spiked = ceiling is not None and run["max_val_loss"] is not None and run["max_val_loss"] > ceiling
     run["diverged"] = bool(
         run["failed"]
         or run["final_val_loss"] is None
@@ -608,7 +606,8 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(a.run_dirs) for a in arms)
     trained, skipped = [], []
-    data_source = next((d for a in arms for d in a.run_dirs if _has_data(d)), None)
+    data_files = arms[0].configs[0].task.data_files  # one task: the arms share the [data] section
+    data_source = next((d for a in arms for d in a.run_dirs if _has_data(d, data_files)), None)
     index = 0
     for arm in arms:
         for cfg, run_dir in zip(arm.configs, arm.run_dirs, strict=True):
@@ -620,8 +619,8 @@ def compare(
                 continue
             resume = (run_dir / "config.toml").is_file()
             log(f"{tag}: {'resuming' if resume else 'training'} in {run_dir}")
-            if not resume and not _has_data(run_dir):
-                _share_data(data_source, run_dir)
+            if not resume and not _has_data(run_dir, data_files):
+                _share_data(data_source, run_dir, data_files)
             try:
                 # On a resume the planned config (checked equal to the saved one up to threads / progress) lets
                 # this invocation's train.threads apply.
@@ -632,7 +631,7 @@ def compare(
                 log(f"{tag}: failed: {exc}")
                 _write_json(run_dir / FAILED_FILE, {"error": str(exc)})
             trained.append(run_dir)
-            if data_source is None and _has_data(run_dir):
+            if data_source is None and _has_data(run_dir, data_files):
                 data_source = run_dir
 
     arm_runs = {

@@ -1,9 +1,9 @@
-"""One training run end to end: prepare the data (corpus -> split -> tokenizer -> token arrays), build the
-model,
-train, evaluate against the unigram baseline, plot, and write ``summary.json``. ``moekit train`` is a thin
-wrapper.
+"""One training run end to end, for every task (:mod:`moekit.lab.training.tasks`): prepare the data, build the
+model, train (under expert parallelism too), evaluate against the task's baseline, plot, and write
+``summary.json``. ``moekit train`` is a thin wrapper. Loading a run directory again (eval, generate, analyze,
+distill) is here too.
 
-Run directory layout::
+Run directory layout (the tokenizer and token arrays for a language model only)::
 
     config.toml            the resolved config (every default filled in)
     tokenizer.json         byte-level BPE trained on the training split
@@ -25,80 +25,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
 
-from moekit.atomic import atomic_path, atomic_write_text
-from moekit.data.batches import TokenBatches, unigram_cross_entropy
-from moekit.data.images import ImageBatches, ImageEvalData
+from moekit.atomic import atomic_write_text
 from moekit.errors import MoekitError
-from moekit.lab.data.corpus import load_corpus
-from moekit.lab.data.images import ImageSplits, load_images
-from moekit.lab.data.split import cut_pieces, split_pieces
-from moekit.lab.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
-from moekit.lab.training.plots import plot_run
 from moekit.lab.training.run_config import RunConfig, build_run_config, to_toml, tomllib
-from moekit.models import TransformerLM, parameter_counts
-from moekit.models.flops import flops_per_token
-from moekit.models.vit import ViT, vit_flops_per_image, vit_parameter_counts
+from moekit.lab.training.tasks import Task
 from moekit.training import checkpoint as ckpt
 from moekit.training.trainer import Trainer
 
 __all__ = [
     "LoadedRun",
-    "PreparedData",
     "default_run_dir",
     "load_run",
     "load_trained_run",
-    "prepare_data",
     "read_run_config",
     "train_run",
 ]
-
-TOKENIZER_FILE = "tokenizer.json"
-TOKENS_FILE = "data/tokens.safetensors"
-
-
-@dataclass
-class PreparedData:
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    vocab_size: int
-    tokenizer_path: Path
-
-
-def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> PreparedData:
-    """Reuse the run's tokenizer and token arrays when present; otherwise build them from the corpus."""
-    d = run_config.data
-    tok_path = run_dir / TOKENIZER_FILE
-    tokens_path = run_dir / TOKENS_FILE
-    if tok_path.is_file() and tokens_path.is_file():
-        tok = load_tokenizer(tok_path)
-        arrays = np_load_file(str(tokens_path))
-        return PreparedData(arrays["train"], arrays["val"], tok.get_vocab_size(), tok_path)
-    t0 = time.perf_counter()
-    docs = load_corpus(d.corpus, d.cache_dir)
-    pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
-    train_pieces, val_pieces = split_pieces(pieces, d.val_fraction)
-    tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size)
-    train_tokens = encode_pieces(tok, train_pieces)
-    val_tokens = encode_pieces(tok, val_pieces)
-    n_chars = sum(len(t) for _, t, _ in pieces)
-    log(
-        f"corpus {d.corpus!r}: {n_chars:,} characters -> {len(train_tokens):,} training and"
-        f" {len(val_tokens):,} validation tokens (vocabulary {tok.get_vocab_size()})"
-        f" in {time.perf_counter() - t0:.1f}s"
-    )
-    # The run directory is created only now, once the corpus has loaded: bad input leaves nothing behind.
-    tokens_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(tokens_path) as tmp:
-        np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
-    with atomic_path(tok_path) as tmp:
-        tok.save(str(tmp))
-    return PreparedData(train_tokens, val_tokens, tok.get_vocab_size(), tok_path)
-
 
 def default_run_dir(config_name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -124,25 +67,18 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise MoekitError(f"{cfg_path}: not valid TOML: {exc}") from None
 
 
-def load_run(run_dir: str | Path, *, allow_vit: bool = False) -> tuple[RunConfig, Any, torch.nn.Module]:
-    """The config, data and (freshly initialised) model of an existing run directory: ``PreparedData`` and a
-    :class:`TransformerLM` for a language-model run; with ``allow_vit``, ``ImageSplits`` and a ``ViT`` for an
-    image-classifier run (refused otherwise: the caller works on language models only)."""
+def load_run(run_dir: str | Path, *, command: str | None = None) -> tuple[RunConfig, Any, torch.nn.Module]:
+    """The config, data and (freshly initialised) model of an existing run directory, as its task prepares them
+    (``PreparedData`` and a ``TransformerLM`` for a language model, ``ImageSplits`` and a ``ViT`` for an image
+    classifier). With ``command``, a run whose task does not support that command is refused in one line."""
     run_dir = Path(run_dir)
     run_config = read_run_config(run_dir)
-    if run_config.is_vit:
-        if not allow_vit:
-            raise MoekitError(
-                f"{run_dir} is an image classifier (model.arch = 'vit') run; this command works on language-model "
-                "runs (moekit eval works on both)"
-            )
-        splits = prepare_images(run_config)
-        torch.manual_seed(run_config.train.seed)
-        return run_config, splits, ViT(run_config.vit_config())
-    data = prepare_data(run_config, run_dir, lambda msg: None)
+    task = run_config.task
+    if command is not None:
+        task.require(command, run_dir)
+    data = task.prepare(run_config, run_dir, lambda msg: None)
     torch.manual_seed(run_config.train.seed)
-    model = TransformerLM(run_config.lm_config(data.vocab_size))
-    return run_config, data, model
+    return run_config, data, task.build_model(task.model_for_data(run_config, data))
 
 
 # Loading a trained run for eval, generate, analyze and distill. By default a newest checkpoint that fails its
@@ -152,7 +88,7 @@ def load_run(run_dir: str | Path, *, allow_vit: bool = False) -> tuple[RunConfig
 class LoadedRun:
     run_dir: Path
     config: RunConfig
-    data: Any  # PreparedData (language model) or ImageSplits (ViT)
+    data: Any  # what the task prepared: PreparedData (language model) or ImageSplits (ViT)
     model: torch.nn.Module  # TransformerLM or ViT
     checkpoint: Path
     step: int
@@ -163,14 +99,14 @@ def load_trained_run(
     *,
     fallback: bool = False,
     warn: Callable[[str], None] | None = None,
-    allow_vit: bool = False,
+    command: str | None = None,
 ) -> LoadedRun:
-    """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode); ``allow_vit`` as in
+    """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode); ``command`` as in
     :func:`load_run`."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise MoekitError(f"run directory {str(run_dir)!r} does not exist")
-    run_config, data, model = load_run(run_dir, allow_vit=allow_vit)
+    run_config, data, model = load_run(run_dir, command=command)
     root = run_dir / "checkpoints"
     found_list = ckpt.list_checkpoints(root)
     if not found_list:
@@ -253,22 +189,24 @@ def _train_run(
     # The thread count is the process's: the caller applies train.threads (moekit train and compare do, with
     # moekit.lab.runtime.set_threads); a library function does not change a process-wide setting.
     threads = torch.get_num_threads()
-    if run_config.is_vit:
-        task = _image_task(run_config, log)
-    else:
-        task = _lm_task(run_config, run_dir, log, distributed=distributed, is_main=is_main)
+    task = run_config.task
+    data = _prepare(task, run_config, run_dir, log, distributed=distributed, is_main=is_main)
+    model_config = task.model_for_data(run_config, data)
+    cost = task.cost(model_config, run_config)
+    batches = task.batches(run_config, data)
+    eval_data = task.eval_data(run_config, data)
     if not resume:
         log(f"run directory: {run_dir}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
     torch.manual_seed(run_config.train.seed)
-    model = task.build_model()
+    model = task.build_model(model_config)
     trainer = Trainer(
         run_config.train,
         model,
-        task.batches,
-        task.val_data,
+        batches,
+        eval_data,
         run_dir,
         extra_state={"config": run_config.resolved()},
         log=log,
@@ -278,9 +216,9 @@ def _train_run(
         trainer.resume()
     if trainer.step == 0:
         log(
-            f"model: {task.counts['total']:,} parameters, {task.counts['active']:,} active per "
-            f"token, {task.train_flops / 1e6:.1f} MFLOP per training {task.unit}; "
-            f"{run_config.train.max_steps} steps of {task.batch_text}, {threads} thread(s)"
+            f"model: {cost.parameters:,} parameters, {cost.active_parameters:,} active per "
+            f"token, {cost.train_flops / 1e6:.1f} MFLOP per training {task.unit}; "
+            f"{run_config.train.max_steps} steps of {task.batch_text(model_config, run_config)}, {threads} thread(s)"
         )
     result = trainer.fit()
     if not is_main:
@@ -290,24 +228,19 @@ def _train_run(
             "final_val_loss": result.final_val_loss,
             "is_main": False,
         }
-    baseline = task.baseline()
+    baseline = task.baseline(run_config, data)
     try:
-        plots = [str(p) for p in plot_run(run_dir, baseline.get("unigram_val_loss"))]
+        plots = [str(p) for p in task.plot(run_dir, baseline)]
     except Exception as exc:  # a plotting failure must not lose a finished run
         log(f"plotting failed: {exc}")
         plots = []
     summary = {
         "run_dir": str(run_dir),
-        "arch": run_config.arch,
+        "arch": task.arch,
         "steps": result.step,
         "final_val_loss": result.final_val_loss,
+        **task.final_metrics(result),
     }
-    if run_config.is_vit:
-        summary["final_val_accuracy"] = result.final_val_accuracy
-    else:
-        summary["final_val_perplexity"] = (
-            float(np.exp(result.final_val_loss)) if result.final_val_loss is not None else None
-        )
     summary.update(baseline)
     summary.update(
         {
@@ -318,118 +251,27 @@ def _train_run(
             "train_time_s": result.train_time_s,
             # For an image classifier a "token" is one image (the unit the trainer counts).
             "tokens_per_s": result.tokens_per_s,
-            "parameters_total": task.counts["total"],
-            "parameters_active": task.counts["active"],
-            "train_flops_per_token": task.train_flops_per_token,
+            "parameters_total": cost.parameters,
+            "parameters_active": cost.active_parameters,
+            "train_flops_per_token": cost.train_flops_per_token,
             "plots": plots,
         }
     )
-    if run_config.is_vit:
-        summary["train_flops_per_image"] = task.train_flops
+    summary.update(task.cost_figures(cost))
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
-@dataclass
-class _Task:
-    """What differs between a language-model run and an image-classifier run."""
-
-    build_model: Callable[[], torch.nn.Module]
-    batches: Any
-    val_data: Any
-    counts: dict[str, int]
-    train_flops: float  # per training example: a token (LM) or an image (ViT)
-    train_flops_per_token: float
-    unit: str
-    batch_text: str
-    baseline: Callable[[], dict[str, float]]
-
-
-def _lm_task(
-    run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, distributed: bool, is_main: bool
-) -> _Task:
-    if distributed:
-        # Rank 0 builds the tokenizer and token arrays; the others then read them (no two writers of one file).
-        if is_main:
-            data = prepare_data(run_config, run_dir, log)
-        torch.distributed.barrier()
-        if not is_main:
-            data = prepare_data(run_config, run_dir, log)
-    else:
-        data = prepare_data(run_config, run_dir, log)
-    lm_config = run_config.lm_config(data.vocab_size)
-    train = run_config.train
-    seq_len = run_config.data.seq_len
-    flops = flops_per_token(lm_config, seq_len)
-
-    def baseline() -> dict[str, float]:
-        max_windows = None if train.eval_batches is None else train.eval_batches * train.batch_size
-        unigram = unigram_cross_entropy(data.train_tokens, data.val_tokens, data.vocab_size, seq_len, max_windows)
-        return {"unigram_val_loss": unigram}
-
-    return _Task(
-        build_model=lambda: TransformerLM(lm_config),
-        batches=TokenBatches(data.train_tokens, train.batch_size, seq_len, train.seed),
-        val_data=data.val_tokens,
-        counts=parameter_counts(lm_config),
-        train_flops=flops["train"],
-        train_flops_per_token=flops["train"],
-        unit="token",
-        batch_text=f"{train.batch_size} x {seq_len} tokens",
-        baseline=baseline,
-    )
-
-
-def prepare_images(run_config: RunConfig) -> ImageSplits:
-    """The image set of a ViT run (``ImageSplits``), cut to ``data.train_examples`` / ``data.test_examples``,
-    checked against the model's image size, channels and classes."""
-    d = run_config.data
-    splits = load_images(d.dataset)
-    if d.train_examples is not None:
-        splits.train_images = splits.train_images[: d.train_examples]
-        splits.train_labels = splits.train_labels[: d.train_examples]
-    if d.test_examples is not None:
-        splits.test_images = splits.test_images[: d.test_examples]
-        splits.test_labels = splits.test_labels[: d.test_examples]
-    vit = run_config.vit_config()
-    _, channels, height, width = tuple(splits.train_images.shape)
-    if (height, width) != (vit.image_size, vit.image_size) or channels != vit.in_channels:
-        raise MoekitError(
-            f"data.dataset {d.dataset!r} holds {channels}-channel {height}x{width} images but the model expects "
-            f"{vit.in_channels}-channel {vit.image_size}x{vit.image_size}: set model.image_size / model.in_channels"
-        )
-    top = int(max(int(splits.train_labels.max()), int(splits.test_labels.max())))
-    if top >= vit.num_classes:
-        raise MoekitError(
-            f"data.dataset {d.dataset!r} has labels up to {top} but model.num_classes = {vit.num_classes}"
-        )
-    return splits
-
-
-def _image_task(run_config: RunConfig, log: Callable[[str], None]) -> _Task:
-    splits = prepare_images(run_config)
-    vit = run_config.vit_config()
-    train = run_config.train
-    log(
-        f"data: {run_config.data.dataset}: {len(splits.train_labels):,} training and {len(splits.test_labels):,} "
-        f"test images"
-    )
-    flops = vit_flops_per_image(vit)
-
-    def baseline() -> dict[str, float]:
-        # The accuracy of always answering the commonest training class: what a model that ignores the pixels gets.
-        labels = np.asarray(splits.train_labels)
-        common = int(np.bincount(labels, minlength=vit.num_classes).argmax())
-        return {"majority_val_accuracy": float((np.asarray(splits.test_labels) == common).mean())}
-
-    return _Task(
-        build_model=lambda: ViT(vit),
-        batches=ImageBatches(splits.train_images, splits.train_labels, train.batch_size, train.seed),
-        val_data=ImageEvalData(splits.test_images, splits.test_labels),
-        counts=vit_parameter_counts(vit),
-        train_flops=flops["train"],
-        train_flops_per_token=flops["train"] / vit.num_tokens,
-        unit="image",
-        batch_text=f"{train.batch_size} images of {vit.num_tokens} tokens",
-        baseline=baseline,
-    )
+def _prepare(
+    task: Task, run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, distributed: bool, is_main: bool
+) -> Any:
+    """The task's data for this run. Under expert parallelism rank 0 prepares first (it may write the data into
+    the run directory) and the others then read it: no two writers of one file."""
+    if not distributed:
+        return task.prepare(run_config, run_dir, log)
+    if is_main:
+        data = task.prepare(run_config, run_dir, log)
+    torch.distributed.barrier()
+    if not is_main:
+        data = task.prepare(run_config, run_dir, log)
+    return data

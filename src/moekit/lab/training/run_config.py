@@ -1,20 +1,19 @@
 """A run config: the TOML file with sections ``[model]``, ``[moe]``, ``[data]``, ``[train]`` and
-``[parallel]``.
+``[parallel]``, parsed once into typed dataclasses (:class:`RunConfig`).
 
-``model.arch`` picks the model: "lm" (default; :class:`~moekit.models.TransformerLM` on a text corpus,
-``[data]`` = :class:`DataConfig`) or "vit" (:class:`~moekit.models.ViT` on an image set, ``[data]`` =
-:class:`ImageDataConfig`). ``moe.router = "soft"`` makes the ``[moe]`` section a :class:`SoftMoEConfig`
-(ViT only: Soft MoE is not causal).
+``model.arch`` picks the task (:mod:`moekit.lab.training.tasks`): "lm" (default; a
+:class:`~moekit.models.TransformerLM` on a text corpus: ``[model]`` = :class:`~moekit.models.config.LMConfig`,
+``[data]`` = :class:`DataConfig`) or "vit" (a :class:`~moekit.models.ViT` on an image set: ``[model]`` =
+:class:`~moekit.models.vit.ViTConfig`, ``[data]`` = :class:`ImageDataConfig`). ``[moe]`` is the model config's
+``moe``: a :class:`~moekit.layers.config.MoEConfig`, or with ``moe.router = "soft"`` a
+:class:`~moekit.layers.config.SoftMoEConfig` (ViT only: Soft MoE is not causal); no ``[moe]`` section: a dense
+model.
 
-Every key is checked (unknown keys are errors with a "did you mean"; bad values name the key and the rule)
-when the
-file is read, so ``moekit validate`` and ``moekit train`` refuse a bad config before any work starts. TOML has
-no
-null: the string ``"none"`` stands for None (``moe.capacity_factor = "none"`` is dropless routing). The
-resolved
-config, every default filled in, is written back as ``config.toml`` in the run directory by a small writer
-here
-(no TOML-writing dependency).
+Every key is checked (unknown keys are errors with a "did you mean"; bad values name the key and the rule) when the
+file is read, so ``moekit validate`` and ``moekit train`` refuse a bad config before any work starts. TOML has no
+null: the string ``"none"`` stands for None (``moe.capacity_factor = "none"`` is dropless routing). The resolved
+config, every default filled in (:meth:`RunConfig.resolved`), is written back as ``config.toml`` in the run
+directory by a small writer here (no TOML-writing dependency) and reads back to an equal :class:`RunConfig`.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from typing import Any
 from moekit.config import check_int, check_positive_number, config_from_dict, suggest
 from moekit.errors import MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
+from moekit.lab.training.tasks import ARCHS, Task, moe_table, task_for_arch, task_of
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models.config import LMConfig
 from moekit.models.vit import ViTConfig
@@ -49,21 +49,12 @@ __all__ = [
     "to_toml",
     "find_named_config",
     "SECTIONS",
+    "ARCHS",
     "DEFAULT_CONFIG_NAME",
 ]
 
 SECTIONS = ("model", "moe", "data", "train", "parallel")
 DEFAULT_CONFIG_NAME = "switch-tiny"
-ARCHS = ("lm", "vit")
-
-
-def _check_arch(arch: object) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
-_MODEL_KEYS = [f.name for f in dataclasses.fields(LMConfig) if f.name not in ("vocab_size", "moe")] + ["arch"]
-_VIT_KEYS = [f.name for f in dataclasses.fields(ViTConfig) if f.name != "moe"] + ["arch"]
-_SOFT_KEYS = [f.name for f in dataclasses.fields(SoftMoEConfig)] + ["router"]
-
 
 # The built-in defaults are exactly configs/switch-tiny.toml (a test checks it), so `moekit train` works
 # anywhere.
@@ -97,49 +88,39 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    """All sections of a run. ``model`` holds the ``[model]`` keys (``arch`` and the LMConfig fields but
-    ``vocab_size`` and ``moe``, or the ViTConfig fields but ``moe``), ``moe`` the ``[moe]`` keys (MoEConfig
-    fields, or SoftMoEConfig fields with ``router = "soft"``; None for a dense model)."""
+    """All sections of a run, typed. ``model`` is the task's model config (:class:`LMConfig` or
+    :class:`ViTConfig`) with the ``[moe]`` section as its ``moe``; an LMConfig's ``vocab_size`` is
+    ``data.vocab_size`` (the tokenizer's target; the model is built with the trained tokenizer's vocabulary).
+    Checks across sections run on construction (and again when a caller changes a section and calls
+    ``__post_init__``)."""
 
-    model: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_MODEL))
-    moe: dict[str, Any] | None = field(default_factory=lambda: dict(_DEFAULT_MOE))
-    data: DataConfig | ImageDataConfig = field(default_factory=DataConfig)
+    model: LMConfig | ViTConfig
+    data: DataConfig | ImageDataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
-    def arch(self) -> str:
-        return self.model.get("arch", "lm")
+    def task(self) -> Task:
+        """The task of this run's model (:mod:`moekit.lab.training.tasks`)."""
+        return task_of(self.model)
 
     @property
-    def is_vit(self) -> bool:
-        return self.arch == "vit"
+    def arch(self) -> str:
+        return self.task.arch
+
+    @property
+    def moe(self) -> MoEConfig | SoftMoEConfig | None:
+        """The ``[moe]`` section (None for a dense model)."""
+        return self.model.moe
 
     def __post_init__(self) -> None:
-        arch = self.arch
-        _check_arch(arch)
-        want = ImageDataConfig if arch == "vit" else DataConfig
-        if not isinstance(self.data, want):
-            raise ValueError(f"model.arch = {arch!r} needs a [data] section of {want.__name__} keys")
-        if arch == "vit":
-            self._check_vit()
-            return
-        for key in self.model:
-            if key not in _MODEL_KEYS:
-                hint = " (it is set by the tokenizer: use data.vocab_size)" if key == "vocab_size" else ""
-                raise ValueError(
-                    f"unknown config key 'model.{key}'{hint or suggest(key, _MODEL_KEYS)}; "
-                    f"valid keys: {', '.join(_MODEL_KEYS)}"
-                )
-        self.model.setdefault("max_seq_len", self.data.seq_len)
-        if self.data.seq_len > self.model["max_seq_len"]:
-            raise ValueError(
-                f"data.seq_len ({self.data.seq_len}) must be <= model.max_seq_len ({self.model['max_seq_len']})"
-            )
-        self.lm_config(self.data.vocab_size)  # runs every LMConfig / MoEConfig check now
+        task = self.task
+        if not isinstance(self.data, task.data_config):
+            raise ValueError(f"model.arch = {task.arch!r} needs a [data] section of {task.data_config.__name__} keys")
+        task.check(self)
         ep = self.parallel.expert_parallel
         if ep > 1:
-            moe = self.moe_config()
+            moe = self.moe
             if moe is None:
                 raise ValueError("parallel.expert_parallel > 1 needs a MoE model (a [moe] section)")
             if moe.num_experts % ep != 0:
@@ -153,83 +134,12 @@ class RunConfig:
                     f"parallel.expert_parallel = {ep}: every rank takes an equal share"
                 )
 
-    def _check_vit(self) -> None:
-        keys = _VIT_KEYS
-        for key in self.model:
-            if key not in keys:
-                raise ValueError(
-                    f"unknown config key 'model.{key}'{suggest(key, keys)} (model.arch = 'vit'); "
-                    f"valid keys: {', '.join(keys)}"
-                )
-        shape = self.data.known_shape
-        if shape is not None:  # a named set: the image geometry and the classes follow from it
-            for key, value in zip(("image_size", "in_channels", "num_classes"), shape, strict=True):
-                self.model.setdefault(key, value)
-                if self.model[key] != value:
-                    raise ValueError(
-                        f"model.{key} = {self.model[key]!r} but data.dataset = {self.data.dataset!r} has "
-                        f"{key} {value}; leave model.{key} out (it follows from the data)"
-                    )
-        if self.parallel.expert_parallel > 1:
-            raise ValueError(
-                "parallel.expert_parallel > 1 is supported for the language model only (model.arch = 'lm')"
-            )
-        self.vit_config()  # runs every ViTConfig / MoEConfig check now
-
-    def moe_config(self) -> MoEConfig | SoftMoEConfig | None:
-        if self.moe is None:
-            return None
-        values = dict(self.moe)
-        defaults = ViTConfig if self.is_vit else LMConfig
-        values.setdefault("d_model", self.model.get("d_model", defaults.d_model))
-        values.setdefault("d_ff", self.model.get("d_ff", defaults.d_ff))
-        values.setdefault("activation", self.model.get("activation", defaults.activation))
-        if values.get("router") == "soft":
-            if not self.is_vit:
-                raise ValueError(
-                    "moe.router = 'soft': Soft MoE mixes every token of a sequence into each slot, so a token would "
-                    "see its future: it is refused in the causal TransformerLM (use it with model.arch = 'vit')"
-                )
-            # Soft MoE has its own config: slots instead of top-k and capacity (ALGORITHMS.md section 4).
-            values.pop("router")
-            for key in values:
-                if key not in _SOFT_KEYS:
-                    raise ValueError(
-                        f"unknown config key 'moe.{key}' for moe.router = 'soft'{suggest(key, _SOFT_KEYS)}; "
-                        f"valid keys: {', '.join(_SOFT_KEYS)}"
-                    )
-            return config_from_dict(SoftMoEConfig, values, "moe")
-        return config_from_dict(MoEConfig, values, "moe")
-
-    def lm_config(self, vocab_size: int) -> LMConfig:
-        if self.is_vit:
-            raise ValueError("this run is a ViT (model.arch = 'vit'), not a language model")
-        model = dict(self.model)
-        model.pop("arch", None)
-        return config_from_dict(LMConfig, {**model, "vocab_size": vocab_size, "moe": self.moe_config()}, "model")
-
-    def vit_config(self) -> ViTConfig:
-        """The :class:`~moekit.models.vit.ViTConfig` of a ``model.arch = "vit"`` run."""
-        if not self.is_vit:
-            raise ValueError("this run is a language model (model.arch = 'lm'), not a ViT")
-        model = dict(self.model)
-        model.pop("arch", None)
-        return config_from_dict(ViTConfig, {**model, "moe": self.moe_config()}, "model")
-
     def resolved(self) -> dict[str, dict[str, Any]]:
-        """Every section with every default filled in (what ``config.toml`` in a run holds)."""
-        if self.is_vit:
-            lm = {"arch": "vit", **dataclasses.asdict(self.vit_config())}
-        else:
-            lm = dataclasses.asdict(self.lm_config(self.data.vocab_size))
-            lm.pop("vocab_size")
-        lm.pop("moe")
-        out: dict[str, dict[str, Any]] = {"model": lm}
-        moe = self.moe_config()
-        if isinstance(moe, SoftMoEConfig):
-            out["moe"] = {"router": "soft", **dataclasses.asdict(moe)}
-        elif moe is not None:
-            out["moe"] = dataclasses.asdict(moe)
+        """Every section with every default filled in (what ``config.toml`` in a run holds, and checkpoints store);
+        :func:`build_run_config` reads it back to an equal RunConfig."""
+        out: dict[str, dict[str, Any]] = {"model": self.task.model_table(self.model)}
+        if self.moe is not None:
+            out["moe"] = moe_table(self.moe)
         out["data"] = dataclasses.asdict(self.data)
         out["train"] = dataclasses.asdict(self.train)
         out["parallel"] = dataclasses.asdict(self.parallel)
@@ -245,7 +155,8 @@ def _none(value: Any) -> Any:
 
 
 def build_run_config(tables: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from parsed TOML tables (strict keys)."""
+    """Parse TOML tables into a :class:`RunConfig` (strict keys): ``[data]``, ``[train]`` and ``[parallel]``
+    first, then ``[model]`` and ``[moe]`` by the task of ``model.arch``."""
     for key in tables:
         if key not in SECTIONS:
             raise ValueError(f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
@@ -255,16 +166,11 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     tables = _none(tables)
     model = dict(tables.get("model", {}))
     moe = dict(tables["moe"]) if tables.get("moe") else None
-    arch = model.get("arch", "lm")
-    _check_arch(arch)  # checked first: it decides which keys [data] may hold
-    data_cls = ImageDataConfig if arch == "vit" else DataConfig
-    return RunConfig(
-        model=model,
-        moe=moe,
-        data=config_from_dict(data_cls, tables.get("data", {}), "data"),
-        train=config_from_dict(TrainConfig, tables.get("train", {}), "train"),
-        parallel=config_from_dict(ParallelConfig, tables.get("parallel", {}), "parallel"),
-    )
+    task = task_for_arch(model.get("arch", "lm"))  # first: it decides which keys [data] may hold
+    data = config_from_dict(task.data_config, tables.get("data", {}), "data")
+    train = config_from_dict(TrainConfig, tables.get("train", {}), "train")
+    parallel = config_from_dict(ParallelConfig, tables.get("parallel", {}), "parallel")
+    return RunConfig(model=task.parse_model(model, moe, data), data=data, train=train, parallel=parallel)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,51 @@
+"""The task registry: one task per ``model.arch``, each implementing the whole :class:`Task` protocol, found from a
+typed model config; commands a task does not support are refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moekit.errors import MoekitError
+from moekit.lab.training.run_config import load_run_config
+from moekit.lab.training.tasks import ARCHS, RUN_COMMANDS, TASKS, Task, task_for_arch, task_of
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+PROTOCOL = [name for name in vars(Task) if not name.startswith("_")] + list(Task.__annotations__)
+
+
+def test_registry_maps_each_arch_to_a_complete_task():
+    assert ARCHS == ("lm", "vit")
+    for arch, task in TASKS.items():
+        assert task.arch == arch and task_for_arch(arch) is task
+        missing = [name for name in PROTOCOL if not hasattr(task, name)]
+        assert not missing, (arch, missing)
+        assert "eval" in task.commands and set(task.commands) <= set(RUN_COMMANDS)
+    with pytest.raises(ValueError, match=r"model.arch must be one of \('lm', 'vit'\), got 'vitt' \(did you mean"):
+        task_for_arch("vitt")
+
+
+@pytest.mark.parametrize("name, arch", [("switch-tiny", "lm"), ("dense-tiny", "lm"), ("vit-ec", "vit")])
+def test_a_config_knows_its_task(name, arch):
+    cfg = load_run_config(CONFIGS / f"{name}.toml")
+    assert cfg.task is TASKS[arch] and task_of(cfg.model) is TASKS[arch] and cfg.arch == arch
+    assert isinstance(cfg.data, cfg.task.data_config)
+    kind, lines = cfg.task.describe(cfg)
+    assert kind and len(lines) == 2
+
+
+def test_unsupported_commands_are_refused_in_one_line(tmp_path):
+    lm, vit = TASKS["lm"], TASKS["vit"]
+    for command in RUN_COMMANDS:
+        lm.require(command, tmp_path)
+    vit.require("eval", tmp_path)
+    for command in ("generate", "analyze", "distill"):
+        with pytest.raises(MoekitError) as err:
+            vit.require(command, tmp_path)
+        message = str(err.value)
+        assert "\n" not in message
+        assert message == (
+            f"{tmp_path} is an image classifier (model.arch = 'vit') run; this command works on language-model "
+            "runs (moekit eval works on both)"
+        )
