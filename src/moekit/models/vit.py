@@ -8,7 +8,9 @@ which is the default here. As ``TransformerLM``, the model returns every MoE lay
 
 Batch effects: token choice and expert choice route all tokens of a call (every image of the batch) as one group,
 so with a finite capacity an image's output can depend on the other images of its batch. Soft MoE mixes tokens
-within one image only (each image is its own group), so its outputs never do (ALGORITHMS.md section 4).
+within one image only (each image is its own group), so its outputs never do (ALGORITHMS.md section 4). Under
+expert parallelism a call is one rank's share of the batch; ``moe.group_size = num_tokens`` routes each image on its
+own, so the routing does not depend on how the batch is split over ranks.
 
 Shape legend: B batch, C channels (in ``images``) or classes (in ``logits_BC``), H/W image height/width,
 N tokens per image, D model width, H heads, Hd head width, K patch values (C * patch_size**2).

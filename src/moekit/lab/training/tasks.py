@@ -475,11 +475,7 @@ class ImageClassifierTask:
         return table
 
     def check(self, config: RunConfig) -> None:
-        # The image geometry is checked against a named set when parsed, against the images when loaded.
-        if config.parallel.expert_parallel > 1:
-            raise ValueError(
-                "parallel.expert_parallel > 1 is supported for the language model only (model.arch = 'lm')"
-            )
+        pass  # the image geometry is checked against a named set when parsed, against the images when loaded
 
     def prepare(self, config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> ImageSplits:
         splits = prepare_images(config)
