@@ -2,9 +2,10 @@
 value checks every config's ``__post_init__`` uses.
 
 Unknown keys are errors with a "did you mean" suggestion, so a typo never silently falls back to a default. Each
-``check_*`` raises a ``ValueError`` reading ``"<name> must be <rule>, got <value>"``; ``name`` is what the user
-wrote (``"train.lr"`` in a run config, ``"r"`` for a keyword argument). ``bool`` is never accepted as a number,
-although Python counts it as an ``int``: ``top_k = true`` is a mistake, not 1.
+``check_*`` raises a :class:`~moekit.errors.ConfigError` (a ``ValueError``) reading ``"<name> must be <rule>, got
+<value>"``; ``name`` is what the user wrote (``"train.lr"`` in a run config, ``"r"`` for a keyword argument).
+``bool`` is never accepted as a number, although Python counts it as an ``int``: ``top_k = true`` is a mistake,
+not 1.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import difflib
 from collections.abc import Sequence
 from typing import Any, TypeVar
+
+from moekit.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -37,19 +40,19 @@ def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], section: str | None = None) -> T:
-    """Build dataclass ``cls`` from ``values``, refusing unknown keys with a clear ``ValueError``."""
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys with a clear :class:`ConfigError`."""
     if not isinstance(values, dict):
         where = f"[{section}]" if section else cls.__name__
-        raise ValueError(f"{where} must be a table of key = value pairs, got {type(values).__name__}")
+        raise ConfigError(f"{where} must be a table of key = value pairs, got {type(values).__name__}")
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in values:
         if key not in names:
             where = f"{section}.{key}" if section else key
-            raise ValueError(f"unknown config key {where!r}{suggest(key, names)}; valid keys: {', '.join(names)}")
+            raise ConfigError(f"unknown config key {where!r}{suggest(key, names)}; valid keys: {', '.join(names)}")
     try:
         return cls(**values)
     except TypeError as exc:  # e.g. a missing required field
-        raise ValueError(f"{section or cls.__name__}: {exc}") from None
+        raise ConfigError(f"{section or cls.__name__}: {exc}") from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -68,13 +71,13 @@ def _is_number(value: object) -> bool:
 def check_positive_int(name: str, value: object) -> None:
     """An ``int`` >= 1: ``"<name> must be a positive integer, got <value>"``."""
     if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
     """An ``int`` >= ``minimum``: ``"<name> must be an integer >= <minimum>, got <value>"``."""
     if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_number(
@@ -105,7 +108,7 @@ def check_number(
                 expected = f"a number {'<' if high_open else '<='} {high}"
             else:
                 expected = "a number"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_positive_number(name: str, value: object) -> None:
@@ -126,4 +129,4 @@ def check_unit_interval(name: str, value: object) -> None:
 def check_choice(name: str, value: object, choices: Sequence[Any]) -> None:
     """One of ``choices``: ``"<name> must be one of <choices>, got <value>"`` (``choices`` printed as given)."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moekit.config import check_choice, check_number, check_positive_int
+from moekit.errors import ConfigError
 
 ROUTING_MODES = ("soft", "topk")
 ROUTER_INPUTS = ("token", "sentence")
@@ -23,7 +24,7 @@ def _check_routing(num_experts: int, routing: Any, top_k: Any, router_input: Any
     check_choice("routing", routing, ROUTING_MODES)
     check_positive_int("top_k", top_k)
     if routing == "topk" and top_k > num_experts:
-        raise ValueError(f"top_k must be <= num_experts ({num_experts}) with routing='topk', got {top_k!r}")
+        raise ConfigError(f"top_k must be <= num_experts ({num_experts}) with routing='topk', got {top_k!r}")
     check_choice("router_input", router_input, ROUTER_INPUTS)
 
 
@@ -109,10 +110,10 @@ def adapter_config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     data = dict(data)
     kind = data.pop("adapter", None)
     if kind not in CONFIG_TYPES:
-        raise ValueError(f"adapter must be one of {sorted(CONFIG_TYPES)}, got {kind!r}")
+        raise ConfigError(f"adapter must be one of {sorted(CONFIG_TYPES)}, got {kind!r}")
     cls = CONFIG_TYPES[kind]
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown {kind} config field(s) {unknown}; known fields: {sorted(known)}")
+        raise ConfigError(f"unknown {kind} config field(s) {unknown}; known fields: {sorted(known)}")
     return cls(**data)

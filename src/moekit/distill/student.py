@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from moekit.analysis.trace import RoutingTrace
+from moekit.errors import ConfigError
 from moekit.layers.moe import MoE
 from moekit.models import TransformerLM
 from moekit.models.config import LMConfig
@@ -35,7 +36,7 @@ INIT_METHODS = ("mean", "top", "random")
 def student_config(teacher: LMConfig) -> LMConfig:
     """The FLOP-matched dense model: each MoE FFN becomes a dense FFN of width ``top_k * d_ff``."""
     if teacher.moe is None:
-        raise ValueError("the teacher is a dense model: distillation needs an MoE teacher")
+        raise ConfigError("the teacher is a dense model: distillation needs an MoE teacher")
     return flop_matched_dense(teacher)
 
 
@@ -87,9 +88,9 @@ def init_student_ffns(
 ) -> list[dict[str, Any]]:
     """Set the student's FFN at each teacher MoE position by ``method``; returns what was done per layer."""
     if method not in INIT_METHODS:
-        raise ValueError(f"unknown student initialisation {method!r}; choose one of {', '.join(INIT_METHODS)}")
+        raise ConfigError(f"unknown student initialisation {method!r}; choose one of {', '.join(INIT_METHODS)}")
     if method != "random" and usage is None:
-        raise ValueError(f"init {method!r} needs the teacher's expert usage")
+        raise ConfigError(f"init {method!r} needs the teacher's expert usage")
     by_block = {u["block"]: u for u in usage or []}
     done = []
     for i, block in enumerate(teacher.blocks):

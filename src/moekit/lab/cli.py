@@ -1,5 +1,7 @@
 """The ``moekit`` command line. Thin on purpose: each subcommand lives in ``moekit.lab.commands.<name>`` and exposes
-``register(subparsers)``; all knobs live in configs. Errors meant for the user exit non-zero with one line.
+``register(subparsers)``; all knobs live in configs. Errors meant for the user (:class:`~moekit.errors.MoekitError`,
+its :class:`~moekit.errors.ConfigError`, and the operating system's refusals to open a path the user named) exit
+with status 2 and one line; any other exception is a bug and keeps its traceback.
 
 Process-wide settings are applied here and in the command entries, never by a library function: glibc's malloc
 tuning once, below, for the commands that offer ``--no-tune-malloc`` (train, compare, finetune, bench); the thread
@@ -14,6 +16,11 @@ import sys
 
 from moekit.errors import MoekitError
 from moekit.lab.runtime import tune_malloc
+
+# What a user can cause: a bad config or argument (ConfigError is a MoekitError), a missing or unreadable file.
+# A plain ValueError is not here: library code raises it for programming errors, which must keep their traceback.
+USER_ERRORS = (MoekitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               UnicodeDecodeError)
 
 # Each module defines register(subparsers) -> None, which adds its parser and sets ``func`` (args -> int).
 COMMAND_MODULES = [
@@ -46,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "tune_malloc"):  # a command that registered --no-tune-malloc
             args.malloc_tuned = tune_malloc() if args.tune_malloc else False
         return int(args.func(args) or 0)
-    except (MoekitError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, UnicodeDecodeError) as exc:
+    except USER_ERRORS as exc:
         print(f"moekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from moekit.config import check_choice, check_int, check_positive_int, check_unit_interval
+from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.routing.topk import ROUTER_DTYPES, SECOND_EXPERT_POLICIES
 
@@ -64,19 +65,19 @@ class MoEConfig:
             check_positive_int(name, getattr(self, name))
         check_choice("router", self.router, ROUTERS)
         if self.router == "topk" and self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be <= num_experts={self.num_experts}, got top_k={self.top_k}")
+            raise ConfigError(f"top_k must be <= num_experts={self.num_experts}, got top_k={self.top_k}")
         if self.capacity_factor is not None:
             if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)):
-                raise ValueError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
+                raise ConfigError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
             if not self.capacity_factor > 0:
-                raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
+                raise ConfigError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
             # inf would reach math.ceil in the capacity rule and fail there; dropless is spelled None.
             if not math.isfinite(self.capacity_factor):
                 cf = self.capacity_factor
-                raise ValueError(f"capacity_factor must be finite (None for dropless), got {cf}")
+                raise ConfigError(f"capacity_factor must be finite (None for dropless), got {cf}")
             self.capacity_factor = float(self.capacity_factor)
         elif self.router == "expert_choice":
-            raise ValueError(
+            raise ConfigError(
                 "capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None"
             )
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
@@ -84,15 +85,15 @@ class MoEConfig:
         check_unit_interval("jitter_eps", self.jitter_eps)
         check_unit_interval("expert_dropout", self.expert_dropout)
         if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")
+            raise ConfigError(f"init_scale must be > 0, got {self.init_scale!r}")
         if self.group_size is not None:
             check_positive_int("group_size", self.group_size)
         check_choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
         if not self.second_expert_threshold > 0:
-            raise ValueError(f"second_expert_threshold must be > 0, got {self.second_expert_threshold!r}")
+            raise ConfigError(f"second_expert_threshold must be > 0, got {self.second_expert_threshold!r}")
         check_choice("router_dtype", self.router_dtype, tuple(ROUTER_DTYPES))
         if self.router == "expert_choice" and (self.noisy_gating or self.batch_priority):
-            raise ValueError("noisy_gating and batch_priority apply to router='topk' only")
+            raise ConfigError("noisy_gating and batch_priority apply to router='topk' only")
 
     @property
     def is_causal_safe(self) -> bool:
@@ -128,4 +129,4 @@ class SoftMoEConfig:
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
         check_unit_interval("expert_dropout", self.expert_dropout)
         if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {self.init_scale!r}")
+            raise ConfigError(f"init_scale must be > 0, got {self.init_scale!r}")

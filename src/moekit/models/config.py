@@ -16,6 +16,7 @@ from moekit.config import (
     check_positive_number,
     check_unit_interval,
 )
+from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 
@@ -72,13 +73,13 @@ class LMConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_positive_int(f"model.{name}", getattr(self, name))
         if self.d_model % self.n_heads != 0 or (self.d_model // self.n_heads) % 2 != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of"
                 " even width (rotary positions rotate pairs of channels)"
             )
         check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
         if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
-            raise ValueError(
+            raise ConfigError(
                 f"model.moe_offset must be an integer in [0, moe_every={self.moe_every}),"
                 f" got {self.moe_offset!r}"
             )
@@ -95,25 +96,25 @@ class LMConfig:
         if self.moe is None:
             return
         if isinstance(self.moe, SoftMoEConfig):
-            raise ValueError(
+            raise ConfigError(
                 "Soft MoE mixes every token of a sequence into each slot, so a token would see its future: "
                 "it is refused in the causal TransformerLM (use it in an encoder or ViT)"
             )
         if not isinstance(self.moe, MoEConfig):
-            raise ValueError(f"model.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
+            raise ConfigError(f"model.moe must be a MoEConfig or None, got {type(self.moe).__name__}")
         if not self.moe.is_causal_safe:
             what = "expert choice routing" if self.moe.router == "expert_choice" else "batch-priority routing"
-            raise ValueError(
+            raise ConfigError(
                 f"{what} looks across the whole sequence (a token's routing would depend on later tokens),"
                 " so it is refused in the causal TransformerLM;"
                 " use moe.router = 'topk' without batch_priority"
             )
         if self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
+            raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
         if self.dense_d_ff_at_moe is not None:
-            raise ValueError("model.dense_d_ff_at_moe applies to dense models only (no [moe] section)")
+            raise ConfigError("model.dense_d_ff_at_moe applies to dense models only (no [moe] section)")
         if not self.moe_layers():
-            raise ValueError(
+            raise ConfigError(
                 f"no block is MoE with n_layers={self.n_layers}, moe_every={self.moe_every}, "
                 f"moe_offset={self.moe_offset}"
             )

@@ -33,6 +33,7 @@ from moekit.config import (
     check_positive_number,
     check_unit_interval,
 )
+from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux, model_loss
@@ -119,11 +120,11 @@ class ViTConfig:
         ):
             check_positive_int(f"model.{name}", getattr(self, name))
         if self.image_size % self.patch_size != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.patch_size must divide model.image_size ({self.image_size}), got {self.patch_size}"
             )
         if self.d_model % self.n_heads != 0:
-            raise ValueError(f"model.n_heads must divide model.d_model ({self.d_model}), got {self.n_heads}")
+            raise ConfigError(f"model.n_heads must divide model.d_model ({self.d_model}), got {self.n_heads}")
         check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
         check_choice("model.pool", self.pool, POOLS)
         if self.dense_d_ff_at_moe is not None:
@@ -140,30 +141,30 @@ class ViTConfig:
         if self.moe_blocks is None:
             return
         if isinstance(self.moe_blocks, (str, bytes)) or not isinstance(self.moe_blocks, (list, tuple)):
-            raise ValueError(f"model.moe_blocks must be a list of block indices or None, got {self.moe_blocks!r}")
+            raise ConfigError(f"model.moe_blocks must be a list of block indices or None, got {self.moe_blocks!r}")
         for i in self.moe_blocks:
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"model.moe_blocks entries must be block indices in [0, n_layers={self.n_layers}),"
                     f" got {i!r} in {self.moe_blocks!r}"
                 )
         if len(set(self.moe_blocks)) != len(self.moe_blocks):
-            raise ValueError(f"model.moe_blocks must not repeat a block, got {self.moe_blocks!r}")
+            raise ConfigError(f"model.moe_blocks must not repeat a block, got {self.moe_blocks!r}")
         self.moe_blocks = sorted(self.moe_blocks)
 
     def _check_moe(self) -> None:
         if self.moe is None:
             if self.dense_d_ff_at_moe is not None and not self._moe_positions():
-                raise ValueError("model.dense_d_ff_at_moe is set but model.moe_blocks is empty: it applies nowhere")
+                raise ConfigError("model.dense_d_ff_at_moe is set but model.moe_blocks is empty: it applies nowhere")
             return
         if not isinstance(self.moe, (MoEConfig, SoftMoEConfig)):
-            raise ValueError(f"model.moe must be a MoEConfig, a SoftMoEConfig or None, got {type(self.moe).__name__}")
+            raise ConfigError(f"model.moe must be a MoEConfig, a SoftMoEConfig or None, got {type(self.moe).__name__}")
         if self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
+            raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal model.d_model ({self.d_model})")
         if self.dense_d_ff_at_moe is not None:
-            raise ValueError("model.dense_d_ff_at_moe applies to dense models only (model.moe must be None)")
+            raise ConfigError("model.dense_d_ff_at_moe applies to dense models only (model.moe must be None)")
         if not self._moe_positions():
-            raise ValueError("model.moe_blocks is empty but model.moe is set: list at least one block, or drop moe")
+            raise ConfigError("model.moe_blocks is empty but model.moe is set: list at least one block, or drop moe")
 
     def _moe_positions(self) -> list[int]:
         if self.moe_blocks is None:
@@ -434,14 +435,14 @@ def vit_flop_matched_dense(config: ViTConfig) -> ViTConfig:
         return dataclasses.replace(config)
     m = config.moe
     if m.activation != config.activation:
-        raise ValueError(
+        raise ConfigError(
             f"vit_flop_matched_dense needs the experts' activation ({m.activation!r}) to equal model.activation "
             f"({config.activation!r})"
         )
     exact = _experts_per_token(config) * m.d_ff
     width = round(exact)
     if not math.isclose(exact, width, rel_tol=0, abs_tol=1e-9) or width < 1:
-        raise ValueError(
+        raise ConfigError(
             f"the FLOP-matched dense FFN width would be {exact:g} (experts per token x moe.d_ff), not a positive"
             " integer; pick moe.d_ff (or the slots / capacity factor) so that it is"
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.config import check_choice, check_int, check_number
+from moekit.errors import ConfigError
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "NONFINITE_POLICIES", "PROGRESS_MODES"]
 
@@ -104,4 +105,4 @@ class TrainConfig:
         check_int("train.threads", self.threads, 0)
         check_choice("train.progress", self.progress, PROGRESS_MODES)
         if not isinstance(self.tensorboard, bool):
-            raise ValueError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+            raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")

@@ -34,7 +34,7 @@ from moekit.adapters.io import save_adapters
 from moekit.adapters.recording import RouterRecorder, record_router_probs, set_sequence_mask
 from moekit.atomic import atomic_write_text
 from moekit.config import check_choice, check_number, check_positive_int
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.lab.adapters.tasks import HELDOUT_TASKS, SEEN_TASKS, Example, build_tasks
 
 METHODS = ("ia3", "lora", "mov", "molora", "full", "frozen")
@@ -73,7 +73,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:  # 0: evaluate only
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
         for key in ("batch_size", "max_len", "eval_max_len", "n_train", "n_test", "threads"):
             check_positive_int(key, getattr(self, key))
         if self.lr is not None:

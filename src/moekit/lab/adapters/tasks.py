@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass
 
 from moekit.atomic import atomic_write_bytes, atomic_write_text
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.lab.data.registry import default_cache_dir, pip_archive
 from moekit.lab.data.text_sources import brown_corpus, spam_assassin_corpus
 
@@ -195,10 +195,10 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     """
     unknown = sorted(set(seen + heldout) - set(INSTRUCTIONS))
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(INSTRUCTIONS)}")
+        raise ConfigError(f"unknown task(s) {unknown}; known: {sorted(INSTRUCTIONS)}")
     overlap = sorted(set(seen) & set(heldout))
     if overlap:
-        raise ValueError(f"task(s) {overlap} are both seen and held out")
+        raise ConfigError(f"task(s) {overlap} are both seen and held out")
     cached = default_cache_dir() / f"tasks_v{FORMAT_VERSION}.json"
     if cached.is_file():
         raw = json.loads(cached.read_text())

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from moekit.atomic import atomic_write_text
+from moekit.errors import ConfigError
 from moekit.lab.bench.peers import EinsumMoE, LoopMoE
 from moekit.layers import DenseFFN, MoE, MoEConfig
 
@@ -209,7 +210,7 @@ def run_benchmark(
     for E in experts:
         for k in top_ks:
             if k > E:
-                raise ValueError(f"top_k={k} must be <= num_experts={E}")
+                raise ConfigError(f"top_k={k} must be <= num_experts={E}")
             case = Case(num_experts=E, top_k=k, tokens=tokens, d_model=d_model, d_ff=d_ff)
             err = check_agreement(case)
             if err > 1e-3:
@@ -252,7 +253,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     for name, v in (("tokens", tokens), ("d-model", d_model), ("d-ff", d_ff), ("rounds", rounds),
                     ("threads", args.threads)):
         if v < 1:
-            raise ValueError(f"--{name} must be >= 1, got {v}")
+            raise ConfigError(f"--{name} must be >= 1, got {v}")
     _SET_TO_NONE["value"] = args.grad_policy == "none"
     tuned = bool(getattr(args, "malloc_tuned", False))  # moekit.lab.cli.main applied it (or not)
     out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.config import check_int, check_number, check_positive_int
+from moekit.errors import ConfigError
 
 __all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS"]
 
@@ -36,14 +37,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
-            raise ValueError(f"data.corpus must be 'builtin', 'sotu' or a path, got {self.corpus!r}")
+            raise ConfigError(f"data.corpus must be 'builtin', 'sotu' or a path, got {self.corpus!r}")
         if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 257:
-            raise ValueError(
+            raise ConfigError(
                 f"data.vocab_size must be an integer >= 257 (256 bytes + end-of-text), got "
                 f"{self.vocab_size!r}"
             )
         if self.vocab_size > 65535:
-            raise ValueError(f"data.vocab_size must be <= 65535, got {self.vocab_size!r}")
+            raise ConfigError(f"data.vocab_size must be <= 65535, got {self.vocab_size!r}")
         check_int("data.seq_len", self.seq_len, 2)
         check_number("data.val_fraction", self.val_fraction, low=0, high=0.5, low_open=True, high_open=True)
         check_int("data.piece_chars", self.piece_chars, 256)
@@ -74,13 +75,13 @@ class ImageDataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
-            raise ValueError(f"data.dataset must be 'digits', 'fashion_mnist' or a directory, got {self.dataset!r}")
+            raise ConfigError(f"data.dataset must be 'digits', 'fashion_mnist' or a directory, got {self.dataset!r}")
         if self.dataset == "fashion-mnist":  # the Debian package's spelling
             self.dataset = "fashion_mnist"
         for name in ("train_examples", "test_examples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"data.{name} must be a positive integer or \"none\", got {value!r}")
+                raise ConfigError(f"data.{name} must be a positive integer or \"none\", got {value!r}")
 
     @property
     def known_shape(self) -> tuple[int, int, int] | None:

@@ -41,7 +41,7 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
 from moekit.atomic import atomic_dir
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 
 __all__ = [
     "FNV_OFFSET",
@@ -117,19 +117,19 @@ class QualityConfig:
         self.word_ngrams = tuple(int(v) for v in self.word_ngrams)  # JSON gives lists
         self.char_ngrams = tuple(int(v) for v in self.char_ngrams)
         if not isinstance(self.n_features, int) or not 2 <= self.n_features <= 1 << 24:
-            raise ValueError(f"QualityConfig.n_features = {self.n_features!r}: must be an int in [2, 2**24]")
+            raise ConfigError(f"QualityConfig.n_features = {self.n_features!r}: must be an int in [2, 2**24]")
         for name in ("word_ngrams", "char_ngrams"):
             lo, hi = getattr(self, name)
             if not (lo == hi == 0 or 1 <= lo <= hi <= 8):
-                raise ValueError(f"QualityConfig.{name} = {(lo, hi)!r}: must be (0, 0) or 1 <= min <= max <= 8")
+                raise ConfigError(f"QualityConfig.{name} = {(lo, hi)!r}: must be (0, 0) or 1 <= min <= max <= 8")
         if self.word_ngrams == (0, 0) and self.char_ngrams == (0, 0):
-            raise ValueError("QualityConfig: word_ngrams and char_ngrams are both (0, 0): no features")
+            raise ConfigError("QualityConfig: word_ngrams and char_ngrams are both (0, 0): no features")
         if not isinstance(self.max_chars, int) or self.max_chars < 1:
-            raise ValueError(f"QualityConfig.max_chars = {self.max_chars!r}: must be an int >= 1")
+            raise ConfigError(f"QualityConfig.max_chars = {self.max_chars!r}: must be an int >= 1")
         if not (isinstance(self.l2, (int, float)) and math.isfinite(self.l2) and self.l2 >= 0):
-            raise ValueError(f"QualityConfig.l2 = {self.l2!r}: must be a finite number >= 0")
+            raise ConfigError(f"QualityConfig.l2 = {self.l2!r}: must be a finite number >= 0")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ValueError(f"QualityConfig.max_iter = {self.max_iter!r}: must be an int >= 1")
+            raise ConfigError(f"QualityConfig.max_iter = {self.max_iter!r}: must be an int >= 1")
 
 
 @dataclass
@@ -279,7 +279,7 @@ def split_holdout(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
     """``(train_ids, holdout_ids)``: a seeded permutation of ``range(n)``, the last ``round(n * f)`` held out
     (at least one each side when ``n >= 2``)."""
     if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction = {holdout_fraction!r}: must be in (0, 1)")
+        raise ConfigError(f"holdout_fraction = {holdout_fraction!r}: must be in (0, 1)")
     if n < 2:
         raise MoekitError(f"need at least 2 documents of each class to hold some out, got {n}")
     perm = np.random.default_rng(seed).permutation(n)
@@ -299,11 +299,11 @@ class QualityClassifier:
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, dtype=np.float32)
         if self.weight.shape != (self.config.n_features,):
-            raise ValueError(
+            raise ConfigError(
                 f"weight has shape {self.weight.shape}; expected ({self.config.n_features},) = (n_features,)"
             )
         if not np.isfinite(self.weight).all() or not math.isfinite(self.bias):
-            raise ValueError("classifier weights are not finite")
+            raise ConfigError("classifier weights are not finite")
 
     @classmethod
     def fit(
@@ -427,12 +427,12 @@ def keep_mask(
     ``rng = numpy.random.default_rng(seed)`` (one draw per document, in order). Exactly one rule must be given."""
     scores = np.asarray(scores, dtype=np.float64)
     if (threshold is None) == (pareto_alpha is None):
-        raise ValueError("give exactly one of threshold or pareto_alpha")
+        raise ConfigError("give exactly one of threshold or pareto_alpha")
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold = {threshold!r}: must be in [0, 1]")
+            raise ConfigError(f"threshold = {threshold!r}: must be in [0, 1]")
         return scores >= threshold
     if not (math.isfinite(pareto_alpha) and pareto_alpha > 0):
-        raise ValueError(f"pareto_alpha = {pareto_alpha!r}: must be a finite number > 0 (GPT-3 used 9)")
+        raise ConfigError(f"pareto_alpha = {pareto_alpha!r}: must be a finite number > 0 (GPT-3 used 9)")
     draws = np.random.default_rng(seed).pareto(pareto_alpha, size=len(scores))
     return draws > 1.0 - scores

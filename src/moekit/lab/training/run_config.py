@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import check_int, check_positive_number, config_from_dict, suggest
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.lab.training.tasks import ARCHS, Task, moe_table, task_for_arch, task_of
 from moekit.layers.config import MoEConfig, SoftMoEConfig
@@ -116,20 +116,20 @@ class RunConfig:
     def __post_init__(self) -> None:
         task = self.task
         if not isinstance(self.data, task.data_config):
-            raise ValueError(f"model.arch = {task.arch!r} needs a [data] section of {task.data_config.__name__} keys")
+            raise ConfigError(f"model.arch = {task.arch!r} needs a [data] section of {task.data_config.__name__} keys")
         task.check(self)
         ep = self.parallel.expert_parallel
         if ep > 1:
             moe = self.moe
             if moe is None:
-                raise ValueError("parallel.expert_parallel > 1 needs a MoE model (a [moe] section)")
+                raise ConfigError("parallel.expert_parallel > 1 needs a MoE model (a [moe] section)")
             if moe.num_experts % ep != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.expert_parallel = {ep} must divide moe.num_experts = {moe.num_experts}: each rank "
                     "holds num_experts / expert_parallel experts (the experts are not divisible otherwise)"
                 )
             if self.train.batch_size % ep != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"train.batch_size = {self.train.batch_size} (the global batch) must be a multiple of "
                     f"parallel.expert_parallel = {ep}: every rank takes an equal share"
                 )
@@ -159,10 +159,12 @@ def build_run_config(tables: dict[str, Any]) -> RunConfig:
     first, then ``[model]`` and ``[moe]`` by the task of ``model.arch``."""
     for key in tables:
         if key not in SECTIONS:
-            raise ValueError(f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"
+            )
     for key, value in tables.items():
         if not isinstance(value, dict):
-            raise ValueError(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
+            raise ConfigError(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
     tables = _none(tables)
     model = dict(tables.get("model", {}))
     moe = dict(tables["moe"]) if tables.get("moe") else None
@@ -179,10 +181,10 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects section.key=value, got {item!r}")
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
         path, raw = item.split("=", 1)
         if path.count(".") != 1:
-            raise ValueError(f"--set expects section.key=value (one dot), got {path!r}")
+            raise ConfigError(f"--set expects section.key=value (one dot), got {path!r}")
         section, key = path.strip().split(".")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
@@ -223,7 +225,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         tables = {"model": dict(_DEFAULT_MODEL), "moe": dict(_DEFAULT_MOE)}
     for section, values in parse_overrides(overrides or []).items():
         if section not in SECTIONS:
-            raise ValueError(f"--set: unknown section {section!r}{suggest(section, SECTIONS)}")
+            raise ConfigError(f"--set: unknown section {section!r}{suggest(section, SECTIONS)}")
         tables.setdefault(section, {}).update(values)
     return build_run_config(tables)
 

@@ -31,7 +31,7 @@ from moekit.atomic import atomic_path
 from moekit.config import config_from_dict, suggest
 from moekit.data.batches import TokenBatches, TokenEvalData, unigram_cross_entropy
 from moekit.data.images import ImageBatches, ImageEvalData
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.lab.data.corpus import load_corpus
 from moekit.lab.data.images import ImageSplits, load_images
@@ -216,7 +216,7 @@ def parse_moe(
         values.pop("router")
         for key in values:
             if key not in _SOFT_KEYS:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown config key 'moe.{key}' for moe.router = 'soft'{suggest(key, _SOFT_KEYS)}; "
                     f"valid keys: {', '.join(_SOFT_KEYS)}"
                 )
@@ -305,12 +305,12 @@ class LanguageModelTask:
         for key in model:
             if key not in self.model_keys:
                 hint = " (it is set by the tokenizer: use data.vocab_size)" if key == "vocab_size" else ""
-                raise ValueError(
+                raise ConfigError(
                     f"unknown config key 'model.{key}'{hint or suggest(key, self.model_keys)}; "
                     f"valid keys: {', '.join(self.model_keys)}"
                 )
         if moe is not None and moe.get("router") == "soft":
-            raise ValueError(
+            raise ConfigError(
                 "moe.router = 'soft': Soft MoE mixes every token of a sequence into each slot, so a token would "
                 "see its future: it is refused in the causal TransformerLM (use it with model.arch = 'vit')"
             )
@@ -326,7 +326,7 @@ class LanguageModelTask:
 
     def check(self, config: RunConfig) -> None:
         if config.data.seq_len > config.model.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len ({config.data.seq_len}) must be <= model.max_seq_len ({config.model.max_seq_len})"
             )
 
@@ -452,7 +452,7 @@ class ImageClassifierTask:
     def parse_model(self, model: dict[str, Any], moe: dict[str, Any] | None, data: ImageDataConfig) -> ViTConfig:
         for key in model:
             if key not in self.model_keys:
-                raise ValueError(
+                raise ConfigError(
                     f"unknown config key 'model.{key}'{suggest(key, self.model_keys)} (model.arch = 'vit'); "
                     f"valid keys: {', '.join(self.model_keys)}"
                 )
@@ -462,7 +462,7 @@ class ImageClassifierTask:
             for key, value in zip(("image_size", "in_channels", "num_classes"), shape, strict=True):
                 values.setdefault(key, value)
                 if values[key] != value:
-                    raise ValueError(
+                    raise ConfigError(
                         f"model.{key} = {values[key]!r} but data.dataset = {data.dataset!r} has "
                         f"{key} {value}; leave model.{key} out (it follows from the data)"
                     )
@@ -573,7 +573,7 @@ ARCHS = tuple(TASKS)
 def task_for_arch(arch: object) -> Task:
     """The task of a ``model.arch`` value; a ValueError naming the choices for any other value."""
     if arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
+        raise ConfigError(f"model.arch must be one of {ARCHS}, got {arch!r}{suggest(str(arch), ARCHS)}")
     return TASKS[arch]
 
 
@@ -583,4 +583,4 @@ def task_of(model_config: object) -> Task:
         if isinstance(model_config, task.model_config):
             return task
     names = ", ".join(t.model_config.__name__ for t in TASKS.values())
-    raise ValueError(f"the [model] section must be one of {names}, got {type(model_config).__name__}")
+    raise ConfigError(f"the [model] section must be one of {names}, got {type(model_config).__name__}")
