@@ -6,7 +6,7 @@
     moekit train ... --set data.corpus=ROOT/{mixed,filtered/kept,random}
     python benchmarks/quality_filter_experiment.py eval ROOT RUN_DIR...  # loss on ROOT/heldout
 
-Data (all real, DATA.md). Curated prose: Brown (500 documents), State of the Union (233 speeches), Moby Dick (136
+Data (all real, docs/DATA.md). Curated prose: Brown (500 documents), State of the Union (233 speeches), Moby Dick (136
 chapters), each source's *documents* shuffled (seed 0) and split 30% / 55% / 15% into classifier positives, the
 curated half of the mixed corpus, and held-out evaluation text, so no document is in two roles. Curated documents
 are cut into pieces of about 3,000 characters (at line breaks) so curated "documents" are of a size with mails.

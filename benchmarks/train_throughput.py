@@ -9,7 +9,7 @@ active FLOPs (router aside), so ``dropless / dense`` is the ratio at equal activ
 All train on the same kind of batches of the built-in corpus (a 300 k-character slice, so the setup takes
 seconds) with AdamW, forward + backward + clipping + optimizer step, as ``moekit train`` runs them. They are timed
 in interleaved rounds (the order rotating), because this kind of machine shows intermittent ~2x slow-downs
-(PERFORMANCE.md); each figure is the median over rounds, and each ratio the median of per-round ratios.
+(docs/ALGORITHMS.md section 17); each figure is the median over rounds, and each ratio the median of per-round ratios.
 
     python benchmarks/train_throughput.py            # writes benchmarks/results/train_throughput.{md,json}
     python benchmarks/train_throughput.py --rounds 3 --steps 2 --out /tmp/tp   # a quick look

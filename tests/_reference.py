@@ -1,7 +1,7 @@
 """Naive per-token reference implementations: the ground truth the fast layers are tested against.
 
 Everything here loops over tokens (and their k choices, or each expert's picks) in plain Python, reading
-ALGORITHMS.md sections 1 and 3 literally, so that a bug in the sort-based dispatch cannot hide in a shared
+docs/ALGORITHMS.md sections 1 and 3 literally, so that a bug in the sort-based dispatch cannot hide in a shared
 helper.
 Routing math is done in float32 like the router ("selective precision"), expert math in the weights' dtype.
 """

@@ -69,7 +69,7 @@ def test_identity_at_init_minilm(config):
     y0 = _out(model, ids_BS)
     apply_adapters(model, config)
     assert torch.equal(_out(model, ids_BS), y0)
-    # Sites named in DATA.md: keys, values and the FFN activation for MoV, six projections for MoLoRA.
+    # Sites named in docs/DATA.md: keys, values and the FFN activation for MoV, six projections for MoLoRA.
     assert len(list(iter_adapters(model))) == (6 * 3 if config.kind in ("ia3", "mov") else 6 * 6)
 
 

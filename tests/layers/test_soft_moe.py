@@ -1,4 +1,4 @@
-"""Soft MoE equals a direct einsum reading of ALGORITHMS.md 4; slots are convex mixes; no batch effects."""
+"""Soft MoE equals a direct einsum reading of docs/ALGORITHMS.md 4; slots are convex mixes; no batch effects."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def make_soft(activation="gelu", num_experts=E, slots=P) -> SoftMoE:
 
 
 def soft_moe_einsum(layer: SoftMoE, X: torch.Tensor) -> torch.Tensor:
-    """ALGORITHMS.md section 4, line by line, for X of shape [B, m, d]."""
+    """docs/ALGORITHMS.md section 4, line by line, for X of shape [B, m, d]."""
     phi, scale = layer.router.phi, layer.router.scale
     n, p = phi.shape[1], phi.shape[2]
     Xn = X / X.norm(dim=-1, keepdim=True)  # over d

@@ -2,7 +2,7 @@
 
 ``apply_adapters(model, MoVConfig(num_experts=10))`` injects the adapters into any ``torch.nn.Module``
 (Hugging Face families are recognised by name), freezes the rest, and leaves the outputs unchanged until
-training moves the adapters. See ALGORITHMS.md section 5 for the math and ``moekit finetune`` for the
+training moves the adapters. See docs/ALGORITHMS.md section 5 for the math and ``moekit finetune`` for the
 multitask recipe.
 """
 

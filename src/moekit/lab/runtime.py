@@ -6,9 +6,10 @@ resolves with :func:`moekit.training.trainer.resolve_threads` (fewer threads on 
 
 ``tune_malloc()``: on glibc, allocations above ``M_MMAP_THRESHOLD`` get fresh pages from the kernel on every call,
 and every first touch of such a page faults. An MoE step allocates hundreds of MB of weight gradients and
-activations per step, so on a CPU it pays those page faults each step (PERFORMANCE.md: writing 512 MB into fresh
-memory took ~144 ms against ~51 ms into mapped memory). Raising the mmap threshold and the trim threshold keeps
-freed blocks in the heap for reuse. The cost: the process keeps its peak heap instead of returning it to the OS.
+activations per step, so on a CPU it pays those page faults each step (docs/ALGORITHMS.md section 17.4: writing
+512 MB into fresh memory took ~144 ms against ~51 ms into mapped memory). Raising the mmap threshold and the trim
+threshold keeps freed blocks in the heap for reuse. The cost: the process keeps its peak heap instead of returning it
+to the OS.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ paths behind the same signature; tests check they agree:
 ``grouped_mm(..., backend="auto")`` picks the best of these for the tensors' device and dtype.
 
 Indexing ``w[e]`` inside a Python loop is avoided on purpose: each such ``SelectBackward`` materialises a
-full-size zero gradient of the whole bank (PERFORMANCE.md, the HF Mixtral trap).
+full-size zero gradient of the whole bank (docs/ALGORITHMS.md section 17.3, the per-expert indexing trap).
 
 Shape legend: A rows (kept assignments, in expert order), D input width, F output width, E experts.
 """

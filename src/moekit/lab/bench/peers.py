@@ -1,5 +1,5 @@
 """Baseline formulations the layer benchmark measures moekit against, written here from their published
-descriptions (PERFORMANCE.md):
+descriptions (docs/ALGORITHMS.md sections 8.5 and 17.1):
 
 - ``EinsumMoE``: the GShard / Switch (Mesh-TensorFlow) formulation: a one-hot ``dispatch[S, E, C]`` tensor built from
   cumulative positions, einsums into a padded ``[E, C, D]`` buffer, a batched matmul, and an einsum back. Static
