@@ -1,8 +1,7 @@
 """Naive per-token reference implementations: the ground truth the fast layers are tested against.
 
 Everything here loops over tokens (and their k choices, or each expert's picks) in plain Python, reading
-docs/ALGORITHMS.md sections 1 and 3 literally, so that a bug in the sort-based dispatch cannot hide in a shared
-helper.
+docs/ALGORITHMS.md sections 1 and 3 literally, so that a bug in the sort-based dispatch cannot hide in a shared helper.
 Routing math is done in float32 like the router ("selective precision"), expert math in the weights' dtype.
 """
 
@@ -37,7 +36,7 @@ def expert_weights(layer, e: int):
 
 
 def router_probs(x_SD: Tensor, weight_ED: Tensor) -> tuple[Tensor, Tensor]:
-    """float32 ``logits = x W^T`` and ``softmax`` over experts (ALGORITHMS.md 1)."""
+    """float32 ``logits = x W^T`` and ``softmax`` over experts (docs/ALGORITHMS.md 1)."""
     logits = F.linear(x_SD.float(), weight_ED.float())
     return logits, torch.softmax(logits, dim=-1)
 
@@ -55,7 +54,7 @@ def naive_token_choice(
 ) -> tuple[Tensor, dict]:
     """Token-choice MoE by hand: returns ``(y_SD, info)``.
 
-    Priority rule (ALGORITHMS.md 1): within each group, every first choice claims a slot before any second
+    Priority rule (docs/ALGORITHMS.md 1): within each group, every first choice claims a slot before any second
     choice; within a rank, tokens go in group order (or by descending top-1 probability with batch priority).
     An assignment at position >= C is dropped and contributes 0; kept gates are not renormalised.
     A choice with ``valid_SK`` False (declined by the second-expert policy) takes no slot and contributes 0.
@@ -113,7 +112,7 @@ def naive_token_choice(
 
 
 def naive_expert_choice(layer, x_SD: Tensor, *, capacity_factor: float, group_size: int | None = None):
-    """Expert choice by hand (ALGORITHMS.md 3): each expert takes its ``ceil(T*c/E)`` most probable tokens."""
+    """Expert choice by hand (docs/ALGORITHMS.md 3): each expert takes its ``ceil(T*c/E)`` most probable tokens."""
     S, D = x_SD.shape
     E = layer.config.num_experts
     T = S if group_size is None else group_size

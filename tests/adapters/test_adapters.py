@@ -144,8 +144,7 @@ def test_merged_equals_unmerged(config, family, ids_BS):
     y_adapted = _out(model, ids_BS)
     merge_adapters(model)
     assert not list(iter_adapters(model))
-    # Folding changes the float32 rounding order (W x + s B A x vs (W + s B A) x), hence 1e-4 not bit
-    # equality.
+    # Folding changes the float32 rounding order (W x + s B A x vs (W + s B A) x), hence 1e-4 not bit equality.
     torch.testing.assert_close(_out(model, ids_BS), y_adapted, rtol=1e-4, atol=1e-4)
 
 

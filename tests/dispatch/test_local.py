@@ -1,4 +1,4 @@
-"""Sort-based local dispatch: capacity, the drop priority rule, permute and combine (ALGORITHMS.md 1)."""
+"""Sort-based local dispatch: capacity, the drop priority rule, permute and combine (docs/ALGORITHMS.md 1)."""
 
 from __future__ import annotations
 

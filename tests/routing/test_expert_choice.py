@@ -1,4 +1,4 @@
-"""ExpertChoiceRouter: each expert picks its ceil(S * c / E) most probable tokens (ALGORITHMS.md 3)."""
+"""ExpertChoiceRouter: each expert picks its ceil(S * c / E) most probable tokens (docs/ALGORITHMS.md 3)."""
 
 from __future__ import annotations
 

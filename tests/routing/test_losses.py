@@ -1,4 +1,4 @@
-"""Golden values for the router losses (ALGORITHMS.md section 2), computed by hand in the comments."""
+"""Golden values for the router losses (docs/ALGORITHMS.md section 2), computed by hand in the comments."""
 
 from __future__ import annotations
 

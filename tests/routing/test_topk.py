@@ -130,7 +130,7 @@ def test_batch_priority_orders_by_top1_probability():
     # Token A: probs [0.5, 0.4, 0.1] -> top-1 prob 0.5, renormalised top-2 gate 0.5/0.9 = 0.556
     # Token B: probs [0.45, 0.35, 0.2] -> top-1 prob 0.45, renormalised top-2 gate 0.45/0.8 = 0.5625
     # Token C: probs [0.2, 0.2, 0.6] -> top-1 prob 0.6
-    # Priority is by top-1 PROBABILITY (ALGORITHMS.md 1): C, A, B (not C, B, A as the renormalised gates say).
+    # Priority is by top-1 PROBABILITY (docs/ALGORITHMS.md 1): C, A, B (not C, B, A as the renormalised gates say).
     r = TopKRouter(3, 3, 2, batch_priority=True)
     with torch.no_grad():
         r.weight.copy_(torch.eye(3))

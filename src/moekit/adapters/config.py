@@ -1,4 +1,4 @@
-"""Typed configs for the parameter-efficient adapters: (IA)3, LoRA, MoV and MoLoRA (ALGORITHMS.md section 5).
+"""Typed configs for the parameter-efficient adapters: (IA)3, LoRA, MoV and MoLoRA (docs/ALGORITHMS.md section 5).
 
 One dataclass per adapter type, validated in ``__post_init__`` so a bad value fails when the config is
 built, with a ``ValueError`` that names the field, the value and the rule. ``adapter_config_to_dict`` /

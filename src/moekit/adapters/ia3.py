@@ -1,4 +1,4 @@
-"""(IA)3 and MoV: learned elementwise rescaling of an activation (ALGORITHMS.md section 5).
+"""(IA)3 and MoV: learned elementwise rescaling of an activation (docs/ALGORITHMS.md section 5).
 
 Shape legend: ``...`` leading dims, ``H`` the rescaled activation width, ``E`` experts.
 

@@ -71,8 +71,7 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any 
     """Injects ``config``'s adapters into ``model`` in place (and returns it); freezes every other parameter.
 
     ``target_modules`` defaults to the family's sites (BERT, RoBERTa, DistilBERT, T5, GPT-2, LLaMA):
-    keys, values and the FFN activation for (IA)3/MoV; q, k, v, o and both FFN projections for
-    LoRA/MoLoRA. See
+    keys, values and the FFN activation for (IA)3/MoV; q, k, v, o and both FFN projections for LoRA/MoLoRA. See
     :func:`moekit.adapters.targets.normalise_targets` for the accepted forms. The adapted model computes
     exactly what the frozen model computes until the adapters train.
     """

@@ -1,4 +1,4 @@
-"""LoRA and MoLoRA: a low-rank update added to a frozen linear layer's output (ALGORITHMS.md section 5).
+"""LoRA and MoLoRA: a low-rank update added to a frozen linear layer's output (docs/ALGORITHMS.md section 5).
 
 Shape legend: ``...`` leading dims, ``I`` in features, ``O`` out features, ``r`` rank, ``E`` experts.
 

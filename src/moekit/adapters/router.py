@@ -2,7 +2,7 @@
 
 Shape legend: ``...`` leading batch dims, ``S`` sequence, ``D`` router input width, ``E`` experts.
 
-Why float32: the softmax over router logits is the numerically sensitive step (ALGORITHMS.md section 5 and the
+Why float32: the softmax over router logits is the numerically sensitive step (docs/ALGORITHMS.md section 5 and the
 ST-MoE lesson); in bfloat16 small logit differences vanish and the mixture collapses. No bias, init N(0,
 0.02^2), no jitter and no auxiliary loss, as in the MoV/MoLoRA paper.
 """

@@ -1,12 +1,10 @@
 """Which modules of a model get adapters: built-in names for common Hugging Face families, or the user's list.
 
-Three kinds of site (ALGORITHMS.md section 5):
+Three kinds of site (docs/ALGORITHMS.md section 5):
 - ``scale_output``: (IA)3/MoV rescale a linear layer's output (attention keys and values);
-- ``scale_input``: (IA)3/MoV rescale a linear layer's input, which for the FFN down projection is exactly
-the FFN
+- ``scale_input``: (IA)3/MoV rescale a linear layer's input, which for the FFN down projection is exactly the FFN
   activation after the nonlinearity;
-- ``lora``: LoRA/MoLoRA add a low-rank update to a linear layer (attention q, k, v, o and both FFN
-projections).
+- ``lora``: LoRA/MoLoRA add a low-rank update to a linear layer (attention q, k, v, o and both FFN projections).
 
 A pattern matches a module name when it is the whole name, a dotted suffix of it (``"query"`` matches
 ``encoder.layer.0.attention.self.query``), or a regular expression matching the whole name.

@@ -1,9 +1,7 @@
 """Deterministic batches of token windows whose position is a small JSON-able state (saved in checkpoints).
 
-Training windows are the non-overlapping ``seq_len + 1``-token slices of the training tokens, visited in a
-fresh
-permutation each epoch; the permutation is a pure function of ``(seed, epoch)``, so ``{"epoch", "index"}`` is
-all a
+Training windows are the non-overlapping ``seq_len + 1``-token slices of the training tokens, visited in a fresh
+permutation each epoch; the permutation is a pure function of ``(seed, epoch)``, so ``{"epoch", "index"}`` is all a
 checkpoint needs to continue exactly. Validation windows are fixed and visited in order.
 """
 

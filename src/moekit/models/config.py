@@ -1,7 +1,6 @@
 """The decoder-only language model's config: widths, depth, which FFNs are MoE, and the loss coefficients.
 
-Kept apart from the model code so the command line, ``moekit validate`` and the FLOP counter can build and
-check a
+Kept apart from the model code so the command line, ``moekit validate`` and the FLOP counter can build and check a
 config without building a model.
 """
 
@@ -38,8 +37,7 @@ class LMConfig:
         moe: the MoE layer (any causal-safe token-choice ``MoEConfig``), or None for a dense model.
         moe_every: every ``moe_every``-th FFN is MoE (2 = Switch, GLaM; 4 = ST-MoE).
         moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``.
-        dense_d_ff_at_moe: dense model only: hidden width of the FFNs at the MoE positions (a FLOP-matched
-        dense
+        dense_d_ff_at_moe: dense model only: hidden width of the FFNs at the MoE positions (a FLOP-matched dense
             model of a top-k MoE uses ``k * moe.d_ff`` there); None means ``d_ff``.
         tie_embeddings: share the input embedding and the output projection.
         init_scale: Switch init scale for attention and dense FFN weights (std = sqrt(s / fan_in)).

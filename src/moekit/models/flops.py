@@ -1,7 +1,6 @@
 """Parameter counts (total and active per token), FLOPs per token, and the FLOP-matched dense model.
 
-Counted analytically from the config so ``moekit validate`` can report them without building the model; tests
-check
+Counted analytically from the config so ``moekit validate`` can report them without building the model; tests check
 the totals against a built model's ``numel``. FLOPs count a multiply-add as 2 (Kaplan et al. 2020): forward =
 2 * active matmul parameters + attention's 2 * n_layers * seq_len * d_model, training = 3 * forward.
 """
@@ -55,15 +54,13 @@ def parameter_counts(config: LMConfig) -> dict[str, int]:
 def flops_per_token(config: LMConfig, seq_len: int | None = None) -> dict[str, int]:
     """``{"forward", "train"}`` FLOPs per token at context ``seq_len`` (default ``max_seq_len``).
 
-    The embedding lookup costs nothing; the output projection counts V * D. Routing bookkeeping (sort, gather)
-    is
+    The embedding lookup costs nothing; the output projection counts V * D. Routing bookkeeping (sort, gather) is
     not a matmul and is not counted; the router matmul is.
     """
     c = config
     T = c.max_seq_len if seq_len is None else seq_len
     counts = parameter_counts(c)
-    # Active matmul parameters: everything active except the norm weights; the embedding matrix counts once,
-    # as the
+    # Active matmul parameters: everything active except the norm weights; the embedding matrix counts once, as the
     # output projection (an untied input embedding is a lookup).
     matmul = (
         counts["active"] - counts["embedding"] + c.vocab_size * c.d_model - (2 * c.n_layers + 1) * c.d_model
@@ -73,8 +70,7 @@ def flops_per_token(config: LMConfig, seq_len: int | None = None) -> dict[str, i
 
 
 def flop_matched_dense(config: LMConfig) -> LMConfig:
-    """The dense model with the same active FLOPs per token (router matmul aside): every MoE FFN becomes a
-    dense
+    """The dense model with the same active FLOPs per token (router matmul aside): every MoE FFN becomes a dense
     FFN of hidden width ``top_k * moe.d_ff`` (the k experts a token visits), everything else unchanged."""
     if config.moe is None:
         return dataclasses.replace(config)

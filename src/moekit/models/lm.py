@@ -2,8 +2,7 @@
 layouts).
 
 The model returns its logits together with every MoE layer's aux (losses and metrics) and, given targets, the
-training loss ``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2; averaging
-over MoE
+training loss ``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (docs/ALGORITHMS.md section 2; averaging over MoE
 layers follows T5X). Nothing is stashed in module state between calls.
 
 Shape legend: B batch, T sequence, D model width, V vocabulary.
@@ -83,8 +82,7 @@ class TransformerLM(nn.Module):
             )
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
-        # With tied embeddings there is no separate head parameter: safetensors refuses shared storage, and
-        # one
+        # With tied embeddings there is no separate head parameter: safetensors refuses shared storage, and one
         # tensor is what gets saved either way.
         self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
         if self.head is not None:

@@ -4,11 +4,11 @@ with its config, analytic parameter / FLOP counts and the FLOP-matched dense mod
 Images are cut into non-overlapping square patches, each patch is projected to width D, and non-causal pre-norm
 encoder blocks mix them; the Soft MoE paper (Puigcerver et al. 2023) puts its MoE in the last half of the blocks,
 which is the default here. As ``TransformerLM``, the model returns every MoE layer's aux and, given labels, the loss
-``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (ALGORITHMS.md section 2).
+``CE + c_B * mean_layers(L_B) + c_z * mean_layers(L_Z)`` (docs/ALGORITHMS.md section 2).
 
 Batch effects: token choice and expert choice route all tokens of a call (every image of the batch) as one group,
 so with a finite capacity an image's output can depend on the other images of its batch. Soft MoE mixes tokens
-within one image only (each image is its own group), so its outputs never do (ALGORITHMS.md section 4). Under
+within one image only (each image is its own group), so its outputs never do (docs/ALGORITHMS.md section 4). Under
 expert parallelism a call is one rank's share of the batch; ``moe.group_size = num_tokens`` routes each image on its
 own, so the routing does not depend on how the batch is split over ranks.
 

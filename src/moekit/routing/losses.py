@@ -1,4 +1,4 @@
-"""Router auxiliary losses as pure float32 functions (ALGORITHMS.md section 2).
+"""Router auxiliary losses as pure float32 functions (docs/ALGORITHMS.md section 2).
 
 They live apart from the routers so that the math can be golden-tested on hand-made tensors and reused by every
 layer type. Both cast to float32 first: the softmax and logsumexp are the numerically sensitive part of MoE

@@ -1,7 +1,6 @@
 """Adafactor (Shazeer & Stern 2018) with ST-MoE update clipping, as used to train T5, Switch and ST-MoE.
 
-Second moments of a matrix (or of each matrix of a stacked expert bank ``[E, D, F]``) are factored into row
-and
+Second moments of a matrix (or of each matrix of a stacked expert bank ``[E, D, F]``) are factored into row and
 column means, so the optimizer state is O(D + F) per matrix instead of O(D * F). The update is clipped by its
 RMS:
 ``U <- U / max(1, RMS(U) / d)`` (ST-MoE section 3.1; d = 1 default; d = 0.1 stabilises but hurts quality). The

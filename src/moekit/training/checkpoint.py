@@ -1,14 +1,10 @@
 """Atomic, verifiable checkpoints: safetensors for tensors, JSON for everything else, never pickle.
 
-Layout: ``<root>/step_00000120/`` holding ``model.safetensors``, ``optimizer.safetensors`` (every optimizer
-state
+Layout: ``<root>/step_00000120/`` holding ``model.safetensors``, ``optimizer.safetensors`` (every optimizer state
 tensor), ``state.json`` (config, step, RNG state, data position, counters, optimizer hyper-parameters) and
-``manifest.json`` (the sha256 and size of each file). A checkpoint is written into ``<root>/.tmp-...``, each
-file
-fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either
-the
-old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is
-checked
+``manifest.json`` (the sha256 and size of each file). A checkpoint is written into ``<root>/.tmp-...``, each file
+fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either the
+old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is checked
 byte for byte; a checkpoint that fails is reported by name and the previous one is tried.
 """
 

@@ -34,8 +34,7 @@ class TrainConfig:
     beta1, beta2, eps: AdamW moments (beta1 is Adafactor's momentum when > 0).
     update_clip_d: Adafactor update clipping ``U / max(1, RMS(U) / d)`` (ST-MoE: d = 1).
     warmup_steps: linear warm-up from 0.
-    schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after
-    warm-up.
+    schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after warm-up.
     min_lr_ratio: floor of the cosine decay.
     grad_clip: clip the global gradient norm to this (0: off).
     precision: "float32" or "bf16" (autocast; the router and the losses stay float32).

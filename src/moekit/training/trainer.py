@@ -1,9 +1,7 @@
 """The training loop: schedule, clipping, precision, non-finite policy, metrics, evaluation and checkpoints.
 
-A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the
-torch RNG
-state, the data position and the metrics log length, and the learning rate is a pure function of the step. So
-a run
+A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the torch RNG
+state, the data position and the metrics log length, and the learning rate is a pure function of the step. So a run
 killed with SIGKILL at any moment and resumed logs the same per-step losses as one that was never interrupted.
 """
 
@@ -244,8 +242,7 @@ class Trainer:
         self.last_val_accuracy = state.get("last_val_accuracy")
 
     def _rollback(self, reason: str) -> None:
-        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with
-        the
+        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with the
         next data, as GLaM) and the RNG stream."""
         self.rollbacks += 1
         if self.rollbacks > MAX_ROLLBACKS:
@@ -352,8 +349,7 @@ class Trainer:
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh
-        # pages.
+        # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh pages.
         self.optimizer.zero_grad(set_to_none=False)
         record: dict[str, Any] = {
             "loss": values[0],

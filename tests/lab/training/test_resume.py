@@ -1,5 +1,4 @@
-"""Resuming reproduces the uninterrupted run bit for bit on CPU: in process, and after a real SIGKILL of a
-training
+"""Resuming reproduces the uninterrupted run bit for bit on CPU: in process, and after a real SIGKILL of a training
 subprocess at an arbitrary moment and in the middle of a checkpoint write."""
 
 from __future__ import annotations
@@ -66,8 +65,7 @@ KILL_IN_CHECKPOINT = textwrap.dedent("""
     real = ckpt._write_bytes
     def write_then_die(path, data):
         real(path, data)
-        # SIGKILL right after the model file of step 20 is on disk, before the manifest: a half-written
-        # checkpoint
+        # SIGKILL right after the model file of step 20 is on disk, before the manifest: a half-written checkpoint
         if path.name == "model.safetensors" and "step_00000020" in str(path.parent):
             os.kill(os.getpid(), signal.SIGKILL)
     ckpt._write_bytes = write_then_die

@@ -79,7 +79,7 @@ def test_vit_configs_spend_equal_ffn_flops_per_image():
         assert dense <= value <= 1.06 * dense, (name, value / dense)
     soft = load_run_config(CONFIGS / "vit-softmoe.toml").model
     assert isinstance(soft.moe, SoftMoEConfig)
-    # total slots = tokens: the condition for dense-matched FLOPs (ALGORITHMS.md section 4)
+    # total slots = tokens: the condition for dense-matched FLOPs (docs/ALGORITHMS.md section 4)
     assert soft.moe.num_experts * soft.moe.slots_per_expert == soft.num_tokens
 
 

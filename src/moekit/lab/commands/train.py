@@ -1,5 +1,4 @@
-"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default
-Switch-style
+"""``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default Switch-style
 model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram
 model."""
 

@@ -1,5 +1,4 @@
-"""``moekit validate CONFIG``: check a run config strictly (the same checks ``moekit train`` runs first), and
-print
+"""``moekit validate CONFIG``: check a run config strictly (the same checks ``moekit train`` runs first), and print
 the model's size and cost. No data is read and nothing is trained."""
 
 from __future__ import annotations

@@ -14,8 +14,7 @@ __all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS"]
 @dataclass
 class DataConfig:
     """Attributes:
-    corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a
-    text
+    corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a text
         file or a directory of them.
     vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token).
     seq_len: tokens per training sequence (the model's context).

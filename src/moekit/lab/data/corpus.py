@@ -1,12 +1,8 @@
-"""Text corpora for language modelling: the built-in one (no download), the State of the Union (npm), or
-files.
+"""Text corpora for language modelling: the built-in one (no download), the State of the Union (npm), or files.
 
-``load_corpus(spec)`` returns a list of documents (strings). The built-in corpus is the English docstrings of
-the
-running Python's standard library plus the language-reference topics of ``pydoc_data`` (DATA.md): always
-present,
-about 2 M characters, built in a couple of seconds. Its content varies with the Python minor version, which is
-why
+``load_corpus(spec)`` returns a list of documents (strings). The built-in corpus is the English docstrings of the
+running Python's standard library plus the language-reference topics of ``pydoc_data`` (docs/DATA.md): always present,
+about 2 M characters, built in a couple of seconds. Its content varies with the Python minor version, which is why
 a run saves its token arrays instead of re-reading the corpus on resume.
 
 A corpus that is empty, binary or not UTF-8 is a :class:`MoekitError` before any training starts.
@@ -42,8 +38,7 @@ def _docstrings(tree: ast.AST) -> list[str]:
 
 
 def builtin_documents() -> list[str]:
-    """Stdlib docstrings (> 40 chars; tests, idlelib and site-packages skipped) then ``pydoc_data`` topics, in
-    a
+    """Stdlib docstrings (> 40 chars; tests, idlelib and site-packages skipped) then ``pydoc_data`` topics, in a
     fixed (sorted) order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: list[str] = []

@@ -1,4 +1,4 @@
-"""Curated and noisy real text for the data-quality filter (DATA.md): Brown, Moby Dick and the State of the Union
+"""Curated and noisy real text for the data-quality filter (docs/DATA.md): Brown, Moby Dick and the State of the Union
 as curated prose; raw SpamAssassin mails, headers and all, as noisy text.
 
 Brown and SpamAssassin are also fine-tuning tasks (genre, spam vs ham; :mod:`moekit.lab.adapters.tasks`), so each

@@ -1,8 +1,7 @@
 """Byte-level BPE (GPT-2 style) trained with the ``tokenizers`` package, saved as ``tokenizer.json`` in the
 run.
 
-Byte-level means every string round-trips (``decode(encode(s)) == s``) and nothing is out of vocabulary. Id 0
-is
+Byte-level means every string round-trips (``decode(encode(s)) == s``) and nothing is out of vocabulary. Id 0 is
 the end-of-text token that separates documents.
 """
 

@@ -212,7 +212,7 @@ def parse_moe(
     for key in ("d_model", "d_ff", "activation"):
         values.setdefault(key, model.get(key, getattr(model_cls, key)))
     if values.get("router") == "soft":
-        # Soft MoE has its own config: slots instead of top-k and capacity (ALGORITHMS.md section 4).
+        # Soft MoE has its own config: slots instead of top-k and capacity (docs/ALGORITHMS.md section 4).
         values.pop("router")
         for key in values:
             if key not in _SOFT_KEYS:
