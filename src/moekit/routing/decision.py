@@ -38,8 +38,24 @@ def _zero_like(t: Tensor) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=t.device)
 
 
+class _RouterStatistics:
+    """The z-loss and statistics of a router with logits and probabilities over experts (token and expert choice)."""
+
+    probs_SE: Tensor
+    logits_SE: Tensor
+
+    def z_loss(self) -> Tensor:
+        return router_z_loss(self.logits_SE)
+
+    def router_entropy(self) -> Tensor:
+        return entropy_nats(self.probs_SE)
+
+    def max_logit(self) -> Tensor:
+        return self.logits_SE.detach().max()
+
+
 @dataclass(repr=False)
-class TokenChoiceDecision:
+class TokenChoiceDecision(_RouterStatistics):
     """Token-choice routing of S tokens: each token picks its K experts.
 
     Attributes:
@@ -70,15 +86,6 @@ class TokenChoiceDecision:
         E = self.probs_SE.shape[-1]
         return load_balancing_loss(self.probs_SE, self.expert_ids_SK, E, num_groups=self.num_groups)
 
-    def z_loss(self) -> Tensor:
-        return router_z_loss(self.logits_SE)
-
-    def router_entropy(self) -> Tensor:
-        return entropy_nats(self.probs_SE)
-
-    def max_logit(self) -> Tensor:
-        return self.logits_SE.detach().max()
-
     def __repr__(self) -> str:
         S, K = self.expert_ids_SK.shape
         return (
@@ -94,7 +101,7 @@ RoutingDecision = TokenChoiceDecision
 
 
 @dataclass(repr=False)
-class ExpertChoiceDecision:
+class ExpertChoiceDecision(_RouterStatistics):
     """Expert-choice routing of G groups: each expert picks its C best tokens of each group.
 
     Attributes:
@@ -112,15 +119,6 @@ class ExpertChoiceDecision:
     def load_balancing_loss(self) -> Tensor:
         """0: every expert takes exactly C tokens per group, balanced by construction (Zhou et al. 2022)."""
         return _zero_like(self.logits_SE)
-
-    def z_loss(self) -> Tensor:
-        return router_z_loss(self.logits_SE)
-
-    def router_entropy(self) -> Tensor:
-        return entropy_nats(self.probs_SE)
-
-    def max_logit(self) -> Tensor:
-        return self.logits_SE.detach().max()
 
     def __repr__(self) -> str:
         G, E, C = self.token_ids_GEC.shape
