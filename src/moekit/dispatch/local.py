@@ -21,6 +21,7 @@ A kept assignments (sorted by expert), N = S * K assignments in all.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,70 @@ __all__ = [
     "plan_token_choice",
     "token_choice_capacity",
 ]
+
+
+@dataclass(frozen=True)
+class RowsByToken:
+    """The rows of a plan grouped by token, as the index arrays of a sparse ``[S, A]`` matrix in CSR form: token
+    ``s`` owns rows ``rows_A[crow_S1[s]:crow_S1[s + 1]]`` (in expert order).
+
+    Summing each token's rows is then one sparse-dense matmul in which every output row reads only its own rows:
+    a gather, with no padding to the largest number of rows a token has (expert choice gives a token anywhere from
+    0 to E rows) and no scatter.
+    """
+
+    crow_S1: Tensor
+    rows_A: Tensor
+
+    def sum_rows(self, weights_A: Tensor, y_AD: Tensor) -> Tensor:
+        """``out[s] = sum over the rows a of token s of weights[a] * y[a]``: ``[S, D]``, in y's dtype.
+
+        Computed in float32 (float64 for float64 input): sparse matmuls have no bfloat16 kernel on every device, and
+        the accumulation is more accurate for it.
+        """
+        dtype = y_AD.dtype if y_AD.dtype in (torch.float32, torch.float64) else torch.float32
+        S, A = self.crow_S1.numel() - 1, self.rows_A.numel()
+        with warnings.catch_warnings():
+            # torch flags every sparse CSR construction as a beta feature; the matmul used here is a stable kernel.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            # The indices are built by the plan, valid by construction: no O(nnz) invariant check per call.
+            w_SA = torch.sparse_csr_tensor(
+                self.crow_S1, self.rows_A, weights_A[self.rows_A].to(dtype), size=(S, A), check_invariants=False
+            )
+        with torch.autocast(device_type=y_AD.device.type, enabled=False):
+            return (w_SA @ y_AD.to(dtype)).to(y_AD.dtype)
+
+
+class _SumRowsByToken(torch.autograd.Function):
+    """``out[s] = sum_a w[a] * y[a]`` over token s's rows; backward: ``grad_y[a] = w[a] * grad[token(a)]`` and
+    ``grad_w[a] = <grad[token(a)], y[a]>``, both gathers."""
+
+    @staticmethod
+    def forward(ctx, y_AD: Tensor, w_A: Tensor, token_idx_A: Tensor, by_token: RowsByToken) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(y_AD, w_A, token_idx_A)
+        return by_token.sum_rows(w_A, y_AD)
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):  # type: ignore[override]
+        y_AD, w_A, token_idx_A = ctx.saved_tensors
+        g_AD = grad_SD.index_select(0, token_idx_A)
+        grad_y = g_AD * w_A.to(g_AD.dtype).unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_w = (g_AD.float() * y_AD.float()).sum(dim=-1).to(w_A.dtype) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w, None, None
+
+
+class _GatherTokensByToken(torch.autograd.Function):
+    """``x_AD = x_SD[token_idx_A]``; backward sums each token's gradient rows through :class:`RowsByToken`."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, token_idx_A: Tensor, by_token: RowsByToken) -> Tensor:  # type: ignore[override]
+        ctx.by_token = by_token
+        return x_SD.index_select(0, token_idx_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD: Tensor):  # type: ignore[override]
+        ones_A = torch.ones(grad_AD.shape[0], dtype=torch.float32, device=grad_AD.device)
+        return ctx.by_token.sum_rows(ones_A, grad_AD), None, None
 
 
 @dataclass(repr=False)
@@ -59,6 +124,9 @@ class DispatchPlan:
         gates_SK: combine weight of each (token, choice) (only kept entries are read); None for a bare plan.
         rows_per_expert: the same row count for every expert (expert choice), or None; lets the bank run one
             batched matmul.
+        gates_A: expert choice: the combine weight of each row.
+        by_token: expert choice: the rows grouped by token (:class:`RowsByToken`), so that summing a token's rows
+            reads exactly its own rows, however many experts took it.
     """
 
     token_idx_A: Tensor
@@ -70,6 +138,8 @@ class DispatchPlan:
     pos_SK: Tensor
     gates_SK: Tensor | None = None
     rows_per_expert: int | None = None
+    gates_A: Tensor | None = None
+    by_token: RowsByToken | None = None
 
     def dispatch(self, x_SD: Tensor) -> Tensor:
         """The token rows of the kept assignments in expert order: ``[A, D]``."""
@@ -77,6 +147,8 @@ class DispatchPlan:
 
     def combine(self, y_AD: Tensor) -> Tensor:
         """Gate-weighted sum of each token's expert outputs: ``[S, D]``."""
+        if self.by_token is not None and self.gates_A is not None:
+            return _SumRowsByToken.apply(y_AD, self.gates_A, self.token_idx_A, self.by_token)
         if self.gates_SK is None:
             raise ValueError("this plan has no gates: build it with plan_decision / plan_expert_choice")
         return combine(y_AD, self, self.gates_SK)
@@ -196,8 +268,9 @@ def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
     """Lay the experts' picks out as rows in expert order (expert, then group, then pick rank) and index, for each
     token, the rows that took it, so both directions are gathers.
 
-    A token may be taken by 0..E experts; K is the most any token got (one host read of the counts). A token's
-    rows are listed in expert order, so its output sums its experts' contributions in expert order.
+    A token may be taken by 0..E experts. Its rows, in expert order, are summed through :class:`RowsByToken` (no
+    padding to the most rows any token got); ``pos_SK`` lists them too, with K the most any token got, for
+    analysis.
     """
     G, E, C = decision.token_ids_GEC.shape
     S = decision.probs_SE.shape[0]
@@ -217,7 +290,9 @@ def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
     assign_idx_A = token_idx_A * K + slot_A
     pos_SK = torch.full((S * K,), -1, dtype=torch.int64, device=device)
     pos_SK[assign_idx_A] = torch.arange(A, device=device)
-    plan = DispatchPlan(
+    crow_S1 = torch.zeros(S + 1, dtype=torch.int64, device=device)
+    crow_S1[1:] = torch.cumsum(counts_S, 0)
+    return DispatchPlan(
         token_idx_A=token_idx_A,
         assign_idx_A=assign_idx_A,
         tokens_per_expert_E=torch.full((E,), G * C, dtype=torch.int64, device=device),
@@ -226,10 +301,9 @@ def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
         capacity=C,
         pos_SK=pos_SK.view(S, K),
         rows_per_expert=G * C,
+        gates_A=gates_A,
+        by_token=RowsByToken(crow_S1, order_A),
     )
-    # Gates by (token, choice), moved by the same gathers as the rows (entries with no row are masked in combine).
-    plan.gates_SK = _GatherChoices.apply(gates_A.unsqueeze(-1), plan.pos_SK, plan.assign_idx_A).squeeze(-1)
-    return plan
 
 
 def _sum_rows_by_token(rows_AD: Tensor, pos_SK: Tensor, all_kept: bool) -> Tensor:
@@ -284,6 +358,8 @@ def permute(x_SD: Tensor, plan: DispatchPlan) -> Tensor:
     """Gather the token rows of the kept assignments into expert order: ``[A, D]``."""
     if not torch.is_grad_enabled() or not x_SD.requires_grad:
         return x_SD.index_select(0, plan.token_idx_A)
+    if plan.by_token is not None:
+        return _GatherTokensByToken.apply(x_SD, plan.token_idx_A, plan.by_token)
     return _GatherTokens.apply(x_SD, plan.token_idx_A, plan.pos_SK)
 
 
