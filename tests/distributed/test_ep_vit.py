@@ -2,9 +2,8 @@
 
 10 steps at expert_parallel = 2 give the same per-step losses, routing metrics, evaluation (loss and accuracy over
 the whole evaluation set) and final weights as one process on the same global batches: each rank trains on its
-contiguous share of every batch of images, as the language model does with its token windows. (Degree 4 of the same
-layers is covered by tests/distributed/test_ep_layer.py; four training processes on a small machine would take
-this test well past its time budget.)
+contiguous share of every batch of images, as the language model does with its token windows. The same runs at
+degree 4 are checked for losses, loads and final weights.
 
 Routing per image makes the runs comparable exactly: Soft MoE always mixes one image's tokens (each image is its
 own group), and expert choice routes groups of ``moe.group_size`` tokens, set here to the 16 tokens of one image
@@ -110,3 +109,17 @@ def test_vit_under_expert_parallelism_matches_one_process(runs, router):
         torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
     # Only rank 0 wrote files: the same layout as the single-process run.
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+
+
+def test_vit_under_four_expert_parallel_ranks_matches_one_process(runs, tmp_path):
+    # Degree 4 of the same training runs: one expert per rank, 4 images per rank per step.
+    spawn(_train_all, 4, str(tmp_path))
+    for router in ROUTERS:
+        ref, got = _records(runs / "ref" / router), _records(tmp_path / router)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        for step, r in ref.items():
+            assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-5, abs=1e-6), (router, step)
+            assert got[step]["tokens_per_expert"] == r["tokens_per_expert"], (router, step)
+        w_ref, w = _weights(runs / "ref" / router), _weights(tmp_path / router)
+        for name in w_ref:
+            torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
