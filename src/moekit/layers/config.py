@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moekit.config import check_choice, check_int, check_positive_int, check_unit_interval
+from moekit.config import check_choice, check_int, check_non_negative, check_positive_int, check_unit_interval
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
-from moekit.routing.topk import ROUTER_DTYPES, SECOND_EXPERT_POLICIES
+from moekit.routing.topk import ROUTER_DTYPES, SCORE_FUNCS, SECOND_EXPERT_POLICIES
 
 __all__ = ["MoEConfig", "SoftMoEConfig", "ROUTERS"]
 
@@ -39,6 +39,22 @@ class MoEConfig:
         second_expert_policy: "all" or "random" (threshold ``second_expert_threshold``).
         second_expert_threshold: 0.2.
         router_dtype: "float32" (default) or "bfloat16" (only to reproduce Switch Table 2).
+        score_func: "softmax" (Switch, GShard, Mixtral, Qwen, OLMoE) or "sigmoid" (DeepSeek-V3: an independent
+            score per expert; the gates are the chosen scores, renormalised over the k when ``normalize_gates``).
+        routed_scaling_factor: multiplies the gates (after renormalisation), as DeepSeek-V2/V3 do (1.0: off).
+        expert_bias: the router has a per-expert bias ``router.expert_bias`` ``[E]`` (float32 buffer, saved with the
+            model) added to the scores for choosing experts only, never to the gates (loss-free balancing).
+        bias_update_rate: u of loss-free balancing (Wang et al. 2024; DeepSeek-V3 uses 1e-3):
+            :func:`moekit.routing.update_expert_bias` moves ``b_i`` by ``u * sign(mean load - load_i)`` after each
+            optimizer step. 0 (default) is off; > 0 implies ``expert_bias``.
+        num_expert_groups: experts split into this many equal groups (DeepSeek-V3's node-limited routing); each
+            group is scored by the sum of its two best (biased) scores. 1: no groups.
+        topk_groups: only the experts of the ``topk_groups`` best groups are eligible (default: all groups).
+        num_shared_experts: always-active experts added to the routed output (DeepSeek, Qwen2-MoE), run as one dense
+            FFN ``layer.shared_experts`` of hidden width ``num_shared_experts * shared_d_ff``.
+        shared_d_ff: hidden width of each shared expert (None: ``d_ff``).
+        shared_expert_gate: multiply the shared experts' output by ``sigmoid(x @ w)`` (Qwen2-MoE), ``w`` being
+            ``layer.shared_expert_gate`` (D -> 1, no bias).
     """
 
     d_model: int
@@ -59,6 +75,15 @@ class MoEConfig:
     second_expert_policy: str = "all"
     second_expert_threshold: float = 0.2
     router_dtype: str = "float32"
+    score_func: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    expert_bias: bool = False
+    bias_update_rate: float = 0.0
+    num_expert_groups: int = 1
+    topk_groups: int | None = None
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -94,6 +119,57 @@ class MoEConfig:
         check_choice("router_dtype", self.router_dtype, tuple(ROUTER_DTYPES))
         if self.router == "expert_choice" and (self.noisy_gating or self.batch_priority):
             raise ConfigError("noisy_gating and batch_priority apply to router='topk' only")
+        self._check_router_family()
+
+    def _check_router_family(self) -> None:
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        if isinstance(self.routed_scaling_factor, bool) or not isinstance(self.routed_scaling_factor, (int, float)) \
+                or not 0 < self.routed_scaling_factor < math.inf:
+            raise ConfigError(f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}")
+        check_non_negative("bias_update_rate", self.bias_update_rate)
+        if not isinstance(self.expert_bias, bool):
+            raise ConfigError(f"expert_bias must be true or false, got {self.expert_bias!r}")
+        if self.bias_update_rate > 0:
+            self.expert_bias = True
+        check_positive_int("num_expert_groups", self.num_expert_groups)
+        G = self.num_expert_groups
+        if self.topk_groups is None:
+            self.topk_groups = G
+        check_positive_int("topk_groups", self.topk_groups)
+        if G > 1:
+            if self.num_experts % G != 0 or self.num_experts // G < 2:
+                raise ConfigError(
+                    f"num_expert_groups must split num_experts={self.num_experts} into equal groups of at least 2 "
+                    f"experts (a group is scored by its two best), got {G}"
+                )
+        if self.topk_groups > G:
+            raise ConfigError(f"topk_groups must be <= num_expert_groups={G}, got {self.topk_groups}")
+        if self.router == "topk" and self.top_k > self.topk_groups * (self.num_experts // G):
+            raise ConfigError(
+                f"top_k={self.top_k} exceeds the {self.topk_groups * (self.num_experts // G)} experts that "
+                f"topk_groups={self.topk_groups} of {G} groups make eligible"
+            )
+        check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_d_ff is not None:
+            check_positive_int("shared_d_ff", self.shared_d_ff)
+        if not isinstance(self.shared_expert_gate, bool):
+            raise ConfigError(f"shared_expert_gate must be true or false, got {self.shared_expert_gate!r}")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ConfigError("shared_expert_gate needs num_shared_experts >= 1")
+        if self.noisy_gating and self.score_func != "softmax":
+            raise ConfigError("noisy_gating is defined for score_func='softmax' only")
+        if self.router == "expert_choice" and (
+            self.score_func != "softmax" or self.expert_bias or G > 1 or self.routed_scaling_factor != 1.0
+        ):
+            raise ConfigError(
+                "score_func, expert_bias / bias_update_rate, expert groups and routed_scaling_factor apply to "
+                "router='topk' only"
+            )
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden width of the shared-experts FFN: ``num_shared_experts * shared_d_ff`` (0 without shared experts)."""
+        return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
 
     @property
     def is_causal_safe(self) -> bool:

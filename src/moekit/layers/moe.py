@@ -5,12 +5,15 @@ Shape legend: S tokens of the call, G routing groups of T tokens, D model width.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from moekit.dispatch.plan import LocalDispatcher
 from moekit.experts.bank import ExpertBank
+from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux
 from moekit.layers.config import MoEConfig
+from moekit.layers.dense import DenseFFN
 from moekit.layers.sparse import SparseFFN
 from moekit.routing.expert_choice import ExpertChoiceRouter
 from moekit.routing.topk import TopKRouter
@@ -29,6 +32,9 @@ class MoE(SparseFFN):
         experts: :class:`ExpertBank` (``w_in``, ``w_out``, ``w_gate``).
         dispatcher: moves tokens to the experts; swapped for an expert-parallel one in distributed runs (any
             router: see :class:`~moekit.layers.sparse.SparseFFN`).
+        shared_experts: :class:`DenseFFN` of the ``num_shared_experts`` always-active experts, or None; its output
+            is added to the routed output (times ``sigmoid(shared_expert_gate(x))`` when that gate is on).
+        shared_expert_gate: ``nn.Linear(d_model, 1, bias=False)`` or None.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -52,6 +58,12 @@ class MoE(SparseFFN):
                 router_dtype=c.router_dtype,
                 capacity_factor=c.capacity_factor,
                 min_capacity=c.min_capacity,
+                score_func=c.score_func,
+                routed_scaling_factor=c.routed_scaling_factor,
+                expert_bias=c.expert_bias,
+                bias_update_rate=c.bias_update_rate,
+                num_expert_groups=c.num_expert_groups,
+                topk_groups=c.topk_groups,
             )
         else:
             self.router = ExpertChoiceRouter(
@@ -62,6 +74,16 @@ class MoE(SparseFFN):
         )
         self.num_experts = c.num_experts
         self.dispatcher = LocalDispatcher(c.num_experts)
+        # Always-active experts (DeepSeek, Qwen2-MoE): one dense FFN whose hidden width is all of theirs together
+        # (a sum of FFNs is one FFN over the concatenated hidden units), replicated under expert parallelism.
+        self.shared_experts = (
+            DenseFFN(c.d_model, c.shared_hidden, c.activation, init_scale=c.init_scale, dropout=c.expert_dropout)
+            if c.num_shared_experts
+            else None
+        )
+        self.shared_expert_gate = nn.Linear(c.d_model, 1, bias=False) if c.shared_expert_gate else None
+        if self.shared_expert_gate is not None:
+            switch_init_(self.shared_expert_gate.weight, fan_in=c.d_model, init_scale=c.init_scale)
 
     def _groups(self, S: int) -> int:
         gs = self.config.group_size
@@ -80,4 +102,9 @@ class MoE(SparseFFN):
             raise ValueError("MoE got an input with no tokens")
         G = self._groups(x_SD.shape[0])
         y_SD, aux = self.route(x_SD.reshape(G, -1, D))
+        if self.shared_experts is not None:
+            shared_SD, _ = self.shared_experts(x_SD)
+            if self.shared_expert_gate is not None:
+                shared_SD = torch.sigmoid(self.shared_expert_gate(x_SD)) * shared_SD
+            y_SD = y_SD + shared_SD.to(y_SD.dtype)
         return y_SD.view(*x.shape[:-1], y_SD.shape[-1]), aux

@@ -12,11 +12,20 @@ import dataclasses
 from moekit.experts.activations import GATED
 from moekit.models.config import LMConfig
 
-__all__ = ["parameter_counts", "flops_per_token", "flop_matched_dense"]
+__all__ = ["parameter_counts", "flops_per_token", "flop_matched_dense", "shared_expert_params"]
 
 
 def _ffn_params(d_model: int, d_ff: int, activation: str) -> int:
     return d_model * d_ff * (3 if activation in GATED else 2)
+
+
+def shared_expert_params(moe: object) -> int:
+    """Parameters of an MoE layer's shared experts and their gate (0 without them; 0 for Soft MoE). Every token
+    uses all of them, so they count as active too."""
+    hidden = getattr(moe, "shared_hidden", 0)
+    if not hidden:
+        return 0
+    return _ffn_params(moe.d_model, hidden, moe.activation) + (moe.d_model if moe.shared_expert_gate else 0)
 
 
 def _dense_d_ff(config: LMConfig, index: int) -> int:
@@ -41,9 +50,10 @@ def parameter_counts(config: LMConfig) -> dict[str, int]:
             m = c.moe
             one = _ffn_params(D, m.d_ff, m.activation)
             router = m.num_experts * D * (2 if m.noisy_gating else 1)
+            shared = shared_expert_params(m)
             expert += m.num_experts * one
-            total += m.num_experts * one + router
-            active += m.top_k * one + router
+            total += m.num_experts * one + router + shared
+            active += m.top_k * one + router + shared
         else:
             n = _ffn_params(D, _dense_d_ff(c, i), c.activation)
             total += n
@@ -71,7 +81,8 @@ def flops_per_token(config: LMConfig, seq_len: int | None = None) -> dict[str, i
 
 def flop_matched_dense(config: LMConfig) -> LMConfig:
     """The dense model with the same active FLOPs per token (router matmul aside): every MoE FFN becomes a dense
-    FFN of hidden width ``top_k * moe.d_ff`` (the k experts a token visits), everything else unchanged."""
+    FFN of hidden width ``top_k * moe.d_ff`` (the k experts a token visits) plus the shared experts' width,
+    everything else unchanged (a shared-expert gate's D -> 1 product is routing and is not matched)."""
     if config.moe is None:
         return dataclasses.replace(config)
     m = config.moe
@@ -80,5 +91,5 @@ def flop_matched_dense(config: LMConfig) -> LMConfig:
             f"flop_matched_dense needs the experts' activation ({m.activation!r}) to equal model.activation "
             f"({config.activation!r})"
         )
-    width = m.top_k * m.d_ff
+    width = m.top_k * m.d_ff + m.shared_hidden
     return dataclasses.replace(config, moe=None, dense_d_ff_at_moe=None if width == config.d_ff else width)

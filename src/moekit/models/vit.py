@@ -42,7 +42,7 @@ from moekit.layers.dense import DenseFFN
 from moekit.layers.moe import MoE
 from moekit.layers.soft_moe import SoftMoE
 from moekit.models.blocks import PreNormBlock, SelfAttention
-from moekit.models.flops import _ffn_params
+from moekit.models.flops import _ffn_params, shared_expert_params
 
 __all__ = [
     "ViTConfig",
@@ -383,9 +383,10 @@ def vit_parameter_counts(config: ViTConfig) -> dict[str, int]:
             m = c.moe
             one = _ffn_params(D, m.d_ff, m.activation)
             router = _router_params(c)
+            shared = shared_expert_params(m)
             expert += m.num_experts * one
-            total += m.num_experts * one + router
-            active += _experts_per_token(c) * one + router
+            total += m.num_experts * one + router + shared
+            active += _experts_per_token(c) * one + router + shared
         else:
             n = _ffn_params(D, c.dense_d_ff(i), c.activation)
             total += n
@@ -419,7 +420,7 @@ def vit_flops_per_image(config: ViTConfig) -> dict[str, int]:
             forward += 2 * N * D * slots + 2 * 2 * N * slots * D + 2 * slots * one
         else:
             router = m.num_experts * D * (2 if m.router == "topk" and m.noisy_gating else 1)
-            forward += 2 * N * router + round(2 * N * _experts_per_token(c) * one)
+            forward += 2 * N * (router + shared_expert_params(m)) + round(2 * N * _experts_per_token(c) * one)
     return {"forward": forward, "train": 3 * forward}
 
 
@@ -439,7 +440,7 @@ def vit_flop_matched_dense(config: ViTConfig) -> ViTConfig:
             f"vit_flop_matched_dense needs the experts' activation ({m.activation!r}) to equal model.activation "
             f"({config.activation!r})"
         )
-    exact = _experts_per_token(config) * m.d_ff
+    exact = _experts_per_token(config) * m.d_ff + getattr(m, "shared_hidden", 0)
     width = round(exact)
     if not math.isclose(exact, width, rel_tol=0, abs_tol=1e-9) or width < 1:
         raise ConfigError(

@@ -1,5 +1,6 @@
 """Routers decide where tokens go and never move data (see moekit.dispatch for that)."""
 
+from moekit.routing.balance import balancing_routers, reset_expert_load, update_expert_bias
 from moekit.routing.decision import (
     AnyDecision,
     ExpertChoiceDecision,
@@ -21,8 +22,11 @@ __all__ = [
     "SoftRoutingDecision",
     "TokenChoiceDecision",
     "TopKRouter",
+    "balancing_routers",
     "expert_choice_capacity",
     "load_balancing_loss",
+    "reset_expert_load",
     "router_z_loss",
     "token_choice_capacity",
+    "update_expert_bias",
 ]

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from moekit.init import switch_init_
 from moekit.routing.decision import TokenChoiceDecision
 
-__all__ = ["TopKRouter", "SECOND_EXPERT_POLICIES", "ROUTER_DTYPES", "token_choice_capacity"]
+__all__ = ["TopKRouter", "SCORE_FUNCS", "SECOND_EXPERT_POLICIES", "ROUTER_DTYPES", "token_choice_capacity"]
 
+SCORE_FUNCS = ("softmax", "sigmoid")
 SECOND_EXPERT_POLICIES = ("all", "random")
 ROUTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -67,6 +68,16 @@ class TopKRouter(nn.Module):
         capacity_factor: CF of the capacity ``C = max(min_capacity, ceil(CF * k * T / E))`` per group of T tokens,
             stored in the decision for the dispatcher; None (default) is dropless.
         min_capacity: lower bound on C.
+        score_func: "softmax" over experts, or "sigmoid" per expert (DeepSeek-V3). With sigmoid the balance loss
+            and the router statistics use the scores normalised to sum 1 over experts.
+        routed_scaling_factor: multiplies the gates, after renormalisation and the second-expert policy.
+        expert_bias: keep a per-expert bias ``expert_bias`` ``[E]`` (float32 buffer, saved with the model) added to
+            the scores when choosing experts, never to the gates (loss-free balancing).
+        bias_update_rate: u of :func:`moekit.routing.update_expert_bias`; > 0 also counts, during training, the
+            choices each expert gets (``expert_load``, not saved) for that update.
+        num_expert_groups: G equal groups of experts; each is scored by the sum of its two best (biased) scores and
+            only the ``topk_groups`` best groups' experts can be chosen (DeepSeek-V3).
+        topk_groups: groups eligible per token (None: all).
     """
 
     def __init__(
@@ -85,6 +96,12 @@ class TopKRouter(nn.Module):
         router_dtype: str = "float32",
         capacity_factor: float | None = None,
         min_capacity: int = 4,
+        score_func: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        expert_bias: bool = False,
+        bias_update_rate: float = 0.0,
+        num_expert_groups: int = 1,
+        topk_groups: int | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -101,6 +118,13 @@ class TopKRouter(nn.Module):
             raise ValueError(f"second_expert_threshold must be > 0, got {second_expert_threshold}")
         if router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"router_dtype must be one of {tuple(ROUTER_DTYPES)}, got {router_dtype!r}")
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if num_expert_groups < 1 or num_experts % num_expert_groups != 0:
+            raise ValueError(f"num_expert_groups must divide num_experts={num_experts}, got {num_expert_groups}")
+        topk_groups = num_expert_groups if topk_groups is None else topk_groups
+        if not 1 <= topk_groups <= num_expert_groups:
+            raise ValueError(f"topk_groups must be in [1, num_expert_groups={num_expert_groups}], got {topk_groups}")
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -114,14 +138,44 @@ class TopKRouter(nn.Module):
         self.router_dtype = router_dtype
         self.capacity_factor = capacity_factor
         self.min_capacity = int(min_capacity)
+        self.score_func = score_func
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.bias_update_rate = float(bias_update_rate)
+        self.num_expert_groups = int(num_expert_groups)
+        self.topk_groups = int(topk_groups)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy_gating else None
+        self.expert_bias: Tensor | None
+        self.expert_load: Tensor | None
+        if expert_bias or bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        if bias_update_rate > 0:
+            # Choices per expert since the last bias update; a running count, not part of the model's state.
+            self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        else:
+            self.expert_load = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         switch_init_(self.weight, fan_in=self.d_model, init_scale=self.init_scale)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
+
+    def choice_scores(self, scores_SE: Tensor) -> Tensor:
+        """The scores experts are chosen by: ``scores + expert_bias``, and, with groups, -inf outside each token's
+        ``topk_groups`` best groups (a group's score: the sum of its two best biased scores)."""
+        choice_SE = scores_SE if self.expert_bias is None else scores_SE + self.expert_bias.to(scores_SE.dtype)
+        G = self.num_expert_groups
+        if G == 1:
+            return choice_SE
+        S, E = choice_SE.shape
+        choice_SGX = choice_SE.view(S, G, E // G)
+        group_score_SG = choice_SGX.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups_SK = group_score_SG.topk(self.topk_groups, dim=-1).indices
+        eligible_SG = torch.zeros_like(group_score_SG, dtype=torch.bool).scatter_(1, best_groups_SK, True)
+        return choice_SGX.masked_fill(~eligible_SG.unsqueeze(-1), float("-inf")).view(S, E)
 
     def forward(self, x: Tensor) -> TokenChoiceDecision:
         """Route ``x_GTD`` (G routing groups of T tokens) or ``x_SD`` (one group). Any float dtype; all routing math
@@ -135,8 +189,14 @@ class TopKRouter(nn.Module):
             noise_SD = torch.empty_like(h_SD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             h_SD = h_SD * noise_SD
         logits_SE = _router_logits(h_SD, self.weight, dtype)
-        # Softmax BEFORE top-k (Switch / GShard), over all experts; float32 unless bf16 was asked for.
-        probs_SE = torch.softmax(logits_SE, dim=-1)
+        if self.score_func == "softmax":
+            # Softmax BEFORE top-k (Switch / GShard), over all experts; float32 unless bf16 was asked for.
+            scores_SE = probs_SE = torch.softmax(logits_SE, dim=-1)
+        else:
+            # An independent score per expert (DeepSeek-V3); the balance loss and the statistics read the scores
+            # normalised over experts, as DeepSeek-V3's sequence-wise balance loss does.
+            scores_SE = torch.sigmoid(logits_SE)
+            probs_SE = scores_SE / scores_SE.sum(dim=-1, keepdim=True)
 
         if self.noisy_gating:
             noisy_SE = logits_SE
@@ -146,10 +206,14 @@ class TopKRouter(nn.Module):
             top_vals_SK, expert_ids_SK = torch.topk(noisy_SE, self.top_k, dim=-1)
             # Shazeer 2017: the softmax runs over the k kept (noisy) logits only.
             gates_SK = torch.softmax(top_vals_SK, dim=-1)
+        elif self.expert_bias is None and self.num_expert_groups == 1:
+            gates_SK, expert_ids_SK = torch.topk(scores_SE, self.top_k, dim=-1)
         else:
-            gates_SK, expert_ids_SK = torch.topk(probs_SE, self.top_k, dim=-1)
-            if self.normalize_gates:
-                gates_SK = gates_SK / (gates_SK.sum(dim=-1, keepdim=True) + 1e-9)
+            # Choose by the biased, group-limited scores; gate by the plain scores (the bias only balances).
+            _, expert_ids_SK = torch.topk(self.choice_scores(scores_SE), self.top_k, dim=-1)
+            gates_SK = scores_SE.gather(-1, expert_ids_SK)
+        if not self.noisy_gating and self.normalize_gates:
+            gates_SK = gates_SK / (gates_SK.sum(dim=-1, keepdim=True) + 1e-9)
 
         valid_SK = None
         if self.training and self.second_expert_policy == "random" and self.top_k > 1:
@@ -157,6 +221,13 @@ class TopKRouter(nn.Module):
             keep_rest_SK = torch.rand_like(keep_prob_SK) < keep_prob_SK
             first_S1 = torch.ones_like(keep_rest_SK[:, :1])
             valid_SK = torch.cat([first_S1, keep_rest_SK], dim=-1)
+
+        if self.routed_scaling_factor != 1.0:
+            gates_SK = gates_SK * self.routed_scaling_factor
+        if self.expert_load is not None and self.training:
+            with torch.no_grad():
+                chosen_N = expert_ids_SK.reshape(-1) if valid_SK is None else expert_ids_SK[valid_SK]
+                self.expert_load.index_add_(0, chosen_N, torch.ones_like(chosen_N, dtype=self.expert_load.dtype))
 
         priority_S = None
         if self.batch_priority:

@@ -24,6 +24,7 @@ from torch import nn
 from moekit.data.batches import TokenBatches, TokenEvalData
 from moekit.errors import MoekitError
 from moekit.layers.expert_parallel import is_expert_parallel
+from moekit.routing.balance import balancing_routers, reset_expert_load, update_expert_bias
 from moekit.training import checkpoint as ckpt
 from moekit.training.config import TrainConfig
 from moekit.training.distributed import ExpertParallel
@@ -349,6 +350,10 @@ class Trainer:
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
+            # Loss-free balancing: nudge the routers' biases by this step's global loads (all ranks alike).
+            update_expert_bias(self.model, par.group if par is not None else None)
+        else:
+            reset_expert_load(self.model)  # a skipped step moves no weight and no bias
         # Keep the gradient buffers (set_to_none=False): refilling mapped memory is much cheaper than fresh pages.
         self.optimizer.zero_grad(set_to_none=False)
         record: dict[str, Any] = {
@@ -380,6 +385,16 @@ class Trainer:
             record["router_entropy"] = float(np.mean(entropies))
             record["max_router_logit"] = max_logit
             record["tokens_per_expert"] = counts
+            # Imbalance per layer: max load / mean load (the "max violation" of the loss-free balancing paper, 1 is
+            # perfect balance) and the coefficient of variation of the loads.
+            loads = [np.asarray(row, dtype=np.float64) for row in counts]
+            record["max_violation_per_layer"] = [float(r.max() / r.mean()) if r.mean() > 0 else 0.0 for r in loads]
+            record["load_cv_per_layer"] = [float(r.std() / r.mean()) if r.mean() > 0 else 0.0 for r in loads]
+            biased = balancing_routers(self.model)
+            if biased:
+                record["expert_bias_range_per_layer"] = [
+                    float(r.expert_bias.max() - r.expert_bias.min()) for r in biased
+                ]
         return record, finite
 
     def fit(self) -> TrainResult:
@@ -496,6 +511,9 @@ class Trainer:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, record["step"])
+            elif key.endswith("_per_layer"):  # one curve per MoE layer
+                for i, v in enumerate(value):
+                    self._tb.add_scalar(f"{key[: -len('_per_layer')]}/moe_layer_{i}", v, record["step"])
 
 
 class _NullLog:
