@@ -218,3 +218,86 @@ def test_trainer_updates_and_checkpoints_the_bias(tmp_path):
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(records[-1]["max_violation_per_layer"]) == 1 and records[-1]["max_violation_per_layer"][0] >= 1.0
     assert records[-1]["expert_bias_range_per_layer"][0] == pytest.approx(float(bias.max() - bias.min()))
+
+
+def _two_expert_sigmoid_layer(balance_loss: str, group_size: int | None = None) -> MoE:
+    layer = MoE(MoEConfig(d_model=2, d_ff=4, num_experts=2, top_k=1, capacity_factor=None, score_func="sigmoid",
+                          balance_loss=balance_loss, group_size=group_size))
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2))  # logits = x
+    return layer
+
+
+def _normalised(a: float, b: float) -> tuple[float, float]:
+    sa, sb = _sig(a), _sig(b)
+    return sa / (sa + sb), sb / (sa + sb)
+
+
+def test_sequence_wise_balance_loss_by_hand():
+    x = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [3.0, 0.0]]])  # 2 sequences of 2 tokens
+    p = [_normalised(*t) for t in x.reshape(4, 2).tolist()]
+    # p = [(0.6379, 0.3621), (0.4062, 0.5938), (0.5939, 0.4061), (0.6558, 0.3442)]; choices e0, e1, e0, e0.
+    # Sequence A: f = (1/2, 1/2), P = mean of p over its tokens: L_A = 2 * (0.5 * P0 + 0.5 * P1) = 1 exactly.
+    # Sequence B: f = (1, 0), P0 = (0.5939 + 0.6558) / 2 = 0.62485: L_B = 2 * 0.62485 = 1.2497.
+    L_A = 2 * (0.5 * (p[0][0] + p[1][0]) / 2 + 0.5 * (p[0][1] + p[1][1]) / 2)
+    L_B = 2 * (1.0 * (p[2][0] + p[3][0]) / 2)
+    _, aux = _two_expert_sigmoid_layer("sequence")(x)
+    assert aux.routing.expert_ids_SK.view(-1).tolist() == [0, 1, 0, 0]
+    assert aux.load_balancing_loss.item() == pytest.approx((L_A + L_B) / 2, rel=1e-6)  # 1.12485
+    # The Switch loss over the call as one group differs: f = (3/4, 1/4), P = the mean over all four tokens.
+    P0 = sum(t[0] for t in p) / 4
+    _, aux_switch = _two_expert_sigmoid_layer("switch")(x)
+    assert aux_switch.load_balancing_loss.item() == pytest.approx(2 * (0.75 * P0 + 0.25 * (1 - P0)), rel=1e-6)
+    # "global" counts over the whole call whatever the routing groups: with two routing groups of 2 tokens it is
+    # still the one-group value (in one process; under torch.distributed the counts are summed over the ranks).
+    _, aux_global = _two_expert_sigmoid_layer("global", group_size=2)(x)
+    assert aux_global.load_balancing_loss.item() == pytest.approx(aux_switch.load_balancing_loss.item(), rel=1e-6)
+
+
+def test_masked_tokens_change_nothing_in_losses_or_statistics():
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2, capacity_factor=None, score_func="sigmoid",
+                          bias_update_rate=0.01))
+    layer.train()
+    x = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False  # two padding tokens at the end of the first sequence
+    mask[1, 5] = False
+    y, aux = layer(x, mask)
+    load_masked = layer.router.expert_load.clone()
+    layer.router.expert_load.zero_()
+    real = x[mask]  # the 9 real tokens as one call
+    y_real, aux_real = layer(real)
+    for name in ("load_balancing_loss", "z_loss", "router_entropy", "max_logit"):
+        torch.testing.assert_close(getattr(aux, name), getattr(aux_real, name), rtol=1e-6, atol=1e-7)
+    assert aux.tokens_per_expert.tolist() == aux_real.tokens_per_expert.tolist()
+    assert aux.drop_fraction.item() == 0.0
+    assert torch.equal(load_masked, layer.router.expert_load)  # padding never moves the balancing bias
+    torch.testing.assert_close(y[mask], y_real, rtol=1e-5, atol=1e-6)
+    assert torch.equal(y[~mask], torch.zeros(3, 8))  # padding gets no routed output
+    # Whatever the padding holds, nothing changes.
+    x2 = x.clone()
+    x2[~mask] = 100.0
+    y2, aux2 = layer(x2, mask)
+    torch.testing.assert_close(y2[mask], y[mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux2.load_balancing_loss, aux.load_balancing_loss)
+    torch.testing.assert_close(aux2.z_loss, aux.z_loss)
+
+
+def test_masked_tokens_take_no_capacity_slot():
+    layer = MoE(MoEConfig(d_model=2, d_ff=4, num_experts=2, top_k=1, capacity_factor=1.0, min_capacity=0))
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))  # every token prefers expert 0
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])  # C = ceil(1.0 * 1 * 4 / 2) = 2
+    _, aux = layer(x)
+    assert aux.plan.kept_mask_SK().view(-1).tolist() == [True, True, False, False]  # group order: t0, t1 win
+    _, aux = layer(x, torch.tensor([False, True, True, True]))
+    # t0 is padding: it takes no slot, so t1 and t2 get expert 0's two slots; of 3 real choices 1 is dropped
+    assert aux.plan.kept_mask_SK().view(-1).tolist() == [False, True, True, False]
+    assert aux.drop_fraction.item() == pytest.approx(1 / 3)
+
+
+def test_mask_is_refused_for_expert_choice():
+    layer = MoE(MoEConfig(d_model=4, d_ff=8, num_experts=2, router="expert_choice", capacity_factor=1.0))
+    with pytest.raises(ValueError, match="token mask is supported for router='topk' only"):
+        layer(torch.randn(3, 4), torch.ones(3, dtype=torch.bool))

@@ -13,6 +13,7 @@ from moekit.routing.topk import ROUTER_DTYPES, SCORE_FUNCS, SECOND_EXPERT_POLICI
 __all__ = ["MoEConfig", "SoftMoEConfig", "ROUTERS"]
 
 ROUTERS = ("topk", "expert_choice")
+BALANCE_LOSSES = ("switch", "sequence", "global")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class MoEConfig:
         shared_d_ff: hidden width of each shared expert (None: ``d_ff``).
         shared_expert_gate: multiply the shared experts' output by ``sigmoid(x @ w)`` (Qwen2-MoE), ``w`` being
             ``layer.shared_expert_gate`` (D -> 1, no bias).
+        balance_loss: "switch" (Switch eq. 4 per routing group), "sequence" (the same per sequence, i.e. per row
+            of a ``[..., T, D]`` input: DeepSeek-V3's sequence-wise loss) or "global" (expert fractions counted
+            over the whole call and every rank: Qwen's global-batch balance).
     """
 
     d_model: int
@@ -84,6 +88,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
+    balance_loss: str = "switch"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -123,6 +128,7 @@ class MoEConfig:
 
     def _check_router_family(self) -> None:
         check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
         if isinstance(self.routed_scaling_factor, bool) or not isinstance(self.routed_scaling_factor, (int, float)) \
                 or not 0 < self.routed_scaling_factor < math.inf:
             raise ConfigError(f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}")
@@ -160,10 +166,11 @@ class MoEConfig:
             raise ConfigError("noisy_gating is defined for score_func='softmax' only")
         if self.router == "expert_choice" and (
             self.score_func != "softmax" or self.expert_bias or G > 1 or self.routed_scaling_factor != 1.0
+            or self.balance_loss != "switch"
         ):
             raise ConfigError(
-                "score_func, expert_bias / bias_update_rate, expert groups and routed_scaling_factor apply to "
-                "router='topk' only"
+                "score_func, expert_bias / bias_update_rate, expert groups, routed_scaling_factor and balance_loss "
+                "apply to router='topk' only"
             )
 
     @property

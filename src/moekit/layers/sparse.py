@@ -44,10 +44,18 @@ class SparseFFN(nn.Module):
         super().__init__()
         self.dispatcher: Dispatcher = LocalDispatcher(0)
 
-    def route(self, x_GTD: Tensor) -> tuple[Tensor, MoEAux]:
-        """Route G groups of T tokens through the experts: ``([G * T, D], aux)``."""
+    def route(
+        self, x_GTD: Tensor, mask_GT: Tensor | None = None, *, balance_groups: int | None = None,
+        balance_global: bool = False,
+    ) -> tuple[Tensor, MoEAux]:
+        """Route G groups of T tokens through the experts: ``([G * T, D], aux)``. ``mask_GT`` (True = real
+        token), ``balance_groups`` and ``balance_global`` (how the balance loss groups its counts) are for
+        token-choice routers."""
         G, T, D = x_GTD.shape
-        decision = self.router(x_GTD)  # routers see the input as it is (they pick their own precision)
+        # Routers see the input as it is (they pick their own precision).
+        decision = self.router(x_GTD) if mask_GT is None else self.router(x_GTD, mask=mask_GT)
+        if balance_groups is not None or balance_global:
+            decision.balance_groups, decision.balance_global = balance_groups, balance_global
         plan = plan_routing(decision, self.num_experts)
         x_SD = x_GTD.reshape(G * T, D).to(compute_dtype(x_GTD))
         rows = self.dispatcher.dispatch(x_SD, plan)

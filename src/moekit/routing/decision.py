@@ -43,15 +43,18 @@ class _RouterStatistics:
 
     probs_SE: Tensor
     logits_SE: Tensor
+    mask_S: Tensor | None = None  # True for real tokens; statistics leave padding out
 
     def z_loss(self) -> Tensor:
-        return router_z_loss(self.logits_SE)
+        return router_z_loss(self.logits_SE, self.mask_S)
 
     def router_entropy(self) -> Tensor:
-        return entropy_nats(self.probs_SE)
+        probs = self.probs_SE if self.mask_S is None else self.probs_SE[self.mask_S.reshape(-1)]
+        return entropy_nats(probs) if probs.shape[0] else _zero_like(self.probs_SE)
 
     def max_logit(self) -> Tensor:
-        return self.logits_SE.detach().max()
+        logits = self.logits_SE if self.mask_S is None else self.logits_SE[self.mask_S.reshape(-1)]
+        return logits.detach().max() if logits.shape[0] else _zero_like(self.logits_SE)
 
 
 @dataclass(repr=False)
@@ -70,6 +73,12 @@ class TokenChoiceDecision(_RouterStatistics):
         capacity: slots per expert per routing group, or None for dropless.
         num_groups: the S tokens form this many equal, consecutive routing groups (capacity and the balance loss
             are per group).
+        mask_S: bool or None; False marks padding: its choices are declined (no slot, no output from the routed
+            experts) and it counts in no loss or statistic.
+        balance_groups: the balance loss is computed per this many equal groups instead of the routing groups
+            (the layer sets it to the number of sequences for DeepSeek-V3's sequence-wise loss).
+        balance_global: the balance loss counts expert fractions over the whole call and every rank (Qwen's
+            global-batch balance).
     """
 
     expert_ids_SK: Tensor
@@ -80,11 +89,18 @@ class TokenChoiceDecision(_RouterStatistics):
     priority_S: Tensor | None = None
     capacity: int | None = None
     num_groups: int = 1
+    mask_S: Tensor | None = None
+    balance_groups: int | None = None
+    balance_global: bool = False
 
     def load_balancing_loss(self) -> Tensor:
-        """Switch eq. 4 over the k choices, per routing group, averaged."""
+        """Switch eq. 4 over the k choices, per routing group (or per ``balance_groups``), averaged."""
         E = self.probs_SE.shape[-1]
-        return load_balancing_loss(self.probs_SE, self.expert_ids_SK, E, num_groups=self.num_groups)
+        groups = self.num_groups if self.balance_groups is None else self.balance_groups
+        return load_balancing_loss(
+            self.probs_SE, self.expert_ids_SK, E, num_groups=groups, mask_S=self.mask_S,
+            global_counts=self.balance_global,
+        )
 
     def __repr__(self) -> str:
         S, K = self.expert_ids_SK.shape

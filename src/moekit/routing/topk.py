@@ -177,9 +177,10 @@ class TopKRouter(nn.Module):
         eligible_SG = torch.zeros_like(group_score_SG, dtype=torch.bool).scatter_(1, best_groups_SK, True)
         return choice_SGX.masked_fill(~eligible_SG.unsqueeze(-1), float("-inf")).view(S, E)
 
-    def forward(self, x: Tensor) -> TokenChoiceDecision:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> TokenChoiceDecision:
         """Route ``x_GTD`` (G routing groups of T tokens) or ``x_SD`` (one group). Any float dtype; all routing math
-        runs in ``router_dtype``."""
+        runs in ``router_dtype``. ``mask`` (bool, ``x.shape[:-1]``, True = real token): padding's choices are
+        declined, so it takes no capacity slot, gets no routed output and counts in no loss, statistic or load."""
         G, T = (1, x.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1])
         x_SD = x.reshape(G * T, x.shape[-1])
         dtype = ROUTER_DTYPES[self.router_dtype]
@@ -221,6 +222,13 @@ class TopKRouter(nn.Module):
             keep_rest_SK = torch.rand_like(keep_prob_SK) < keep_prob_SK
             first_S1 = torch.ones_like(keep_rest_SK[:, :1])
             valid_SK = torch.cat([first_S1, keep_rest_SK], dim=-1)
+        mask_S = None
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask must have shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
+            mask_S = mask.reshape(G * T).to(torch.bool)
+            mask_SK = mask_S.unsqueeze(1).expand(-1, self.top_k)
+            valid_SK = mask_SK if valid_SK is None else valid_SK & mask_SK
 
         if self.routed_scaling_factor != 1.0:
             gates_SK = gates_SK * self.routed_scaling_factor
@@ -246,4 +254,5 @@ class TopKRouter(nn.Module):
             priority_S=priority_S,
             capacity=token_choice_capacity(T, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity),
             num_groups=G,
+            mask_S=mask_S,
         )
