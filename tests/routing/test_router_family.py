@@ -299,5 +299,33 @@ def test_masked_tokens_take_no_capacity_slot():
 
 def test_mask_is_refused_for_expert_choice():
     layer = MoE(MoEConfig(d_model=4, d_ff=8, num_experts=2, router="expert_choice", capacity_factor=1.0))
-    with pytest.raises(ValueError, match="token mask is supported for router='topk' only"):
+    with pytest.raises(ValueError, match="token mask and routing replay are supported for router=.topk. only"):
         layer(torch.randn(3, 4), torch.ones(3, dtype=torch.bool))
+
+
+def test_router_replay_routes_alike_and_trains_the_router():
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=16, d_ff=32, num_experts=8, top_k=2, capacity_factor=None, score_func="sigmoid",
+                    expert_bias=True, num_expert_groups=4, topk_groups=2)
+    model = TransformerLM(LMConfig(vocab_size=40, d_model=16, n_layers=4, n_heads=2, d_ff=32, max_seq_len=8,
+                                   moe=moe, moe_every=2, moe_offset=1))
+    tokens = torch.randint(0, 40, (2, 8))
+    first = model(tokens, tokens)
+    recorded = [a.routing.expert_ids_SK for a in first.aux]
+    # Equal decisions -> equal outputs.
+    again = model(tokens, tokens, replay=recorded)
+    assert all(torch.equal(a.routing.expert_ids_SK, r) for a, r in zip(again.aux, recorded, strict=True))
+    torch.testing.assert_close(again.logits_BTV, first.logits_BTV, rtol=0, atol=0)
+    # Change the router (as an RL update would): a free pass now routes differently, the replay keeps the recorded
+    # experts, and the replayed pass's gradients reach the router through the recomputed gates.
+    with torch.no_grad():
+        for layer in model.moe_layers:
+            layer.router.weight.add_(torch.randn_like(layer.router.weight))
+    free = model(tokens, tokens)
+    assert any(not torch.equal(a.routing.expert_ids_SK, r) for a, r in zip(free.aux, recorded, strict=True))
+    forced = model(tokens, tokens, replay=recorded)
+    assert all(torch.equal(a.routing.expert_ids_SK, r) for a, r in zip(forced.aux, recorded, strict=True))
+    forced.ce_loss.backward()
+    assert all(layer.router.weight.grad.abs().sum() > 0 for layer in model.moe_layers)
+    with pytest.raises(ValueError, match="one routing per MoE layer"):
+        model(tokens, replay=recorded[:1])

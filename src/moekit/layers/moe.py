@@ -93,19 +93,23 @@ class MoE(SparseFFN):
             raise ValueError(f"the number of tokens ({S}) must be a multiple of group_size={gs}")
         return S // gs
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEAux]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, replay: Tensor | None = None
+    ) -> tuple[Tensor, MoEAux]:
         """``x`` ``[..., d_model]``; ``mask`` (bool ``x.shape[:-1]``, True = real token, token choice only) keeps
         padding out of capacity, losses, statistics and the balancing loads; padding gets no routed output (its
-        output is the shared experts' alone, or 0)."""
+        output is the shared experts' alone, or 0). ``replay`` (int64 ``[tokens, k]``, an earlier call's
+        ``aux.routing.expert_ids_SK``) forces those experts, with gates recomputed from this call's router, so a
+        second pass routes exactly as the first (reinforcement-learning fine-tuning) and still trains the router."""
         D = self.config.d_model
         if x.dim() < 1 or x.shape[-1] != D:
             raise ValueError(f"input width must equal d_model={D}, got shape {tuple(x.shape)}")
         x_SD = x.reshape(-1, D)
         if x_SD.shape[0] == 0:
             raise ValueError("MoE got an input with no tokens")
+        if (mask is not None or replay is not None) and self.config.router != "topk":
+            raise ValueError("a token mask and routing replay are supported for router='topk' only")
         if mask is not None:
-            if self.config.router != "topk":
-                raise ValueError("a token mask is supported for router='topk' only")
             if mask.shape != x.shape[:-1]:
                 raise ValueError(f"mask must have shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
         balance = self.config.balance_loss
@@ -114,7 +118,8 @@ class MoE(SparseFFN):
         G = self._groups(x_SD.shape[0])
         mask_GT = None if mask is None else mask.reshape(G, -1)
         y_SD, aux = self.route(
-            x_SD.reshape(G, -1, D), mask_GT, balance_groups=sequences, balance_global=balance == "global"
+            x_SD.reshape(G, -1, D), mask_GT, balance_groups=sequences, balance_global=balance == "global",
+            forced_ids=replay,
         )
         if self.shared_experts is not None:
             shared_SD, _ = self.shared_experts(x_SD)

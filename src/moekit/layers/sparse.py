@@ -46,14 +46,19 @@ class SparseFFN(nn.Module):
 
     def route(
         self, x_GTD: Tensor, mask_GT: Tensor | None = None, *, balance_groups: int | None = None,
-        balance_global: bool = False,
+        balance_global: bool = False, forced_ids: Tensor | None = None,
     ) -> tuple[Tensor, MoEAux]:
         """Route G groups of T tokens through the experts: ``([G * T, D], aux)``. ``mask_GT`` (True = real
-        token), ``balance_groups`` and ``balance_global`` (how the balance loss groups its counts) are for
-        token-choice routers."""
+        token), ``balance_groups`` and ``balance_global`` (how the balance loss groups its counts) and
+        ``forced_ids`` (a routing to replay) are for token-choice routers."""
         G, T, D = x_GTD.shape
+        router_kwargs = {}
+        if mask_GT is not None:
+            router_kwargs["mask"] = mask_GT
+        if forced_ids is not None:
+            router_kwargs["forced_ids"] = forced_ids
         # Routers see the input as it is (they pick their own precision).
-        decision = self.router(x_GTD) if mask_GT is None else self.router(x_GTD, mask=mask_GT)
+        decision = self.router(x_GTD, **router_kwargs)
         if balance_groups is not None or balance_global:
             decision.balance_groups, decision.balance_global = balance_groups, balance_global
         plan = plan_routing(decision, self.num_experts)

@@ -112,9 +112,10 @@ class PreNormBlock(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, SparseFFN)
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, MoEAux | None]:
+    def forward(self, x_BTD: Tensor, **ffn_kwargs) -> tuple[Tensor, MoEAux | None]:
+        """``ffn_kwargs`` (e.g. an MoE layer's ``replay``) go to the FFN."""
         h_BTD = x_BTD + self._drop(self.attn(self.attn_norm(x_BTD)))
-        f_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
+        f_BTD, aux = self.ffn(self.ffn_norm(h_BTD), **ffn_kwargs)
         return h_BTD + self._drop(f_BTD), aux
 
     def _drop(self, x: Tensor) -> Tensor:

@@ -88,7 +88,12 @@ class TransformerLM(nn.Module):
         if self.head is not None:
             nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens_BT: Tensor, targets_BT: Tensor | None = None) -> LMOutput:
+    def forward(
+        self, tokens_BT: Tensor, targets_BT: Tensor | None = None, replay: list[Tensor] | None = None
+    ) -> LMOutput:
+        """Logits (and losses when ``targets_BT`` is given). ``replay``: one int64 ``[B * T, k]`` tensor of expert ids
+        per MoE layer, in block order (``[a.routing.expert_ids_SK for a in out.aux]`` of an earlier pass): every MoE
+        layer routes to exactly those experts, with gates from this pass's routers (router replay)."""
         c = self.config
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BT.shape)}")
@@ -98,8 +103,16 @@ class TransformerLM(nn.Module):
             )
         x_BTD = self.embed(tokens_BT)
         aux: list[MoEAux] = []
+        replay_iter = None
+        if replay is not None:
+            if len(replay) != len(self.moe_layers):
+                raise ValueError(f"replay needs one routing per MoE layer ({len(self.moe_layers)}), got {len(replay)}")
+            replay_iter = iter(replay)
         for block in self.blocks:
-            x_BTD, block_aux = block(x_BTD)
+            if replay_iter is not None and isinstance(block.ffn, MoE):
+                x_BTD, block_aux = block(x_BTD, replay=next(replay_iter))
+            else:
+                x_BTD, block_aux = block(x_BTD)
             if block_aux is not None:
                 aux.append(block_aux)
         h_BTD = self.final_norm(x_BTD)

@@ -177,10 +177,16 @@ class TopKRouter(nn.Module):
         eligible_SG = torch.zeros_like(group_score_SG, dtype=torch.bool).scatter_(1, best_groups_SK, True)
         return choice_SGX.masked_fill(~eligible_SG.unsqueeze(-1), float("-inf")).view(S, E)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> TokenChoiceDecision:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, forced_ids: Tensor | None = None
+    ) -> TokenChoiceDecision:
         """Route ``x_GTD`` (G routing groups of T tokens) or ``x_SD`` (one group). Any float dtype; all routing math
         runs in ``router_dtype``. ``mask`` (bool, ``x.shape[:-1]``, True = real token): padding's choices are
-        declined, so it takes no capacity slot, gets no routed output and counts in no loss, statistic or load."""
+        declined, so it takes no capacity slot, gets no routed output and counts in no loss, statistic or load.
+
+        ``forced_ids`` (int64 ``[S, k]``, e.g. an earlier call's ``expert_ids_SK``) replays a routing: the experts
+        are those, the gates are recomputed from this call's scores (so gradients reach the router), exactly as
+        if the router had chosen them. Noise and the second-expert policy's draws are not replayed."""
         G, T = (1, x.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1])
         x_SD = x.reshape(G * T, x.shape[-1])
         dtype = ROUTER_DTYPES[self.router_dtype]
@@ -199,7 +205,14 @@ class TopKRouter(nn.Module):
             scores_SE = torch.sigmoid(logits_SE)
             probs_SE = scores_SE / scores_SE.sum(dim=-1, keepdim=True)
 
-        if self.noisy_gating:
+        if forced_ids is not None:
+            if forced_ids.shape != (G * T, self.top_k):
+                raise ValueError(
+                    f"forced_ids must have shape [{G * T}, {self.top_k}], got {tuple(forced_ids.shape)}"
+                )
+            expert_ids_SK = forced_ids.to(device=scores_SE.device, dtype=torch.int64)
+            gates_SK = scores_SE.gather(-1, expert_ids_SK)
+        elif self.noisy_gating:
             noisy_SE = logits_SE
             if self.training:
                 noise_std_SE = F.softplus(_router_logits(h_SD, self.noise_weight, dtype))
@@ -213,7 +226,7 @@ class TopKRouter(nn.Module):
             # Choose by the biased, group-limited scores; gate by the plain scores (the bias only balances).
             _, expert_ids_SK = torch.topk(self.choice_scores(scores_SE), self.top_k, dim=-1)
             gates_SK = scores_SE.gather(-1, expert_ids_SK)
-        if not self.noisy_gating and self.normalize_gates:
+        if (forced_ids is not None or not self.noisy_gating) and self.normalize_gates:
             gates_SK = gates_SK / (gates_SK.sum(dim=-1, keepdim=True) + 1e-9)
 
         valid_SK = None
