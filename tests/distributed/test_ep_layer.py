@@ -147,9 +147,24 @@ def _check_soft(rank: int, world: int) -> None:
         _compare_sharded(rank, world, ref, copy.deepcopy(ref), x_full, split_dim=0)
 
 
+def _check_deepseek_style(rank: int, world: int) -> None:
+    # Sigmoid scores, a choice bias, 4 expert groups of which 2 are eligible, scaled gates, gated shared experts:
+    # each rank routes its own tokens over all experts (the bias is replicated), the shared experts run locally.
+    torch.manual_seed(1)
+    ref = MoE(MoEConfig(d_model=D, d_ff=F, num_experts=8, top_k=2, capacity_factor=None, activation="swiglu",
+                        score_func="sigmoid", expert_bias=True, num_expert_groups=4, topk_groups=2,
+                        routed_scaling_factor=2.5, num_shared_experts=1, shared_expert_gate=True))
+    with torch.no_grad():
+        ref.router.weight.copy_(torch.randn(8, D))
+        ref.router.expert_bias.copy_(torch.randn(8) * 0.3)
+    torch.manual_seed(2)
+    _compare_sharded(rank, world, ref, copy.deepcopy(ref), torch.randn(world * S_LOCAL, D), split_dim=0)
+
+
 def _check_expert_choice_and_soft(rank: int, world: int) -> None:
     _check_expert_choice(rank, world)
     _check_soft(rank, world)
+    _check_deepseek_style(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
