@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
-from moekit.training.metrics import MetricsLog, Progress, read_metrics
+import pytest
+
+from moekit.training.metrics import MetricsLog, Progress, load_cv, max_violation, read_metrics
 
 
 def test_log_writes_standard_json_and_truncates(tmp_path):
@@ -42,3 +45,11 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise():
     off = io.StringIO()
     Progress(10, "off", stream=off).update(5, "x")
     assert off.getvalue() == ""
+
+
+def test_load_imbalance_by_hand():
+    # loads [4, 2, 2, 0]: mean 2, max 4 -> 2.0; deviations [2, 0, 0, -2], variance 8 / 4 = 2, CV sqrt(2) / 2
+    assert max_violation([4, 2, 2, 0]) == 2.0
+    assert load_cv([4, 2, 2, 0]) == pytest.approx(math.sqrt(2) / 2)
+    assert max_violation([3, 3, 3]) == 1.0 and load_cv([3, 3, 3]) == 0.0
+    assert max_violation([0, 0]) == 0.0 and load_cv([0, 0]) == 0.0

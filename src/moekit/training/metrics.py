@@ -10,10 +10,26 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["MetricsLog", "Progress", "read_metrics"]
+__all__ = ["MetricsLog", "Progress", "load_cv", "max_violation", "read_metrics"]
+
+
+def max_violation(loads: Sequence[float]) -> float:
+    """``max load / mean load`` of one layer's experts (1 = perfect balance; Wang et al. 2024's "MaxVio" plus 1);
+    0 when no expert got anything."""
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 0.0
+
+
+def load_cv(loads: Sequence[float]) -> float:
+    """Coefficient of variation of one layer's expert loads (population standard deviation / mean); 0 when empty."""
+    mean = sum(loads) / len(loads)
+    if mean <= 0:
+        return 0.0
+    return math.sqrt(sum((x - mean) ** 2 for x in loads) / len(loads)) / mean
 
 
 def _clean(value: Any) -> Any:

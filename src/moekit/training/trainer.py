@@ -28,7 +28,7 @@ from moekit.routing.balance import balancing_routers, reset_expert_load, update_
 from moekit.training import checkpoint as ckpt
 from moekit.training.config import TrainConfig
 from moekit.training.distributed import ExpertParallel
-from moekit.training.metrics import MetricsLog, Progress
+from moekit.training.metrics import MetricsLog, Progress, load_cv, max_violation
 from moekit.training.optim import build_optimizer
 from moekit.training.schedule import lr_at
 
@@ -387,9 +387,8 @@ class Trainer:
             record["tokens_per_expert"] = counts
             # Imbalance per layer: max load / mean load (the "max violation" of the loss-free balancing paper, 1 is
             # perfect balance) and the coefficient of variation of the loads.
-            loads = [np.asarray(row, dtype=np.float64) for row in counts]
-            record["max_violation_per_layer"] = [float(r.max() / r.mean()) if r.mean() > 0 else 0.0 for r in loads]
-            record["load_cv_per_layer"] = [float(r.std() / r.mean()) if r.mean() > 0 else 0.0 for r in loads]
+            record["max_violation_per_layer"] = [max_violation(row) for row in counts]
+            record["load_cv_per_layer"] = [load_cv(row) for row in counts]
             biased = balancing_routers(self.model)
             if biased:
                 record["expert_bias_range_per_layer"] = [

@@ -17,6 +17,7 @@ from moekit.lab.analysis.report import render_report
 from moekit.lab.analysis.summary import summarise
 from moekit.lab.data.corpus import path_documents
 from moekit.lab.data.tokenizer import load_tokenizer
+from moekit.lab.training.plots import plot_load_balance
 from moekit.lab.training.run import load_trained_run
 
 __all__ = ["analyze_run"]
@@ -82,5 +83,8 @@ def analyze_run(
     }
     html_text = render_report(summary, title=f"Routing analysis: {run.run_dir.name}", meta=meta)
     (out / "report.html").write_text(html_text, encoding="utf-8")
+    # How balanced each layer was over training, from the run's own log.
+    balance = plot_load_balance(run.run_dir / "metrics.jsonl", out / "load_balance.png", title=run.run_dir.name)
+    summary["load_balance_plot"] = None if balance is None else str(balance)
     summary["out_dir"] = str(out)
     return summary

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moekit.training.metrics import read_metrics
+from moekit.training.metrics import max_violation, read_metrics
 
-__all__ = ["plot_run"]
+__all__ = ["plot_load_balance", "plot_run"]
 
 
 def _float(v: object) -> float:
@@ -23,7 +23,7 @@ def _float(v: object) -> float:
 
 def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list[Path]:
     """Write ``plots/loss.png``, (for classifiers) ``plots/accuracy.png`` and (for MoE runs)
-    ``plots/expert_load.png``; returns the files written."""
+    ``plots/expert_load.png`` and ``plots/load_balance.png``; returns the files written."""
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
@@ -93,4 +93,43 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
         path = out_dir / "expert_load.png"
         fig.savefig(path, dpi=110)
         written.append(path)
+    balance = plot_load_balance(run_dir / "metrics.jsonl", out_dir / "load_balance.png", title=run_dir.name)
+    if balance is not None:
+        written.append(balance)
     return written
+
+
+def plot_load_balance(metrics_path: str | Path, path: str | Path, *, title: str = "") -> Path | None:
+    """Per MoE layer over training: max load / mean load ("max violation", 1 = balanced) and, when loss-free
+    balancing is on, the range of the router's expert bias. None (nothing written) for a run without MoE loads."""
+    from matplotlib.figure import Figure
+
+    records = [r for r in read_metrics(Path(metrics_path)) if "event" not in r and r.get("tokens_per_expert")]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    # Recomputed from the loads so that runs logged before the per-layer imbalance fields existed plot too.
+    violation = [[max_violation(row) for row in r["tokens_per_expert"]] for r in records]
+    has_bias = all("expert_bias_range_per_layer" in r for r in records)
+    fig = Figure(figsize=(7, 6 if has_bias else 3.6))
+    axes = fig.subplots(2 if has_bias else 1, 1, squeeze=False)
+    ax = axes[0][0]
+    for layer in range(len(violation[0])):
+        ax.plot(steps, [v[layer] for v in violation], lw=1, label=f"MoE layer {layer}")
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set_ylabel("max load / mean load")
+    ax.set_title(f"{title}: expert load imbalance per layer (1 = balanced)" if title else "expert load imbalance")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    if has_bias:
+        ax = axes[1][0]
+        for layer in range(len(records[0]["expert_bias_range_per_layer"])):
+            ax.plot(steps, [r["expert_bias_range_per_layer"][layer] for r in records], lw=1, label=f"MoE layer {layer}")
+        ax.set_ylabel("expert bias max - min")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
