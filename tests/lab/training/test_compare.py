@@ -267,6 +267,11 @@ def test_speedup_arithmetic_golden(tmp_path):
     only_moe = compare([str(moe), str(slow)], seeds=2, out_dir=out, log=lambda m: None, train=_fail)
     assert only_moe.baseline is None
     assert "step_speedup" not in (out / "compare.csv").read_text().splitlines()[0]
+    # --baseline none: the same runs, no target and no speedup columns although a dense arm is there
+    none = compare([str(dense), str(moe)], seeds=2, out_dir=out, baseline="none", log=lambda m: None, train=_fail)
+    assert none.baseline is None and none.target is None
+    assert all(r["step_speedup"] is None for r in none.rows)
+    assert {r["config"]: r["final_val_loss_mean"] for r in none.rows}["moe"] == pytest.approx(2.85)
 
 
 def test_accuracy_column_when_summaries_have_it(tmp_path):
