@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,40 @@ def test_vit_benchmark_smoke_on_digits(tmp_path):
     assert (tmp_path / "res" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     timing = (tmp_path / "res" / "step_time.md").read_text().splitlines()
     assert timing[2].split("|")[3].strip() == "1.00"  # dense / dense
+
+
+def _fake_lfb_run(run_dir, loss, loads):
+    run_dir.mkdir(parents=True)
+    records = [{"step": s, "loss": 5.0, "tokens_per_expert": [loads], "drop_fraction": 0.1} for s in (10, 20, 30, 40)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "summary.json").write_text(json.dumps({"final_val_loss": loss}))
+
+
+def test_loss_free_balancing_analysis_by_hand(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import loss_free_balancing as lfb
+
+    out = tmp_path / "out"
+    for score in ("softmax", "sigmoid"):
+        for arm, losses, loads in (("aux", [5.0, 5.1, 5.2], [4, 2, 2, 0]),   # max violation 4 / 2 = 2.0
+                                   ("bias", [4.9, 5.0, 5.0], [3, 2, 2, 1]),  # 3 / 2 = 1.5
+                                   ("both", [5.0, 5.2, 5.3], [2, 2, 2, 2])):  # 1.0
+            for seed, loss in enumerate(losses):
+                _fake_lfb_run(out / score / f"lfb-{score}-{arm}" / f"seed{seed}", loss, loads)
+    assert lfb.main([str(out), "--results", str(tmp_path / "res")]) == 0
+    saved = json.loads((tmp_path / "res" / "loss_free.json").read_text())
+    bias = saved["paired"]["softmax: bias - aux"]
+    # bias - aux, paired by seed: losses -0.1, -0.1, -0.2 -> mean -0.1333, sd 0.0577, half-width
+    # 4.303 * 0.0577 / sqrt(3) = 0.1434: the interval [-0.277, 0.010] includes zero
+    assert bias["final_val_loss"]["mean"] == pytest.approx(-0.4 / 3)
+    assert bias["final_val_loss"]["half_width"] == pytest.approx(4.303 * 0.057735 / math.sqrt(3), rel=1e-4)
+    assert bias["final_val_loss"]["verdict"] == "not resolved at this scale"
+    # max violation 1.5 - 2.0 = -0.5 on every seed: zero spread, below zero: the paper's side
+    assert bias["max_violation"]["mean"] == pytest.approx(-0.5) and bias["max_violation"]["verdict"] == "reproduced"
+    both = saved["paired"]["sigmoid: both - aux"]
+    # both - aux losses: 0.0, +0.1, +0.1 -> mean 0.0667, half-width 4.303 * 0.0577 / sqrt(3) = 0.1434: unresolved
+    assert both["final_val_loss"]["mean"] == pytest.approx(0.2 / 3)
+    assert both["drop_fraction"]["verdict"] == "not resolved at this scale"  # 0.1 - 0.1 = 0 on every seed
+    assert (tmp_path / "res" / "max_violation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| lfb-softmax-aux | 3 | 5.1000 ± 0.2484 | 2.000 ± 0.000 | 0.1000 ± 0.0000 |" in (
+        tmp_path / "res" / "loss_free.md").read_text()
