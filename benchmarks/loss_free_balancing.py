@@ -43,16 +43,19 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def run_figures(run_dir: Path) -> dict:
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and r.get("tokens_per_expert")]
+    for r in records:
+        # The router's loads before capacity where the run logged them; kept loads otherwise (capped at C).
+        r["loads"] = r.get("routed_per_expert") or r["tokens_per_expert"]
     last = records[-1]["step"]
     late = [r for r in records if r["step"] > last / 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "final_val_loss": float(summary["final_val_loss"]),
         "max_violation": statistics.fmean(
-            statistics.fmean(max_violation(row) for row in r["tokens_per_expert"]) for r in late
+            statistics.fmean(max_violation(row) for row in r["loads"]) for r in late
         ),
         "drop_fraction": statistics.fmean(float(r["drop_fraction"]) for r in late),
-        "curve": [(r["step"], statistics.fmean(max_violation(row) for row in r["tokens_per_expert"]))
+        "curve": [(r["step"], statistics.fmean(max_violation(row) for row in r["loads"]))
                   for r in records],
     }
 

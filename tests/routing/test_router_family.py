@@ -295,6 +295,8 @@ def test_masked_tokens_take_no_capacity_slot():
     # t0 is padding: it takes no slot, so t1 and t2 get expert 0's two slots; of 3 real choices 1 is dropped
     assert aux.plan.kept_mask_SK().view(-1).tolist() == [False, True, True, False]
     assert aux.drop_fraction.item() == pytest.approx(1 / 3)
+    # The router asked expert 0 for 3 tokens (its load before capacity); 2 were kept.
+    assert aux.routed_per_expert.tolist() == [3, 0] and aux.tokens_per_expert.tolist() == [2, 0]
 
 
 def test_mask_is_refused_for_expert_choice():

@@ -37,6 +37,9 @@ class MoEAux:
             analysis tools (routing traces).
         plan: the plan the dispatcher ran (for token choice ``plan.kept_mask_SK()`` says which choices got a
             capacity slot), so analysis reads what the layer did instead of re-planning it.
+        routed_per_expert: int64 ``[E]``, the choices each expert received before capacity (token choice; equal to
+            ``tokens_per_expert`` for expert choice and Soft MoE): the router's own load, whose max / mean is the
+            "max violation" of loss-free balancing (loads after capacity cannot exceed C).
     """
 
     load_balancing_loss: Tensor
@@ -47,6 +50,7 @@ class MoEAux:
     max_logit: Tensor
     routing: AnyDecision | None = None
     plan: Plan | None = None
+    routed_per_expert: Tensor | None = None
 
     @classmethod
     def from_routing(cls, decision: AnyDecision, plan: Plan) -> MoEAux:
@@ -60,6 +64,7 @@ class MoEAux:
             max_logit=decision.max_logit(),
             routing=decision,
             plan=plan,
+            routed_per_expert=decision.router_load().detach(),
         )
 
     def metrics(self) -> dict[str, float | list[int]]:
@@ -71,6 +76,7 @@ class MoEAux:
             "drop_fraction": float(self.drop_fraction),
             "router_entropy": float(self.router_entropy),
             "max_logit": float(self.max_logit),
+            "routed_per_expert": [] if self.routed_per_expert is None else self.routed_per_expert.tolist(),
         }
 
     def __repr__(self) -> str:

@@ -93,6 +93,13 @@ class TokenChoiceDecision(_RouterStatistics):
     balance_groups: int | None = None
     balance_global: bool = False
 
+    def router_load(self) -> Tensor:
+        """int64 ``[E]``: the choices each expert received, before capacity (declined and masked ones excluded):
+        the load the router asked for, which loss-free balancing and the max violation measure."""
+        E = self.probs_SE.shape[-1]
+        ids_N = self.expert_ids_SK.reshape(-1) if self.valid_SK is None else self.expert_ids_SK[self.valid_SK]
+        return torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
+
     def load_balancing_loss(self) -> Tensor:
         """Switch eq. 4 over the k choices, per routing group (or per ``balance_groups``), averaged."""
         E = self.probs_SE.shape[-1]
@@ -132,6 +139,11 @@ class ExpertChoiceDecision(_RouterStatistics):
     probs_SE: Tensor
     logits_SE: Tensor
 
+    def router_load(self) -> Tensor:
+        """Every expert takes C tokens of each of the G groups."""
+        G, E, C = self.token_ids_GEC.shape
+        return torch.full((E,), G * C, dtype=torch.int64, device=self.token_ids_GEC.device)
+
     def load_balancing_loss(self) -> Tensor:
         """0: every expert takes exactly C tokens per group, balanced by construction (Zhou et al. 2022)."""
         return _zero_like(self.logits_SE)
@@ -154,6 +166,11 @@ class SoftRoutingDecision:
     dispatch_BMEP: Tensor
     combine_BMEP: Tensor
     logits_BMEP: Tensor
+
+    def router_load(self) -> Tensor:
+        """Every expert processes its P slots of each of the B groups."""
+        B, M, E, P = self.dispatch_BMEP.shape
+        return torch.full((E,), B * P, dtype=torch.int64, device=self.dispatch_BMEP.device)
 
     def load_balancing_loss(self) -> Tensor:
         """0: every slot is filled, nothing to balance."""

@@ -370,25 +370,32 @@ class Trainer:
             entropies = [m["router_entropy"] for m in metrics]
             max_logit = max(m["max_logit"] for m in metrics)
             counts = [m["tokens_per_expert"] for m in metrics]
+            routed = [m["routed_per_expert"] or m["tokens_per_expert"] for m in metrics]
             if par is not None:
                 # Each rank routed its own rows: the batch's figures are the sums of the counts (every rank plans
                 # over all E experts), the means of the fractions (equal token counts per rank) and the max logit.
                 # One all-reduce for the sums and one for the max.
                 L, E = len(counts), len(counts[0])
-                summed = par.sum(drops + entropies + [c for row in counts for c in row])
+                flat = [c for row in counts for c in row] + [c for row in routed for c in row]
+                summed = par.sum(drops + entropies + flat)
                 drops = [v / par.world for v in summed[:L]]
                 entropies = [v / par.world for v in summed[L : 2 * L]]
-                counts = [[int(round(c)) for c in summed[2 * L + i * E : 2 * L + (i + 1) * E]] for i in range(L)]
+                at = 2 * L
+                counts = [[int(round(c)) for c in summed[at + i * E : at + (i + 1) * E]] for i in range(L)]
+                at += L * E
+                routed = [[int(round(c)) for c in summed[at + i * E : at + (i + 1) * E]] for i in range(L)]
                 max_logit = par.max([max_logit])[0]
             record["drop_fraction"] = float(np.mean(drops))
             record["drop_fraction_per_layer"] = drops
             record["router_entropy"] = float(np.mean(entropies))
             record["max_router_logit"] = max_logit
             record["tokens_per_expert"] = counts
-            # Imbalance per layer: max load / mean load (the "max violation" of the loss-free balancing paper, 1 is
-            # perfect balance) and the coefficient of variation of the loads.
-            record["max_violation_per_layer"] = [max_violation(row) for row in counts]
-            record["load_cv_per_layer"] = [load_cv(row) for row in counts]
+            record["routed_per_expert"] = routed
+            # Imbalance per layer of the router's own loads (before capacity, which caps kept loads at C): max load
+            # / mean load (the "max violation" of the loss-free balancing paper, 1 is perfect balance) and the
+            # coefficient of variation.
+            record["max_violation_per_layer"] = [max_violation(row) for row in routed]
+            record["load_cv_per_layer"] = [load_cv(row) for row in routed]
             biased = balancing_routers(self.model)
             if biased:
                 record["expert_bias_range_per_layer"] = [

@@ -108,8 +108,10 @@ def plot_load_balance(metrics_path: str | Path, path: str | Path, *, title: str 
     if not records:
         return None
     steps = [r["step"] for r in records]
-    # Recomputed from the loads so that runs logged before the per-layer imbalance fields existed plot too.
-    violation = [[max_violation(row) for row in r["tokens_per_expert"]] for r in records]
+    # The router's loads before capacity where logged (kept loads cannot exceed the capacity C); recomputed here so
+    # that runs logged before these fields existed plot too.
+    violation = [[max_violation(row) for row in r.get("routed_per_expert") or r["tokens_per_expert"]]
+                 for r in records]
     has_bias = all("expert_bias_range_per_layer" in r for r in records)
     fig = Figure(figsize=(7, 6 if has_bias else 3.6))
     axes = fig.subplots(2 if has_bias else 1, 1, squeeze=False)
