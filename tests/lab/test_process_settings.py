@@ -57,6 +57,6 @@ def test_plot_run_selects_no_backend(tmp_path, tiny_corpus):
     had_pyplot = "matplotlib.pyplot" in sys.modules
     backend = dict.__getitem__(matplotlib.rcParams, "backend")  # without resolving the automatic choice
     written = plot_run(tmp_path / "run")
-    assert {p.name for p in written} == {"loss.png", "expert_load.png"}
+    assert {p.name for p in written} == {"loss.png", "expert_load.png", "load_balance.png"}
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert had_pyplot or "matplotlib.pyplot" not in sys.modules

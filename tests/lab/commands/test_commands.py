@@ -38,7 +38,7 @@ def test_train_writes_the_run_directory_and_prints_it(trained_run, capsys):
         "summary.json",
         "data",
     } <= names
-    assert {p.name for p in (trained_run / "plots").iterdir()} == {"loss.png", "expert_load.png"}
+    assert {p.name for p in (trained_run / "plots").iterdir()} == {"loss.png", "expert_load.png", "load_balance.png"}
     assert (trained_run / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
