@@ -286,7 +286,8 @@ def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
     starts_S = torch.cumsum(counts_S, 0) - counts_S
     slot_A = torch.empty_like(token_idx_A)
     slot_A[order_A] = torch.arange(A, device=device) - starts_S[sorted_tok_A]
-    K = int(counts_S.max())
+    # One host read for both: the most experts any token got (K) and the tokens no expert took.
+    K, num_unpicked = torch.stack([counts_S.max(), (counts_S == 0).sum()]).tolist()
     assign_idx_A = token_idx_A * K + slot_A
     pos_SK = torch.full((S * K,), -1, dtype=torch.int64, device=device)
     pos_SK[assign_idx_A] = torch.arange(A, device=device)
@@ -297,7 +298,7 @@ def plan_expert_choice(decision: ExpertChoiceDecision) -> DispatchPlan:
         assign_idx_A=assign_idx_A,
         tokens_per_expert_E=torch.full((E,), G * C, dtype=torch.int64, device=device),
         num_assignments=S,
-        num_dropped=int((counts_S == 0).sum()),
+        num_dropped=num_unpicked,
         capacity=C,
         pos_SK=pos_SK.view(S, K),
         rows_per_expert=G * C,

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Plan
-from moekit.routing.decision import AnyDecision, entropy_nats
+from moekit.routing.decision import AnyDecision
 
-__all__ = ["MoEAux", "model_loss", "router_entropy"]
+__all__ = ["MoEAux", "model_loss"]
 
 
 @dataclass(repr=False)
@@ -48,9 +48,9 @@ class MoEAux:
     drop_fraction: Tensor
     router_entropy: Tensor
     max_logit: Tensor
+    routed_per_expert: Tensor
     routing: AnyDecision | None = None
     plan: Plan | None = None
-    routed_per_expert: Tensor | None = None
 
     @classmethod
     def from_routing(cls, decision: AnyDecision, plan: Plan) -> MoEAux:
@@ -76,7 +76,7 @@ class MoEAux:
             "drop_fraction": float(self.drop_fraction),
             "router_entropy": float(self.router_entropy),
             "max_logit": float(self.max_logit),
-            "routed_per_expert": [] if self.routed_per_expert is None else self.routed_per_expert.tolist(),
+            "routed_per_expert": [int(t) for t in self.routed_per_expert.tolist()],
         }
 
     def __repr__(self) -> str:
@@ -86,11 +86,6 @@ class MoEAux:
             f"tokens_per_expert={m['tokens_per_expert']}, drop_fraction={m['drop_fraction']:.4g}, "
             f"router_entropy={m['router_entropy']:.4g}, max_logit={m['max_logit']:.4g}, routing={self.routing!r})"
         )
-
-
-def router_entropy(probs_SE: Tensor) -> Tensor:
-    """Mean over tokens of ``-sum_e p log p`` (nats), detached, float32."""
-    return entropy_nats(probs_SE)
 
 
 def model_loss(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moekit.dispatch.plan import LocalDispatcher
 from moekit.experts.bank import ExpertBank
 from moekit.init import switch_init_
 from moekit.layers.aux import MoEAux
@@ -38,9 +37,9 @@ class MoE(SparseFFN):
     """
 
     def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
         if not isinstance(config, MoEConfig):
             raise ValueError(f"MoE expects a MoEConfig, got {type(config).__name__}")
+        super().__init__(config.num_experts)
         self.config = config
         c = config
         if c.router == "topk":
@@ -72,8 +71,6 @@ class MoE(SparseFFN):
         self.experts = ExpertBank(
             c.num_experts, c.d_model, c.d_ff, c.activation, init_scale=c.init_scale, dropout=c.expert_dropout
         )
-        self.num_experts = c.num_experts
-        self.dispatcher = LocalDispatcher(c.num_experts)
         # Always-active experts (DeepSeek, Qwen2-MoE): one dense FFN whose hidden width is all of theirs together
         # (a sum of FFNs is one FFN over the concatenated hidden units), replicated under expert parallelism.
         self.shared_experts = (

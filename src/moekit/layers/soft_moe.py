@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moekit.dispatch.plan import LocalDispatcher
 from moekit.experts.bank import ExpertBank
 from moekit.layers.aux import MoEAux
 from moekit.layers.config import SoftMoEConfig
@@ -29,17 +28,15 @@ class SoftMoE(SparseFFN):
     """
 
     def __init__(self, config: SoftMoEConfig) -> None:
-        super().__init__()
         if not isinstance(config, SoftMoEConfig):
             raise ValueError(f"SoftMoE expects a SoftMoEConfig, got {type(config).__name__}")
+        super().__init__(config.num_experts)
         self.config = config
         c = config
         self.router = SoftRouter(c.d_model, c.num_experts, c.slots_per_expert)
         self.experts = ExpertBank(
             c.num_experts, c.d_model, c.d_ff, c.activation, init_scale=c.init_scale, dropout=c.expert_dropout
         )
-        self.num_experts = c.num_experts
-        self.dispatcher = LocalDispatcher(c.num_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         D = self.config.d_model

@@ -28,9 +28,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class SparseFFN(nn.Module):
-    """Base of the routed layers. Subclasses set ``router`` (returns a routing decision for ``[G, T, D]``),
-    ``experts`` (an :class:`ExpertBank` of ``num_experts``) and ``num_experts``, and reshape their input into
-    routing groups for :meth:`route`.
+    """Base of the routed layers. Subclasses set ``router`` (returns a routing decision for ``[G, T, D]``) and
+    ``experts`` (an :class:`ExpertBank` of ``num_experts``), and reshape their input into routing groups for
+    :meth:`route`.
 
     Attributes:
         dispatcher: moves the plan's rows to the experts and back; an expert-parallel one in distributed runs.
@@ -40,9 +40,10 @@ class SparseFFN(nn.Module):
     experts: ExpertBank
     num_experts: int
 
-    def __init__(self) -> None:
+    def __init__(self, num_experts: int) -> None:
         super().__init__()
-        self.dispatcher: Dispatcher = LocalDispatcher(0)
+        self.num_experts = num_experts
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts)
 
     def route(
         self, x_GTD: Tensor, mask_GT: Tensor | None = None, *, balance_groups: int | None = None,

@@ -11,7 +11,7 @@ expert takes per group (expert choice), B groups and M tokens per group and P sl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -92,13 +92,18 @@ class TokenChoiceDecision(_RouterStatistics):
     mask_S: Tensor | None = None
     balance_groups: int | None = None
     balance_global: bool = False
+    _router_load: Tensor | None = field(default=None, init=False, compare=False)
 
     def router_load(self) -> Tensor:
         """int64 ``[E]``: the choices each expert received, before capacity (declined and masked ones excluded):
-        the load the router asked for, which loss-free balancing and the max violation measure."""
-        E = self.probs_SE.shape[-1]
-        ids_N = self.expert_ids_SK.reshape(-1) if self.valid_SK is None else self.expert_ids_SK[self.valid_SK]
-        return torch.zeros(E, dtype=torch.int64, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))
+        the load the router asked for, which loss-free balancing and the max violation measure. Counted once per
+        decision (the router's balancing count and the layer's aux read the same tensor)."""
+        if self._router_load is None:
+            E = self.probs_SE.shape[-1]
+            ids_N = self.expert_ids_SK.reshape(-1) if self.valid_SK is None else self.expert_ids_SK[self.valid_SK]
+            zeros_E = torch.zeros(E, dtype=torch.int64, device=ids_N.device)
+            self._router_load = zeros_E.index_add_(0, ids_N, torch.ones_like(ids_N))
+        return self._router_load
 
     def load_balancing_loss(self) -> Tensor:
         """Switch eq. 4 over the k choices, per routing group (or per ``balance_groups``), averaged."""

@@ -245,10 +245,6 @@ class TopKRouter(nn.Module):
 
         if self.routed_scaling_factor != 1.0:
             gates_SK = gates_SK * self.routed_scaling_factor
-        if self.expert_load is not None and self.training:
-            with torch.no_grad():
-                chosen_N = expert_ids_SK.reshape(-1) if valid_SK is None else expert_ids_SK[valid_SK]
-                self.expert_load.index_add_(0, chosen_N, torch.ones_like(chosen_N, dtype=self.expert_load.dtype))
 
         priority_S = None
         if self.batch_priority:
@@ -258,7 +254,7 @@ class TopKRouter(nn.Module):
             top1_prob_S = probs_SE.gather(-1, expert_ids_SK[:, :1]).squeeze(-1).float()
             priority_S = torch.sort(top1_prob_S, descending=True, stable=True).indices
 
-        return TokenChoiceDecision(
+        decision = TokenChoiceDecision(
             expert_ids_SK=expert_ids_SK,
             gates_SK=gates_SK.float(),
             probs_SE=probs_SE.float(),
@@ -269,3 +265,6 @@ class TopKRouter(nn.Module):
             num_groups=G,
             mask_S=mask_S,
         )
+        if self.expert_load is not None and self.training:
+            self.expert_load += decision.router_load()  # the balancing load: this step's choices, all calls
+        return decision

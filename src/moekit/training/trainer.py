@@ -370,7 +370,7 @@ class Trainer:
             entropies = [m["router_entropy"] for m in metrics]
             max_logit = max(m["max_logit"] for m in metrics)
             counts = [m["tokens_per_expert"] for m in metrics]
-            routed = [m["routed_per_expert"] or m["tokens_per_expert"] for m in metrics]
+            routed = [m["routed_per_expert"] for m in metrics]
             if par is not None:
                 # Each rank routed its own rows: the batch's figures are the sums of the counts (every rank plans
                 # over all E experts), the means of the fractions (equal token counts per rank) and the max logit.
