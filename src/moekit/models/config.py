@@ -6,7 +6,7 @@ config without building a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moekit.config import (
     check_choice,
@@ -19,7 +19,11 @@ from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 
-__all__ = ["LMConfig"]
+__all__ = ["LMConfig", "QK_NORMS"]
+
+# Where queries and keys are RMS-normalised before the rotary rotation: "projection" over each whole projection
+# (OLMoE: q over H * Hd channels, k over Hkv * Hd), "head" over each head's Hd channels (Qwen3, OLMo 2 style).
+QK_NORMS = ("none", "projection", "head")
 
 
 @dataclass
@@ -30,13 +34,20 @@ class LMConfig:
         vocab_size: V, set from the tokenizer.
         d_model: width D.
         n_layers: number of blocks.
-        n_heads: attention heads (``d_model / n_heads`` must be even, for rotary positions).
+        n_heads: attention (query) heads H.
+        n_kv_heads: key/value heads (grouped-query attention: each serves ``n_heads / n_kv_heads`` query heads);
+            None means ``n_heads`` (multi-head attention).
+        head_dim: width Hd of each head (even, for rotary positions); None means ``d_model / n_heads``.
+        qk_norm: "none", "projection" (OLMoE) or "head" (Qwen3): see :data:`QK_NORMS`.
+        qkv_bias: biases on the query, key and value projections (Qwen2, Qwen2-MoE).
+        out_bias: a bias on the attention output projection (Llama's ``attention_bias`` sets both).
         d_ff: hidden width of the dense FFNs.
         max_seq_len: longest sequence (rotary tables are built for it).
         activation: FFN activation ("relu", "gelu", "swiglu", "geglu").
         moe: the MoE layer (any causal-safe token-choice ``MoEConfig``), or None for a dense model.
         moe_every: every ``moe_every``-th FFN is MoE (2 = Switch, GLaM; 4 = ST-MoE).
         moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``.
+        dense_layers: blocks kept dense although the rule above makes them MoE (Qwen-MoE's ``mlp_only_layers``).
         dense_d_ff_at_moe: dense model only: hidden width of the FFNs at the MoE positions (a FLOP-matched dense
             model of a top-k MoE uses ``k * moe.d_ff`` there); None means ``d_ff``.
         tie_embeddings: share the input embedding and the output projection.
@@ -52,12 +63,18 @@ class LMConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: str = "none"
+    qkv_bias: bool = False
+    out_bias: bool = False
     d_ff: int = 512
     max_seq_len: int = 128
     activation: str = "gelu"
     moe: MoEConfig | None = None
     moe_every: int = 2
     moe_offset: int = 1
+    dense_layers: list[int] = field(default_factory=list)
     dense_d_ff_at_moe: int | None = None
     tie_embeddings: bool = True
     init_scale: float = 0.1
@@ -70,11 +87,7 @@ class LMConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_positive_int(f"model.{name}", getattr(self, name))
-        if self.d_model % self.n_heads != 0 or (self.d_model // self.n_heads) % 2 != 0:
-            raise ConfigError(
-                f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of"
-                " even width (rotary positions rotate pairs of channels)"
-            )
+        self._check_attention()
         check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
         if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
             raise ConfigError(
@@ -83,12 +96,48 @@ class LMConfig:
             )
         if self.dense_d_ff_at_moe is not None:
             check_positive_int("model.dense_d_ff_at_moe", self.dense_d_ff_at_moe)
+        if not isinstance(self.dense_layers, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in self.dense_layers
+        ):
+            raise ConfigError(
+                f"model.dense_layers must be a list of block indices in [0, n_layers={self.n_layers}),"
+                f" got {self.dense_layers!r}"
+            )
+        self.dense_layers = sorted(set(self.dense_layers))
         check_unit_interval("model.dropout", self.dropout)
         for name in ("load_balance_coef", "z_loss_coef"):
             check_non_negative(f"model.{name}", getattr(self, name))
         for name in ("init_scale", "rope_base", "norm_eps"):
             check_positive_number(f"model.{name}", getattr(self, name))
         self._check_moe()
+
+    def _check_attention(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        check_positive_int("model.n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads}):"
+                " each key/value head serves the same number of query heads"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads != 0 or (self.d_model // self.n_heads) % 2 != 0:
+                raise ConfigError(
+                    f"model.d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of"
+                    " even width (rotary positions rotate pairs of channels); or set model.head_dim"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        check_positive_int("model.head_dim", self.head_dim)
+        if self.head_dim % 2 != 0:
+            raise ConfigError(
+                f"model.head_dim must be even (rotary positions rotate pairs of channels), got {self.head_dim}"
+            )
+        if self.qk_norm is None:  # TOML configs spell "none" and may arrive as None
+            self.qk_norm = "none"
+        check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        for name in ("qkv_bias", "out_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
 
     def _check_moe(self) -> None:
         if self.moe is None:
@@ -119,7 +168,9 @@ class LMConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` has an MoE FFN (always False for a dense model)."""
-        return self.moe is not None and index % self.moe_every == self.moe_offset
+        return (
+            self.moe is not None and index % self.moe_every == self.moe_offset and index not in self.dense_layers
+        )
 
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]

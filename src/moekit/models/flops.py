@@ -35,13 +35,23 @@ def _dense_d_ff(config: LMConfig, index: int) -> int:
     return config.d_ff
 
 
+def _attention_params(c: LMConfig) -> tuple[int, int]:
+    """``(matmul, other)`` parameters of one attention layer: the q, k, v, o weights; biases and q/k norm weights."""
+    H, Hkv, Hd, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
+    matmul = D * (H + 2 * Hkv) * Hd + H * Hd * D
+    other = (H + 2 * Hkv) * Hd * c.qkv_bias + D * c.out_bias
+    other += {"none": 0, "projection": (H + Hkv) * Hd, "head": 2 * Hd}[c.qk_norm]
+    return matmul, other
+
+
 def parameter_counts(config: LMConfig) -> dict[str, int]:
     """``{"total", "active", "embedding", "expert"}``: parameters in all, used per token, in the (tied or not)
     embeddings, and in all expert banks. Active counts k experts per MoE layer plus the router."""
     c = config
     D = c.d_model
     embedding = c.vocab_size * D * (1 if c.tie_embeddings else 2)
-    per_block_fixed = 4 * D * D + 2 * D  # attention q, k, v, o + two RMSNorm weights
+    attn_matmul, attn_other = _attention_params(c)
+    per_block_fixed = attn_matmul + attn_other + 2 * D  # attention + two RMSNorm weights
     total = embedding + D + c.n_layers * per_block_fixed  # + final norm
     active = total
     expert = 0
@@ -70,12 +80,13 @@ def flops_per_token(config: LMConfig, seq_len: int | None = None) -> dict[str, i
     c = config
     T = c.max_seq_len if seq_len is None else seq_len
     counts = parameter_counts(c)
-    # Active matmul parameters: everything active except the norm weights; the embedding matrix counts once, as the
-    # output projection (an untied input embedding is a lookup).
-    matmul = (
-        counts["active"] - counts["embedding"] + c.vocab_size * c.d_model - (2 * c.n_layers + 1) * c.d_model
-    )
-    forward = 2 * matmul + 2 * c.n_layers * T * c.d_model
+    # Active matmul parameters: everything active except the norm weights and attention biases; the embedding
+    # matrix counts once, as the output projection (an untied input embedding is a lookup).
+    _, attn_other = _attention_params(c)
+    not_matmul = (2 * c.n_layers + 1) * c.d_model + c.n_layers * attn_other
+    matmul = counts["active"] - counts["embedding"] + c.vocab_size * c.d_model - not_matmul
+    # Scores and the weighted sum of values: 2 * T * (H * Hd) per layer and token (Kaplan's n_ctx * d_attn).
+    forward = 2 * matmul + 2 * c.n_layers * T * c.n_heads * c.head_dim
     return {"forward": forward, "train": 3 * forward}
 
 

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from moekit.layers.aux import MoEAux, model_loss
 from moekit.layers.moe import MoE
-from moekit.models.blocks import Block, RMSNorm, dense_ffn
+from moekit.models.blocks import Block, KVCache, RMSNorm, dense_ffn
 from moekit.models.config import LMConfig
 
-__all__ = ["TransformerLM", "LMOutput"]
+__all__ = ["TransformerLM", "LMOutput", "KVCache"]
 
 
 @dataclass
@@ -78,6 +78,11 @@ class TransformerLM(nn.Module):
                     init_scale=c.init_scale,
                     dropout=c.dropout,
                     norm_eps=c.norm_eps,
+                    n_kv_heads=c.n_kv_heads,
+                    head_dim=c.head_dim,
+                    qk_norm=c.qk_norm,
+                    qkv_bias=c.qkv_bias,
+                    out_bias=c.out_bias,
                 )
             )
         self.blocks = nn.ModuleList(blocks)
@@ -89,17 +94,25 @@ class TransformerLM(nn.Module):
             nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, tokens_BT: Tensor, targets_BT: Tensor | None = None, replay: list[Tensor] | None = None
+        self,
+        tokens_BT: Tensor,
+        targets_BT: Tensor | None = None,
+        replay: list[Tensor] | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> LMOutput:
         """Logits (and losses when ``targets_BT`` is given). ``replay``: one int64 ``[B * T, k]`` tensor of expert ids
         per MoE layer, in block order (``[a.routing.expert_ids_SK for a in out.aux]`` of an earlier pass): every MoE
-        layer routes to exactly those experts, with gates from this pass's routers (router replay)."""
+        layer routes to exactly those experts, with gates from this pass's routers (router replay). ``cache`` (a
+        :meth:`new_cache`): the tokens continue the cached sequence, and their keys and values are added to it
+        (incremental decoding: each new token costs one position, not the whole prefix)."""
         c = self.config
         if tokens_BT.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens_BT.shape)}")
-        if tokens_BT.shape[1] > c.max_seq_len:
+        start = 0 if cache is None else len(cache)
+        if start + tokens_BT.shape[1] > c.max_seq_len:
             raise ValueError(
-                f"sequence length {tokens_BT.shape[1]} exceeds model.max_seq_len={c.max_seq_len}"
+                f"sequence length {start + tokens_BT.shape[1]} exceeds model.max_seq_len={c.max_seq_len}"
             )
         x_BTD = self.embed(tokens_BT)
         aux: list[MoEAux] = []
@@ -108,11 +121,13 @@ class TransformerLM(nn.Module):
             if len(replay) != len(self.moe_layers):
                 raise ValueError(f"replay needs one routing per MoE layer ({len(self.moe_layers)}), got {len(replay)}")
             replay_iter = iter(replay)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            kwargs = {}
             if replay_iter is not None and isinstance(block.ffn, MoE):
-                x_BTD, block_aux = block(x_BTD, replay=next(replay_iter))
-            else:
-                x_BTD, block_aux = block(x_BTD)
+                kwargs["replay"] = next(replay_iter)
+            if cache is not None:
+                kwargs["cache"] = cache.layers[i]
+            x_BTD, block_aux = block(x_BTD, **kwargs)
             if block_aux is not None:
                 aux.append(block_aux)
         h_BTD = self.final_norm(x_BTD)
@@ -131,33 +146,47 @@ class TransformerLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding (see :meth:`forward`)."""
+        return KVCache(len(self.blocks))
+
     @torch.no_grad()
     def generate(
         self,
-        prompt_T: Tensor,
+        prompt: Tensor,
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Sample ``max_new_tokens`` after a 1-D prompt (recomputing the window each step; tiny models only).
+        """Sample ``max_new_tokens`` after ``prompt`` (1-D ``[T]``, or ``[B, T]`` for a batch of equal-length
+        prompts) with a KV cache: the prompt runs once, then each new token one position at a time. Temperature 0
+        means greedy decoding. Returns the prompts followed by the new tokens (same rank as ``prompt``).
 
-        Temperature 0 means greedy decoding. Returns the prompt followed by the new tokens.
-        """
-        if prompt_T.dim() != 1 or prompt_T.numel() == 0:
-            raise ValueError("the prompt must encode to at least one token")
-        seq_T = prompt_T.clone()
+        Past ``max_seq_len`` tokens the model sees a sliding window of the last ``max_seq_len`` (recomputed per
+        token, as rotary tables end there)."""
+        if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0:
+            raise ValueError(
+                f"the prompt must be token ids [T] or [batch, T] with T >= 1, got shape {tuple(prompt.shape)}"
+            )
+        seq_BT = prompt.unsqueeze(0) if prompt.dim() == 1 else prompt
+        L = self.config.max_seq_len
+        cache = self.new_cache() if seq_BT.shape[1] < L else None
+        step_BT = seq_BT[:, -L:]
         for _ in range(max_new_tokens):
-            window_1T = seq_T[-self.config.max_seq_len :].unsqueeze(0)
-            logits_V = self(window_1T).logits_BTV[0, -1].float()
+            logits_BV = self(step_BT, cache=cache).logits_BTV[:, -1].float()
             if temperature <= 0:
-                nxt = logits_V.argmax().view(1)
+                nxt_B1 = logits_BV.argmax(dim=-1, keepdim=True)
             else:
-                logits_V = logits_V / temperature
-                if top_k is not None and top_k < logits_V.numel():
-                    kth = torch.topk(logits_V, top_k).values[-1]
-                    logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits_V, -1), 1, generator=generator)
-            seq_T = torch.cat([seq_T, nxt.to(seq_T.dtype)])
-        return seq_T
+                logits_BV = logits_BV / temperature
+                if top_k is not None and top_k < logits_BV.shape[-1]:
+                    kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+                nxt_B1 = torch.multinomial(torch.softmax(logits_BV, -1), 1, generator=generator)
+            seq_BT = torch.cat([seq_BT, nxt_B1.to(seq_BT.dtype)], dim=1)
+            if cache is not None and len(cache) < L:
+                step_BT = nxt_B1.to(seq_BT.dtype)
+            else:  # the window is full: slide it, without a cache
+                cache, step_BT = None, seq_BT[:, -L:]
+        return seq_BT[0] if prompt.dim() == 1 else seq_BT

@@ -1,0 +1,113 @@
+"""Hugging Face checkpoints in and out: ``from_pretrained`` reads a ``save_pretrained`` directory (config.json and
+safetensors, sharded or not) into a moekit :class:`~moekit.models.TransformerLM`; ``save_pretrained`` writes one
+that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE
+(sparse) and Llama, Qwen2, Qwen3 (dense). Nothing here imports transformers or touches the network, and nothing is
+unpickled. See docs/INTEROP.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.atomic import atomic_path
+from moekit.errors import MoekitError
+from moekit.hf.families import FAMILIES, Family, family_for_model_type, hf_config_from_lm, infer_family
+from moekit.hf.families import lm_config_from_hf as _lm_config_from_hf
+from moekit.hf.safetensors_io import SafetensorsReader, write_sharded
+from moekit.hf.weights import hf_tensors, load_hf_weights
+from moekit.models.config import LMConfig
+from moekit.models.lm import TransformerLM
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "HFCheckpoint",
+    "from_pretrained",
+    "infer_family",
+    "read_hf_config",
+    "save_pretrained",
+]
+
+
+@dataclass
+class HFCheckpoint:
+    """What :func:`read_hf_config` finds in a ``save_pretrained`` directory.
+
+    Attributes:
+        family: the model family (from ``model_type``).
+        config: the moekit model config.
+        raw: the ``config.json`` as read (token ids etc. are kept from it on export).
+    """
+
+    family: Family
+    config: LMConfig
+    raw: dict[str, Any]
+
+
+def read_hf_config(path: str | Path) -> HFCheckpoint:
+    """Read and check ``path/config.json``: a one-line :class:`MoekitError` for a missing or unreadable file, an
+    unknown ``model_type`` or an option moekit does not compute."""
+    cfg_path = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise MoekitError(f"{path} is not a directory")
+    if not cfg_path.is_file():
+        raise MoekitError(f"{path} has no config.json (is it a save_pretrained directory?)")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MoekitError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise MoekitError(f"{cfg_path}: expected a JSON object")
+    try:
+        family, config = _lm_config_from_hf(raw)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type, or one LMConfig refuses
+        if isinstance(exc, MoekitError):
+            raise
+        raise MoekitError(f"{cfg_path}: {exc}") from None
+    return HFCheckpoint(family, config, raw)
+
+
+def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32) -> TransformerLM:
+    """The model of a Hugging Face ``save_pretrained`` directory, in eval mode, with parameters in ``dtype``.
+
+    Tensors are streamed from the safetensors files into the model one at a time, so the peak memory is about the
+    model's size. Every tensor must be used and have the shape the config implies."""
+    ckpt = read_hf_config(path)
+    reader = SafetensorsReader(path)
+    # Building the model initialises weights that are overwritten next; the caller's RNG stream stays untouched.
+    with torch.random.fork_rng(devices=[]):
+        model = TransformerLM(ckpt.config)
+    model.to(dtype)
+    load_hf_weights(model, reader, ckpt.family)
+    return model.eval()
+
+
+def save_pretrained(
+    model: TransformerLM,
+    path: str | Path,
+    *,
+    model_type: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Family:
+    """Write ``model`` as a Hugging Face checkpoint in ``path`` (created if needed; each file written atomically):
+    ``config.json`` and ``model.safetensors`` (or shards and an index). ``model_type`` picks the family; by default
+    the first that represents the model exactly (:func:`infer_family`). ``extra_config``: keys of an imported
+    ``config.json`` to keep (token ids). Returns the family written."""
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"save_pretrained expects a TransformerLM, got {type(model).__name__}")
+    fam = family_for_model_type(model_type) if model_type is not None else infer_family(model.config)
+    config = hf_config_from_lm(model.config, fam, extra_config)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        tensors = ((name, t.detach().to("cpu", torch.float32)) for name, t in hf_tensors(model, fam))
+        write_sharded(tensors, out, max_shard_bytes)
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return fam
