@@ -4,6 +4,8 @@ Adapters attach to their target layer without replacing it: the adapter becomes 
 ``moekit_adapter`` of the target ``nn.Linear`` and a forward hook applies it. The base model's parameter
 names therefore do not change (``save_pretrained`` and existing checkpoints keep working) and merging
 just edits the base weight and removes the hook. Everything but the adapters (and their routers) is frozen.
+An expert bank gets one ``moekit_adapter`` for all its adapted projections and an instance-level forward that
+runs them inside the bank's own math (:mod:`moekit.adapters.experts`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from moekit.adapters.config import AdapterConfig, IA3Config, LoRAConfig, MoLoRAConfig, MoVConfig
+from moekit.adapters.experts import BankAdapter, install_bank_adapter, merge_bank_adapter, mixture_kind
 from moekit.adapters.ia3 import IA3Scaler, MoVScaler
 from moekit.adapters.lora import LoRADelta, MoLoRADelta
-from moekit.adapters.targets import linear_shape, resolve_sites
+from moekit.adapters.targets import join_name, linear_shape, resolve_sites, split_site
 from moekit.errors import MoekitError
 
 ADAPTER_ATTR = "moekit_adapter"
@@ -70,8 +73,10 @@ def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]
 def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any = None) -> nn.Module:
     """Injects ``config``'s adapters into ``model`` in place (and returns it); freezes every other parameter.
 
-    ``target_modules`` defaults to the family's sites (BERT, RoBERTa, DistilBERT, T5, GPT-2, LLaMA):
-    keys, values and the FFN activation for (IA)3/MoV; q, k, v, o and both FFN projections for LoRA/MoLoRA. See
+    ``target_modules`` defaults to the family's sites (BERT, RoBERTa, DistilBERT, T5, GPT-2, LLaMA, and the MoE
+    decoders Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): keys, values and the FFN activation for (IA)3/MoV; q, k, v, o
+    and the FFN projections for LoRA/MoLoRA, the expert banks' included. Expert banks (moekit's ``ExpertBank``,
+    transformers' fused experts) are named like layers, e.g. ``target_modules=["experts"]``. See
     :func:`moekit.adapters.targets.normalise_targets` for the accepted forms. The adapted model computes
     exactly what the frozen model computes until the adapters train.
     """
@@ -82,7 +87,12 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any 
     for p in model.parameters():
         p.requires_grad_(False)
     modules = dict(model.named_modules())
+    bank_sites: dict[str, dict[str, str]] = {}
     for name, site_kind in sites.items():
+        module_name, projection = split_site(name, modules)
+        if projection is not None:
+            bank_sites.setdefault(module_name, {})[projection] = site_kind
+            continue
         target = modules[name]
         d_in, d_out, _ = linear_shape(target)
         weight = target.weight
@@ -100,6 +110,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig, target_modules: Any 
         adapter._moekit_site_kind = site_kind  # a plain attribute, never saved
         for p in adapter.parameters():
             p.requires_grad_(True)
+    for bank_name, site_kinds in bank_sites.items():
+        install_bank_adapter(modules[bank_name], bank_name, config, site_kinds)
     model._moekit_adapter_config = config
     model._moekit_adapter_sites = dict(sites)
     return model
@@ -110,8 +122,15 @@ def adapter_config(model: nn.Module) -> AdapterConfig | None:
 
 
 def adapter_sites(model: nn.Module) -> dict[str, str]:
-    """``{site name: site kind}`` of the adapters on ``model`` (empty when there are none)."""
-    return {name: adapter._moekit_site_kind for name, _, adapter in iter_adapters(model)}
+    """``{site name: site kind}`` of the adapters on ``model`` (empty when there are none); an expert bank's sites
+    are ``<bank>.<projection>``."""
+    out: dict[str, str] = {}
+    for name, _, adapter in iter_adapters(model):
+        if isinstance(adapter, BankAdapter):
+            out.update({join_name(name, p): kind for p, kind in adapter.site_kinds.items()})
+        else:
+            out[name] = adapter._moekit_site_kind
+    return out
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,7 +138,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, _, adapter in iter_adapters(model):
         for pname, p in adapter.named_parameters():
-            out[f"{name}.{pname}"] = p
+            out[join_name(name, pname)] = p
     return out
 
 
@@ -135,17 +154,23 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     """Folds (IA)3 and LoRA adapters into the base weights and removes them; returns ``model``.
 
     (IA)3 on an output: ``W <- diag(l) W`` and ``b <- l * b``; on an input: ``W <- W diag(l)``; LoRA:
-    ``W <- W + (alpha / r) B A``. MoV and MoLoRA cannot be merged: their mixture depends on each input.
-    The base parameters stay frozen after merging.
+    ``W <- W + (alpha / r) B A``; on an expert bank the same per expert (docs/ALGORITHMS.md 5.10). MoV and MoLoRA
+    cannot be merged: their mixture depends on each input. The base parameters stay frozen after merging.
     """
     found = list(iter_adapters(model))
     for name, _, adapter in found:
-        if isinstance(adapter, (MoVScaler, MoLoRADelta)):
-            kind = "MoV" if isinstance(adapter, MoVScaler) else "MoLoRA"
+        if isinstance(adapter, BankAdapter):
+            kind = mixture_kind(adapter)
+        else:
+            kind = {MoVScaler: "MoV", MoLoRADelta: "MoLoRA"}.get(type(adapter))
+        if kind is not None:
             raise MoekitError(f"cannot merge {kind} adapters (site {name!r}): the expert mixture is "
                               f"computed from each input by the router, so no single weight matrix equals "
                               f"it; keep the adapters unmerged")
     for _name, target, adapter in found:
+        if isinstance(adapter, BankAdapter):
+            merge_bank_adapter(target, adapter)
+            continue
         _, _, transposed = linear_shape(target)
         weight = target.weight  # [O, I] for nn.Linear, [I, O] for Conv1D
         bias = getattr(target, "bias", None)

@@ -19,6 +19,7 @@ from torch import nn
 
 from moekit.adapters.config import adapter_config_from_dict, adapter_config_to_dict
 from moekit.adapters.inject import adapter_config, adapter_sites, adapter_state_dict, apply_adapters
+from moekit.adapters.targets import split_site
 from moekit.atomic import atomic_dir
 from moekit.errors import MoekitError
 
@@ -68,7 +69,8 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for name, kind in saved_sites.items():
             by_kind.setdefault(kind, []).append(name)
         modules = dict(model.named_modules())
-        missing = [n for n in saved_sites if n not in modules]
+        # A linear site is a module; an expert-bank site is ``<bank>.<projection>`` of a bank module.
+        missing = [n for n in saved_sites if split_site(n, modules)[0] not in modules]
         if missing:
             raise MoekitError(f"the model has no module(s) {missing[:5]} that the saved adapters in "
                               f"{directory} target: is it the same base model?")

@@ -39,9 +39,10 @@ class RouterRecorder:
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
+    from moekit.adapters.bank import BankRouter
     from moekit.adapters.router import AdapterRouter
 
-    return [m for m in model.modules() if isinstance(m, AdapterRouter)]
+    return [m for m in model.modules() if isinstance(m, (AdapterRouter, BankRouter))]
 
 
 @contextmanager
@@ -64,6 +65,7 @@ def set_sequence_mask(model: nn.Module, mask_BS: torch.Tensor | None) -> None:
 
     Used by sentence-level routing (the mean skips padding) and by recording (padding is not counted).
     ``None`` clears it. Token-level routing itself does not need it: each token is routed on its own.
+    Expert-bank routers ignore it: their rows are tokens of many sequences (a recorder counts every routed row).
     """
     for r in _routers(model):
         r.sequence_mask = mask_BS

@@ -51,10 +51,14 @@ class AdapterRouter(nn.Module):
         probs_xE = torch.softmax(a32_xD @ self.weight_DE, dim=-1)
         if self.recorder is not None:
             self.recorder.add(self.site_name, probs_xE.detach(), mask_BS)
-        if self.routing == "soft":
-            return probs_xE
-        # Top-k: keep the k largest probabilities and renormalise them, so the gates still sum to 1 and the
-        # adapter stays the identity at init (every expert starts equal).
-        top_xK, ids_xK = probs_xE.topk(self.top_k, dim=-1)
-        gates_xE = torch.zeros_like(probs_xE).scatter(-1, ids_xK, top_xK / top_xK.sum(-1, keepdim=True))
-        return gates_xE
+        return mix_gates(probs_xE, self.routing, self.top_k)
+
+
+def mix_gates(probs_xE: torch.Tensor, routing: str, top_k: int) -> torch.Tensor:
+    """The mixing weights from router probabilities: all of them (``"soft"``) or the renormalised top k."""
+    if routing == "soft":
+        return probs_xE
+    # Top-k: keep the k largest probabilities and renormalise them, so the gates still sum to 1 and the
+    # adapter stays the identity at init (every expert starts equal).
+    top_xK, ids_xK = probs_xE.topk(top_k, dim=-1)
+    return torch.zeros_like(probs_xE).scatter(-1, ids_xK, top_xK / top_xK.sum(-1, keepdim=True))

@@ -6,6 +6,12 @@ Three kinds of site (docs/ALGORITHMS.md section 5):
   activation after the nonlinearity;
 - ``lora``: LoRA/MoLoRA add a low-rank update to a linear layer (attention q, k, v, o and both FFN projections).
 
+Expert banks (moekit's ``ExpertBank``, transformers' fused experts modules: :mod:`moekit.adapters.experts`) are
+sites too. A pattern naming the bank module (``"experts"``) gives every projection a LoRA / MoLoRA site, and (IA)3 /
+MoV the bank's hidden activation (``scale_input`` of its out projection); a pattern naming one projection
+(``"experts.w_out"``, ``"experts.gate_up_proj"``) gives that projection the site kind the pattern was listed under,
+as for a linear layer. Bank site names are ``<bank module>.<projection>``.
+
 A pattern matches a module name when it is the whole name, a dotted suffix of it (``"query"`` matches
 ``encoder.layer.0.attention.self.query``), or a regular expression matching the whole name.
 """
@@ -17,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from moekit.adapters.experts import bank_site_kinds, bank_spec
 from moekit.errors import MoekitError
 
 SITE_KINDS = ("scale_output", "scale_input", "lora")
@@ -48,9 +55,19 @@ _LLAMA = {
     "scale_input": [r".*mlp\.down_proj"],
     "lora": [r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)", r".*mlp\.(gate_proj|up_proj|down_proj)"],
 }
+# transformers v5 MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): LLaMA-style attention, the fused experts
+# module ``mlp.experts`` as a bank, Qwen2-MoE's shared expert and any dense MLP layers as linear layers. The routers
+# (``mlp.gate``) and Qwen2-MoE's ``shared_expert_gate`` (D -> 1) stay frozen.
+_MOE = {
+    "scale_output": [r".*self_attn\.(k_proj|v_proj)"],
+    "scale_input": [r".*mlp\.down_proj", r".*mlp\.shared_expert\.down_proj", r".*mlp\.experts"],
+    "lora": [r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)", r".*mlp\.(gate_proj|up_proj|down_proj)",
+             r".*mlp\.shared_expert\.(gate_proj|up_proj|down_proj)", r".*mlp\.experts"],
+}
 FAMILIES: dict[str, dict[str, list[str]]] = {
     "bert": _BERT, "roberta": _BERT, "xlm-roberta": _BERT, "electra": _BERT, "distilbert": _DISTILBERT,
     "t5": _T5, "mt5": _T5, "gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE, "olmoe": _MOE,
 }
 
 
@@ -77,13 +94,31 @@ def matches(pattern: str, name: str) -> bool:
         return False
 
 
-def _candidates(model: nn.Module) -> list[str]:
-    # Distinct last-two-component names of the linear layers: enough for the user to write target_modules.
-    seen: dict[str, None] = {}
+def join_name(module_name: str, child: str) -> str:
+    """``module.child``, or ``child`` for the model itself (name "")."""
+    return f"{module_name}.{child}" if module_name else child
+
+
+def _site_names(model: nn.Module) -> list[str]:
+    """Every name a pattern can reach: linear layers, expert banks and ``<bank>.<projection>``."""
+    names = []
     for name, module in model.named_modules():
-        if name and is_adaptable(module):
-            parts = [p for p in name.split(".") if not p.isdigit()]
-            seen[".".join(parts[-2:]) or name] = None
+        if is_adaptable(module):
+            names.append(name)
+        else:
+            spec = bank_spec(module)
+            if spec is not None:
+                names.extend([name, *(join_name(name, p) for p in spec.shapes)])
+    return [n for n in names if n]
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    # Distinct last-two-component names of the linear layers and expert banks (and their projections): enough
+    # for the user to write target_modules.
+    seen: dict[str, None] = {}
+    for name in _site_names(model):
+        parts = [p for p in name.split(".") if not p.isdigit()]
+        seen[".".join(parts[-2:]) or name] = None
     return list(seen)
 
 
@@ -91,14 +126,14 @@ def _family_patterns(model: nn.Module) -> dict[str, list[str]]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    names = [n for n, m in model.named_modules() if is_adaptable(m)]
+    names = _site_names(model)
     for patterns in FAMILIES.values():
         if any(matches(p, n) for p in patterns["lora"] for n in names):
             return patterns
     cands = _candidates(model)
     raise MoekitError(
         f"cannot tell which modules to adapt in {type(model).__name__} (model_type={model_type!r}; known "
-        f"families: {sorted(FAMILIES)}); pass target_modules, e.g. one of these linear layers: "
+        f"families: {sorted(FAMILIES)}); pass target_modules, e.g. some of these linear layers or expert banks: "
         f"{cands[:30]}{' ...' if len(cands) > 30 else ''}")
 
 
@@ -133,19 +168,47 @@ def resolve_sites(model: nn.Module, kind: str, target_modules: Any = None) -> di
     else:
         wanted = normalise_targets(target_modules, kind)
     sites: dict[str, str] = {}
+
+    def add(name: str, site_kind: str) -> None:
+        if name in sites and sites[name] != site_kind:
+            raise MoekitError(f"module {name!r} matches both {sites[name]} and {site_kind} patterns")
+        sites[name] = site_kind
+
     for name, module in model.named_modules():
-        if not name:
-            continue
+        spec = None if is_adaptable(module) else bank_spec(module)
+        if not name and spec is None:
+            continue  # the model itself is a site only when it is an expert bank
         for site_kind, patterns in wanted.items():
-            if any(matches(p, name) for p in patterns):
+            if spec is not None:
+                # A bank: named as a whole it gets its natural sites; named by projection, the pattern's kind.
+                if name and any(matches(p, name) for p in patterns):
+                    for projection, bank_kind in bank_site_kinds(spec, kind).items():
+                        add(join_name(name, projection), bank_kind)
+                for projection in spec.shapes:
+                    if any(matches(p, join_name(name, projection)) for p in patterns):
+                        add(join_name(name, projection), site_kind)
+            elif any(matches(p, name) for p in patterns):
                 if not is_adaptable(module):
                     raise MoekitError(f"target module {name!r} is a {type(module).__name__}; adapters go on "
-                                      f"nn.Linear (or Hugging Face Conv1D) layers")
-                if name in sites and sites[name] != site_kind:
-                    raise MoekitError(f"module {name!r} matches both {sites[name]} and {site_kind} patterns")
-                sites[name] = site_kind
+                                      f"nn.Linear (or Hugging Face Conv1D) layers and expert banks")
+                add(name, site_kind)
     if not sites:
         cands = _candidates(model)
-        raise MoekitError(f"no module of {type(model).__name__} matches target_modules {wanted}; "
-                          f"linear layers include {cands[:30]}{' ...' if len(cands) > 30 else ''}")
+        params = [n for n, _ in model.named_parameters() if any(matches(p, n) for ps in wanted.values() for p in ps)]
+        hint = ""
+        if params:
+            owner = type(model.get_submodule(params[0].rpartition(".")[0])).__name__
+            hint = (f"; {params[0]!r} is a raw parameter of a {owner}, not an nn.Linear or an expert bank "
+                    f"(moekit's own attention keeps w_qkv / w_out as raw parameters: adapt its experts)")
+        raise MoekitError(f"no module of {type(model).__name__} matches target_modules {wanted}{hint}; "
+                          f"linear layers and expert banks include {cands[:30]}{' ...' if len(cands) > 30 else ''}")
     return sites
+
+
+def split_site(name: str, modules: dict[str, nn.Module]) -> tuple[str, str | None]:
+    """``(module name, projection)`` of a site: ``(name, None)`` for a linear layer, ``(bank, projection)`` for a
+    bank site ``<bank>.<projection>``."""
+    if name in modules and is_adaptable(modules[name]):
+        return name, None
+    bank, _, projection = name.rpartition(".")
+    return bank, projection
