@@ -34,6 +34,9 @@ COMMAND_MODULES = [
     "moekit.lab.commands.analyze",
     "moekit.lab.commands.distill",
     "moekit.lab.commands.compare",
+    "moekit.lab.commands.import_hf",
+    "moekit.lab.commands.export_hf",
+    "moekit.lab.commands.upcycle",
 ]
 
 

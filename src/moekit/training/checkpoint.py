@@ -6,6 +6,10 @@ tensor), ``state.json`` (config, step, RNG state, data position, counters, optim
 fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either the
 old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is checked
 byte for byte; a checkpoint that fails is reported by name and the previous one is tried.
+
+Initial weights (a run that starts from given weights: an upcycled model, an imported one) are a smaller cousin:
+``<run>/init/model.safetensors`` and ``<run>/init/manifest.json`` (its sha256 and size), written the same atomic way
+by :func:`save_initial_weights` and read back, verified and strictly, by :func:`load_initial_weights`.
 """
 
 from __future__ import annotations
@@ -36,9 +40,15 @@ __all__ = [
     "clean_partial",
     "rng_state",
     "set_rng_state",
+    "save_initial_weights",
+    "load_initial_weights",
+    "INIT_WEIGHTS",
 ]
 
 FORMAT = "moekit-checkpoint-1"
+INIT_FORMAT = "moekit-init-weights-1"
+# Where save_initial_weights puts the weights, relative to the run directory (train.init_from names this path).
+INIT_WEIGHTS = "init/model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = (
     "model.safetensors",
@@ -202,3 +212,51 @@ def load_checkpoint(
     if optimizer is not None:
         optimizer.load_state_dict(_optimizer_join(st_load(data[OPTIM_FILE]), state["optimizer"]))
     return state
+
+
+def save_initial_weights(run_dir: str | Path, model: nn.Module) -> Path:
+    """Write ``model``'s weights as ``run_dir/init/model.safetensors`` with ``run_dir/init/manifest.json`` (format,
+    sha256 and size), atomically: a directory built beside ``init/`` and renamed into place, so a crash leaves the
+    old ``init/`` or the new one. Returns the weights' path (``run_dir / INIT_WEIGHTS``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / INIT_WEIGHTS
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    manifest = {
+        "format": INIT_FORMAT,
+        "files": {target.name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}},
+    }
+    with atomic_dir(target.parent, fsync=True) as tmp:
+        _write_bytes(tmp / target.name, data)
+        _write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    return target
+
+
+def load_initial_weights(path: str | Path, model: nn.Module) -> None:
+    """Check the weights file ``path`` against the ``manifest.json`` beside it and load it into ``model`` strictly.
+    Every failure (missing file or manifest, wrong size or sha256, tensors that do not fit the model) is a one-line
+    :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    mpath = path.parent / MANIFEST_FILE
+    try:
+        manifest = json.loads(mpath.read_bytes())
+        entry = manifest["files"][path.name]
+        if manifest.get("format") != INIT_FORMAT:
+            raise ValueError(f"unknown format {manifest.get('format')!r}")
+        size, digest = int(entry["bytes"]), str(entry["sha256"])
+    except FileNotFoundError:
+        raise CheckpointError(f"initial weights {path}: the manifest {mpath} is missing") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"initial weights {path}: manifest {mpath} is unreadable or does not list the file "
+                              f"({type(exc).__name__}: {exc})") from None
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"initial weights {path} are missing") from None
+    if len(raw) != size or hashlib.sha256(raw).hexdigest() != digest:
+        raise CheckpointError(f"initial weights {path} fail their sha256 checksum (corrupted or truncated)")
+    try:
+        model.load_state_dict(st_load(raw), strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())
+        raise CheckpointError(f"initial weights {path} do not match the model built from the config: {first}") from None

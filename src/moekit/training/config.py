@@ -49,6 +49,10 @@ class TrainConfig:
             calls ``torch.set_num_threads`` itself.
     progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "off".
     tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
+    init_from: model weights to start from, a path relative to the run directory of a file written by
+        :func:`moekit.training.checkpoint.save_initial_weights` (``"init/model.safetensors"``: an upcycled or
+        imported model). Loaded (verified, strictly) when training starts at step 0 with no checkpoint; the
+        optimizer starts fresh. None: the model's own random init.
     """
 
     max_steps: int = 500
@@ -76,6 +80,7 @@ class TrainConfig:
     threads: int = 0
     progress: str = "auto"
     tensorboard: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)
@@ -105,3 +110,6 @@ class TrainConfig:
         check_choice("train.progress", self.progress, PROGRESS_MODES)
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"train.init_from must be a path (relative to the run directory) or none, "
+                              f"got {self.init_from!r}")

@@ -421,6 +421,12 @@ class Trainer:
         fresh = self.step == 0 and not ckpt.list_checkpoints(self.ckpt_dir)
         if self.parallel is not None:
             fresh = self.parallel.broadcast(fresh)  # rank 0's view: the others may already see its step 0
+        if fresh and c.init_from is not None:
+            # Given starting weights (upcycled, imported): loaded before the experts are sharded, on every rank,
+            # so each rank then slices the same full banks. The optimizer's state is still empty: it starts fresh.
+            ckpt.load_initial_weights(self.run_dir / c.init_from, self.model)
+            self.log(f"starting from the weights in {self.run_dir / c.init_from}")
+        if self.parallel is not None:
             self.parallel.shard(self.optimizer)
         if fresh:
             self.save(metrics)  # step 0: something to roll back to from the very first step

@@ -9,6 +9,8 @@ Run directory layout (the tokenizer and token arrays for a language model only):
     tokenizer.json         byte-level BPE trained on the training split
     data/tokens.safetensors  train and validation token ids (a resume or eval needs no corpus)
     metrics.jsonl          one JSON object per logged step
+    init/                  a run started from given weights (upcycled, imported): model.safetensors + manifest.json,
+                           loaded at step 0 when ``train.init_from`` names them (see checkpoint.py)
     checkpoints/step_*/    atomic checkpoints (see checkpoint.py)
     plots/*.png            loss curves and per-layer expert load
     summary.json           final figures
@@ -40,6 +42,7 @@ __all__ = [
     "load_run",
     "load_trained_run",
     "read_run_config",
+    "start_run_from_weights",
     "train_run",
 ]
 
@@ -102,13 +105,22 @@ def load_trained_run(
     command: str | None = None,
 ) -> LoadedRun:
     """The run in ``run_dir`` with the weights of its newest checkpoint (in eval mode); ``command`` as in
-    :func:`load_run`."""
+    :func:`load_run`. A run with no checkpoint yet whose ``train.init_from`` is set (created by
+    :func:`start_run_from_weights`) loads those initial weights and reports step 0 (``checkpoint`` is their
+    directory)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise MoekitError(f"run directory {str(run_dir)!r} does not exist")
     run_config, data, model = load_run(run_dir, command=command)
     root = run_dir / "checkpoints"
     found_list = ckpt.list_checkpoints(root)
+    init_from = run_config.train.init_from
+    if not found_list and init_from is not None:
+        # A run created from given weights (moekit upcycle) and not trained yet: its model is those weights.
+        init_path = run_dir / init_from
+        ckpt.load_initial_weights(init_path, model)
+        model.eval()
+        return LoadedRun(run_dir, run_config, data, model, init_path.parent, 0)
     if not found_list:
         raise MoekitError(f"{run_dir} has no checkpoint (checkpoints/step_* is missing): was it trained?")
     if fallback:
@@ -125,6 +137,42 @@ def load_trained_run(
     state = ckpt.load_checkpoint(blobs, model)
     model.eval()
     return LoadedRun(run_dir, run_config, data, model, path, int(state["step"]))
+
+
+def start_run_from_weights(run_config: RunConfig, run_dir: str | Path, model: torch.nn.Module) -> None:
+    """Create a run in ``run_dir`` that starts from ``model``'s weights: ``config.toml`` (``run_config`` resolved,
+    with ``train.init_from = "init/model.safetensors"``) and the weights (:func:`moekit.training.checkpoint.
+    save_initial_weights`). The caller has already put the run's data files there (``tokenizer.json``,
+    ``data/tokens.safetensors``). ``moekit train --resume RUN_DIR`` then trains from these weights, and eval,
+    generate, analyze and distill load them until the first checkpoint exists.
+
+    Refuses (one line) a ``run_dir`` that already holds a run. The weights are written before the config, so a
+    directory with a ``config.toml`` always has its weights.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "config.toml").exists() or ckpt.list_checkpoints(run_dir / "checkpoints"):
+        raise MoekitError(f"{run_dir} already holds a run; choose another directory")
+    config = dataclasses.replace(
+        run_config, train=dataclasses.replace(run_config.train, init_from=ckpt.INIT_WEIGHTS)
+    )
+    built = getattr(model, "config", None)
+    # The weights must fit the model the run config builds (checked now, not at the first resume): the same
+    # config, but for the vocabulary, which the run's tokenizer fixes.
+    if built is not None and built != config.task.model_for_data(config, _VocabOnly(getattr(built, "vocab_size", 0))):
+        raise MoekitError(
+            "start_run_from_weights: the model's config differs from the run config's [model] section "
+            "(beyond the vocabulary the tokenizer fixes)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.save_initial_weights(run_dir, model)
+    atomic_write_text(run_dir / "config.toml", to_toml(config.resolved()))
+
+
+@dataclass
+class _VocabOnly:
+    """Stands in for a language model's prepared data where only its vocabulary is needed (``model_for_data``)."""
+
+    vocab_size: int
 
 
 def train_run(
@@ -168,7 +216,12 @@ def _train_run(
     if resume:
         loaded_config = read_run_config(run_dir)
         if run_config is not None:
+            saved_init = loaded_config.train.init_from
             loaded_config.train = run_config.train
+            if loaded_config.train.init_from is None and saved_init is not None:
+                # The starting weights belong to the run, not to this session's [train] values: a caller that
+                # built a fresh [train] (only to change max_steps, say) must not start from a random init.
+                loaded_config.train = dataclasses.replace(loaded_config.train, init_from=saved_init)
             loaded_config.parallel = run_config.parallel
         else:  # the expert-parallel degree is the launch's, not the saved run's: checkpoints reshard
             from moekit.training.distributed import launch_world_size
