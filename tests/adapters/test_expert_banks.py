@@ -401,3 +401,19 @@ def test_moekit_lm_targets_and_attention_hint():
         apply_adapters(model, LoRAConfig(), ["w_qkv"])
     apply_adapters(model, LoRAConfig(), ["experts"])
     assert sorted(adapter_sites(model)) == [f"blocks.1.ffn.experts.{p}" for p in ("w_gate", "w_in", "w_out")]
+
+
+def test_bank_adapters_survive_deepcopy_and_merge_on_the_copy():
+    import copy
+
+    layer = apply_adapters(_moe(), IA3Config(), ["experts"])
+    _perturb(layer)
+    twin = copy.deepcopy(layer)
+    assert twin.experts.forward.__self__ is twin.experts  # the instance forward is rebound to the copy
+    x = _x((1, 6, D))
+    y = layer(x)[0]
+    torch.testing.assert_close(twin(x)[0], y, rtol=0, atol=0)
+    merge_adapters(twin)
+    torch.testing.assert_close(twin(x)[0], y, rtol=1e-5, atol=1e-5)
+    assert list(iter_adapters(layer))  # the original keeps its adapters
+    assert torch.equal(layer(x)[0], y)
