@@ -25,12 +25,12 @@ FAMILY_KWARGS = {
 FAMILIES = tuple(FAMILY_KWARGS)
 
 
-def tiny_hf_model(model_type: str, seed: int = 0, scale: float = 0.15):
+def tiny_hf_model(model_type: str, seed: int = 0, scale: float = 0.15, **overrides):
     """A float32, eval-mode transformers model of ``model_type`` with weights ~ N(0, scale^2) (norm weights around
     1), large enough that routing is far from uniform and logits are O(1)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {**COMMON, **FAMILY_KWARGS[model_type]}
+    kwargs = {**COMMON, **FAMILY_KWARGS[model_type], **overrides}
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float().eval()

@@ -79,11 +79,20 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     model's size. Every tensor must be used and have the shape the config implies."""
     ckpt = read_hf_config(path)
     reader = SafetensorsReader(path)
-    # Building the model initialises weights that are overwritten next; the caller's RNG stream stays untouched.
+    # Built in place (on the meta device the initialisers pull in ~75 MB of torch machinery, more than they
+    # save on small models); the caller's RNG stream stays untouched. Every parameter is then set to NaN, so a tensor
+    # the loader missed would show, and filled from the checkpoint tensor by tensor.
     with torch.random.fork_rng(devices=[]):
-        model = TransformerLM(ckpt.config)
-    model.to(dtype)
+        model = TransformerLM(ckpt.config).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
     load_hf_weights(model, reader, ckpt.family)
+    for name, p in model.named_parameters():
+        # In chunks: a whole-tensor isfinite would allocate a quarter of the largest tensor.
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in p.detach().reshape(-1).split(1 << 20)):
+            raise MoekitError(f"{path}: parameter {name} holds non-finite values after loading (NaN or inf in the "
+                              "checkpoint, or a tensor it lacks)")
     return model.eval()
 
 

@@ -110,15 +110,18 @@ class SafetensorsReader:
     def shape(self, key: str) -> list[int]:
         return self._where[key][2]
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read from its file into new memory."""
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``, read from its file into new memory, or straight into ``out`` (returned) when ``out``
+        is a contiguous tensor of the same dtype and shape."""
         try:
             path, dtype, shape, offset, nbytes = self._where[key]
         except KeyError:
             raise MoekitError(f"{self.directory}: the checkpoint has no tensor {key!r}") from None
-        out = torch.empty(shape, dtype=_DTYPES[dtype])
+        direct = (out is not None and out.dtype == _DTYPES[dtype] and list(out.shape) == shape
+                  and out.is_contiguous() and out.device.type == "cpu")
+        out = out if direct else torch.empty(shape, dtype=_DTYPES[dtype])
         if nbytes:
-            buf = out.view(-1).view(torch.uint8).numpy() if out.dim() else out.view(1).view(torch.uint8).numpy()
+            buf = out.detach().reshape(-1).view(torch.uint8).numpy()
             with path.open("rb") as f:
                 f.seek(offset)
                 if f.readinto(memoryview(buf)) != nbytes:

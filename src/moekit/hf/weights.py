@@ -37,10 +37,17 @@ class _Source:
         self.reader = reader
         self.used: set[str] = set()
 
+    def read_into(self, name: str, dest: Tensor) -> None:
+        """Fill ``dest`` with tensor ``name`` (same shape): straight from the file when the dtypes agree, so the
+        largest tensors (embeddings, output head) need no second copy."""
+        t = self.get(name, tuple(dest.shape), dest)
+        if t is not dest:
+            dest.copy_(t)
+
     def has(self, name: str) -> bool:
         return name in self.reader
 
-    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+    def get(self, name: str, shape: tuple[int, ...], out: Tensor | None = None) -> Tensor:
         if name not in self.reader:
             raise MoekitError(f"{self.reader.directory}: the checkpoint has no tensor {name!r}, which the config needs")
         got = tuple(self.reader.shape(name))
@@ -49,7 +56,7 @@ class _Source:
                 f"{self.reader.directory}: tensor {name!r} has shape {list(got)}, the config implies {list(shape)}"
             )
         self.used.add(name)
-        return self.reader.get(name)
+        return self.reader.get(name, out)
 
 
 @torch.no_grad()
@@ -58,30 +65,31 @@ def load_hf_weights(model: TransformerLM, reader: SafetensorsReader, fam: Family
     Raises a one-line :class:`MoekitError` for a missing tensor, a wrong shape, or a tensor nothing reads."""
     src = _Source(reader)
     c = model.config
-    D = c.d_model
-    model.embed.weight.copy_(src.get("model.embed_tokens.weight", (c.vocab_size, D)))
-    model.final_norm.weight.copy_(src.get("model.norm.weight", (D,)))
+    src.read_into("model.embed_tokens.weight", model.embed.weight)
+    src.read_into("model.norm.weight", model.final_norm.weight)
     if model.head is not None:
-        model.head.weight.copy_(src.get("lm_head.weight", (c.vocab_size, D)))
+        src.read_into("lm_head.weight", model.head.weight)
     elif src.has("lm_head.weight"):
         src.used.add("lm_head.weight")  # a tied checkpoint may still list the (shared) head
     H, Hkv, Hd = c.n_heads, c.n_kv_heads, c.head_dim
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        block.attn_norm.weight.copy_(src.get(p + "input_layernorm.weight", (D,)))
-        block.ffn_norm.weight.copy_(src.get(p + "post_attention_layernorm.weight", (D,)))
+        src.read_into(p + "input_layernorm.weight", block.attn_norm.weight)
+        src.read_into(p + "post_attention_layernorm.weight", block.ffn_norm.weight)
         attn = block.attn
         a = p + "self_attn."
-        rows = {"q": H * Hd, "k": Hkv * Hd, "v": Hkv * Hd}
-        attn.w_qkv.copy_(torch.cat([src.get(f"{a}{n}_proj.weight", (r, D)) for n, r in rows.items()]))
+        splits = [H * Hd, Hkv * Hd, Hkv * Hd]  # q, k and v are consecutive row blocks of w_qkv
+        for n, rows in zip("qkv", attn.w_qkv.split(splits), strict=True):
+            src.read_into(f"{a}{n}_proj.weight", rows)
         if attn.b_qkv is not None:
-            attn.b_qkv.copy_(torch.cat([src.get(f"{a}{n}_proj.bias", (r,)) for n, r in rows.items()]))
-        attn.w_out.copy_(src.get(a + "o_proj.weight", (D, H * Hd)))
+            for n, rows in zip("qkv", attn.b_qkv.split(splits), strict=True):
+                src.read_into(f"{a}{n}_proj.bias", rows)
+        src.read_into(a + "o_proj.weight", attn.w_out)
         if attn.b_out is not None:
-            attn.b_out.copy_(src.get(a + "o_proj.bias", (D,)))
+            src.read_into(a + "o_proj.bias", attn.b_out)
         if attn.q_norm is not None:
-            attn.q_norm.weight.copy_(src.get(a + "q_norm.weight", tuple(attn.q_norm.weight.shape)))
-            attn.k_norm.weight.copy_(src.get(a + "k_norm.weight", tuple(attn.k_norm.weight.shape)))
+            src.read_into(a + "q_norm.weight", attn.q_norm.weight)
+            src.read_into(a + "k_norm.weight", attn.k_norm.weight)
         if isinstance(block.ffn, MoE):
             _load_moe(block.ffn, src, p, fam)
         else:
@@ -107,7 +115,7 @@ def _load_moe(layer: MoE, src: _Source, p: str, fam: Family) -> None:
     E, D, F = bank.w_in.shape
     prefixes = [p + fam.moe_prefix + ".", p + "mlp."]
     m = next((q for q in prefixes if src.has(q + "gate.weight")), prefixes[0])
-    layer.router.weight.copy_(src.get(m + "gate.weight", (E, D)))
+    src.read_into(m + "gate.weight", layer.router.weight)
     if src.has(m + "experts.gate_up_proj"):
         # transformers v5 fused layout: linear(x, gate_up[e]) then chunk(2): the first F outputs are the gate.
         gate_up_E2FD = src.get(m + "experts.gate_up_proj", (E, 2 * F, D))
@@ -124,7 +132,7 @@ def _load_moe(layer: MoE, src: _Source, p: str, fam: Family) -> None:
             bank.w_out[j].copy_(src.get(f"{e}{down}.weight", (D, F)).T)
     if layer.shared_experts is not None:
         _load_dense(layer.shared_experts, src, m + "shared_expert.", ("gate_proj", "up_proj", "down_proj"))
-        layer.shared_expert_gate.weight.copy_(src.get(m + "shared_expert_gate.weight", (1, D)))
+        src.read_into(m + "shared_expert_gate.weight", layer.shared_expert_gate.weight)
 
 
 def hf_tensors(model: TransformerLM, fam: Family) -> Iterator[tuple[str, Tensor]]:

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from moekit.config import check_int, check_number, check_positive_int
 from moekit.errors import ConfigError
 
-__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS"]
+__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS", "TOKENIZERS"]
+
+TOKENIZERS = ("bpe", "imported")
 
 
 @dataclass
@@ -16,7 +18,11 @@ class DataConfig:
     """Attributes:
     corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a text
         file or a directory of them.
-    vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token).
+    vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token); for an imported
+        tokenizer, the model's vocabulary (which may exceed the tokenizer's: padded embedding tables).
+    tokenizer: "bpe" (train a byte-level BPE of ``vocab_size`` on the training split; the model's vocabulary is the
+        trained tokenizer's) or "imported" (``tokenizer.json`` and the token arrays came with an imported model,
+        ``moekit import-hf``; they are never rebuilt).
     seq_len: tokens per training sequence (the model's context).
     val_fraction: share of the corpus pieces held out for validation (a fixed, deterministic split).
     piece_chars: documents are cut into pieces of about this many characters before the split, so one long
@@ -28,6 +34,7 @@ class DataConfig:
 
     corpus: str = "builtin"
     vocab_size: int = 4096
+    tokenizer: str = "bpe"
     seq_len: int = 128
     val_fraction: float = 0.05
     piece_chars: int = 4096
@@ -42,8 +49,12 @@ class DataConfig:
                 f"data.vocab_size must be an integer >= 257 (256 bytes + end-of-text), got "
                 f"{self.vocab_size!r}"
             )
-        if self.vocab_size > 65535:
-            raise ConfigError(f"data.vocab_size must be <= 65535, got {self.vocab_size!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        # A BPE trained here stays small; imported vocabularies (Qwen: 151,936) only have to fit the int32 ids.
+        limit = 65535 if self.tokenizer == "bpe" else 2**31 - 1
+        if self.vocab_size > limit:
+            raise ConfigError(f"data.vocab_size must be <= {limit}, got {self.vocab_size!r}")
         check_int("data.seq_len", self.seq_len, 2)
         check_number("data.val_fraction", self.val_fraction, low=0, high=0.5, low_open=True, high_open=True)
         check_int("data.piece_chars", self.piece_chars, 256)

@@ -263,6 +263,12 @@ def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None
         tok = load_tokenizer(tok_path)
         arrays = np_load_file(str(tokens_path))
         return PreparedData(arrays["train"], arrays["val"], tok.get_vocab_size(), tok_path)
+    if d.tokenizer == "imported":
+        missing = tokens_path if tok_path.is_file() else tok_path
+        raise MoekitError(
+            f"{missing} is missing: the tokenizer and token ids of an imported model are never rebuilt "
+            "(import the model again with moekit import-hf)"
+        )
     t0 = time.perf_counter()
     docs = load_corpus(d.corpus, d.cache_dir)
     pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
@@ -334,6 +340,8 @@ class LanguageModelTask:
         return prepare_data(config, run_dir, log)
 
     def model_for_data(self, config: RunConfig, data: PreparedData) -> LMConfig:
+        if config.data.tokenizer == "imported":  # the imported model's vocabulary, often padded past the tokenizer's
+            return config.model
         return dataclasses.replace(config.model, vocab_size=data.vocab_size)
 
     def build_model(self, model_config: LMConfig) -> TransformerLM:
