@@ -179,15 +179,22 @@ def _loss(out: str) -> float:
     return float(out.split("validation loss ")[1].split()[0])
 
 
-def test_imported_runs_feed_analyze_and_upcycle(hf_dir, tmp_path, capsys):
-    """An imported MoE run is analysed like a trained one; an imported dense Llama upcycles to an MoE whose
-    validation loss at initialisation equals the dense model's (the experts are copies, the gates renormalised)."""
+def test_imported_runs_feed_analyze_distill_and_upcycle(hf_dir, tmp_path, capsys):
+    """An imported MoE run is analysed and distilled like a trained one; an imported dense Llama upcycles to an MoE
+    whose validation loss at initialisation equals the dense model's (the experts are copies, the gates
+    renormalised)."""
     run = tmp_path / "moe"
     sets = ["--set", "data.max_chars=30000", "--set", "data.seq_len=32", "--set", "train.batch_size=4"]
     assert _run(["import-hf", str(hf_dir), "--out", str(run), *sets], capsys)[0] == 0
     code, out, err = _run(["analyze", str(run), "--max-tokens", "256", "--permutations", "2"], capsys)
     assert code == 0, err
     assert (run / "analysis" / "report.html").is_file() and (run / "analysis" / "analysis.json").is_file()
+    student = tmp_path / "student"  # distillation into a dense student starts from the student's own weights
+    code, out, err = _run(["distill", str(run), "--run-dir", str(student), "--set", "train.max_steps=2",
+                           "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2"], capsys)
+    assert code == 0, err
+    assert (student / "checkpoints" / "step_00000002").is_dir() and 'init_from = "none"' in (
+        student / "config.toml").read_text()
 
     llama_dir = tmp_path / "llama"
     tiny_hf_model("llama", vocab_size=512).save_pretrained(llama_dir)

@@ -96,6 +96,9 @@ def distill_run(
     tables.pop("moe", None)
     s_lm = student_config(teacher.model.config)
     tables["model"]["dense_d_ff_at_moe"] = s_lm.dense_d_ff_at_moe
+    # The student starts from the weights built below, not from the initial weights of an imported or upcycled
+    # teacher (train.init_from names a file in the teacher's run directory).
+    tables["train"]["init_from"] = None
     tables["train"].update(parsed.get("train", {}))
     run_config = build_run_config(tables)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(f"distill-{init}")
