@@ -10,7 +10,9 @@ Per seed (paired: every arm of a seed shares the seed, the tokens and the valida
   (b) ``upcycled``: the dense model upcycled (``moekit.upcycle``: E experts, top-k, every other FFN, renormalised
       gates, dropless) and trained for the steps that cost X dense steps;
   (c) ``scratch``: the same MoE from a random init, trained for as many steps as (b);
-  (c') ``scratch_total``: the same MoE from a random init given the total compute of dense-N + extra.
+  (c') ``scratch_total``: the same MoE from a random init given the total compute of dense-N + extra;
+  and, as a reference, ``dense_total``: the dense model trained N + X steps under one schedule (what restarting the
+  schedule costs (a)).
 - Steps are matched in training FLOPs (``moekit.models.flops``: 3 x forward, the run summary's
   ``train_flops_per_token``): the MoE arms run ``round(X * F_dense / F_moe)`` steps. Same batch (16 x 128 tokens)
   and peak learning rate for every run; each run (new or continued) warms up linearly over 10 % of its own steps
@@ -57,10 +59,12 @@ from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.upcycle import upcycle, upcycle_config
 
 ROOT = Path(__file__).resolve().parents[2]
-ARMS = ("dense", "continue", "upcycled", "scratch", "scratch_total")
+ARMS = ("dense", "continue", "upcycled", "scratch", "scratch_total", "dense_total")
 # Two-sided 95 % Student t quantiles by degrees of freedom.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 DIFFS = (("upcycled", "continue"), ("upcycled", "scratch"), ("upcycled", "scratch_total"))
+# Not a claim of the paper: what restarting the schedule costs the dense model (continued vs one schedule).
+REFERENCE_DIFFS = (("continue", "dense_total"),)
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -184,6 +188,17 @@ def run_seed(seed: int, args: argparse.Namespace, base: RunConfig, data_src: Pat
         # (c)'s comparison charges it the dense sunk cost as well (the same total as (b)); (c') spends it all.
         record(arm, run_dir, steps, f_moe, sunk, {})
         log(f"seed {seed}: {arm} done, val {rows[-1]['final_val_loss']:.4f}")
+
+    # -- reference: the dense model trained N + X steps under one schedule (what the restart costs (a)) --------
+    run_dir = runs / "dense_total"
+    if summary_of(run_dir) is None:
+        fresh_dir(run_dir)
+        run_dir.mkdir(parents=True)
+        copy_data(dense_dir, run_dir)
+        log(f"seed {seed}: dense_total, {N + X} steps from a random init")
+        train_run(with_train(dense_cfg, max_steps=N + X), run_dir, log=quiet)
+    record("dense_total", run_dir, N + X, f_dense, 0.0, {})
+    log(f"seed {seed}: dense_total done, val {rows[-1]['final_val_loss']:.4f}")
     return dense_dir
 
 
@@ -238,11 +253,13 @@ def write_results(rows: list[dict], out: Path, args: argparse.Namespace, command
                                    "train_flops_per_token": first["train_flops_per_token"]}
             if arm == "upcycled":
                 result["init_val_loss"] = [by[(s, arm)].get("init_val_loss") for s in done]
-    for a, b in DIFFS:
+    for a, b in DIFFS + REFERENCE_DIFFS:
         diffs = [by[(s, a)]["final_val_loss"] - by[(s, b)]["final_val_loss"] for s in done]
         if diffs:
             m, h = interval(diffs)
-            result["paired"][f"{a} - {b}"] = {"mean": m, "half": h, "per_seed": diffs, "verdict": verdict(m, h)}
+            key = "paired" if (a, b) in DIFFS else "reference"
+            result.setdefault(key, {})[f"{a} - {b}"] = {"mean": m, "half": h, "per_seed": diffs,
+                                                       "verdict": verdict(m, h) if key == "paired" else ""}
     atomic_write_text(out / "results.json", json.dumps(result, indent=1))
     atomic_write_text(out / "results.md", render(result, by, done))
     try:
@@ -257,6 +274,7 @@ NAMES = {
     "upcycled": "(b) upcycled MoE",
     "scratch": "(c) MoE from scratch, extra compute only",
     "scratch_total": "(c') MoE from scratch, dense + extra compute",
+    "dense_total": "reference: dense, N + X steps under one schedule",
 }
 
 
@@ -291,6 +309,9 @@ def render(result: dict, by: dict, done: list[int]) -> str:
     for name, v in result["paired"].items():
         per = " | ".join(f"{x:+.4f}" for x in v["per_seed"])
         lines.append(f"| {name} | {per} | {v['mean']:+.4f} ± {v['half']:.4f} | {v['verdict']} |")
+    for name, v in result.get("reference", {}).items():
+        per = " | ".join(f"{x:+.4f}" for x in v["per_seed"])
+        lines.append(f"| {name} (reference, no paper claim) | {per} | {v['mean']:+.4f} ± {v['half']:.4f} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +352,9 @@ def render_section(result: dict, out: str) -> str:
         f"(`moekit.upcycle`: {a['experts']} experts, top-{a['top_k']} with renormalised gates, every other FFN, "
         "dropless, router rows N(0, 0.02^2); load-balancing loss c_B = 0.01 as every MoE here), (c) the same MoE "
         f"from scratch with the same extra compute, and (c') the same MoE from scratch with the total compute of "
-        f"dense-{a['dense_steps']} + extra. The MoE costs "
+        f"dense-{a['dense_steps']} + extra; as a reference, the dense model trained "
+        f"{a['dense_steps'] + a['extra_steps']} steps under one schedule (what restarting the schedule costs (a)). "
+        "The MoE costs "
         f"{arms['upcycled']['train_flops_per_token'] / arms['continue']['train_flops_per_token']:.2f}x the dense "
         "model's training "
         f"FLOPs per token, so it runs {arms['upcycled']['steps']} steps where the dense model runs "
@@ -360,6 +383,10 @@ def render_section(result: dict, out: str) -> str:
         per = " | ".join(f"{x:+.3f}" for x in v["per_seed"])
         verdict_text = v["verdict"] if v["verdict"] == "not resolved at this scale" else f"**{v['verdict']}**"
         lines.append(f"| {name} | {per} | {v['mean']:+.3f} ± {v['half']:.3f} | {verdict_text} |")
+    for name, v in result.get("reference", {}).items():
+        per = " | ".join(f"{x:+.3f}" for x in v["per_seed"])
+        lines.append(f"| {name} (reference: the cost of restarting the schedule) | {per} | "
+                     f"{v['mean']:+.3f} ± {v['half']:.3f} | no paper claim |")
     init = result.get("init_val_loss") or []
     if init and all(x is not None for x in init):
         gap = max(abs(x - y) for x, y in zip(init, arms["dense"]["per_seed"], strict=True))
@@ -411,7 +438,7 @@ def plot(by: dict, done: list[int], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     colours = {"dense": "black", "continue": "tab:blue", "upcycled": "tab:red", "scratch": "tab:green",
-               "scratch_total": "tab:purple"}
+               "scratch_total": "tab:purple", "dense_total": "tab:gray"}
     for arm in ARMS:
         xs = [by[(s, arm)]["total_train_flops"] for s in done]
         ys = [by[(s, arm)]["final_val_loss"] for s in done]
