@@ -258,7 +258,7 @@ class _Corruptor:
         self.tokens_length, self.targets_length = span_corruption_lengths(
             inputs_length, noise_density, mean_noise_span_length
         )
-        self.inputs_length = inputs_length
+        self.inputs_length = int(inputs_length)
         self.noise_density = noise_density
         self.mean_noise_span_length = mean_noise_span_length
         self.sentinels = _check_sentinels(sentinel_ids)
@@ -279,7 +279,7 @@ class _Corruptor:
                 found = sorted(set(self.tokens[table[self.tokens]].tolist()))[:5]
                 raise MoekitError(
                     f"the {split} tokens contain sentinel ids {found}: sentinel_ids must be ids the tokenizer never"
-                    " produces from text (tokenizer.sentinel_ids)"
+                    " produces from text (moekit.lab.data.tokenizer.sentinel_ids)"
                 )
         self.num_windows = len(self.tokens) // self.tokens_length
 
