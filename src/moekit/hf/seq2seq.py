@@ -353,8 +353,9 @@ def seq2seq_hf_tensors(model: Seq2SeqLM, fam: Family) -> Iterator[tuple[str, Ten
     """The model's tensors under the family's checkpoint names (the layout transformers' ``save_pretrained``
     writes)."""
     yield "shared.weight", model.embed.weight
-    if fam.model_type == "switch_transformers":  # transformers writes the (tied) stack embeddings for Switch
-        # copies: safetensors refuses tensors that share memory
+    if fam.model_type == "switch_transformers" and model.head is not None:
+        # Untied, transformers 5 keeps (and writes) separate encoder and decoder input embeddings for Switch; they
+        # are copies here (safetensors refuses tensors that share memory).
         yield "encoder.embed_tokens.weight", model.embed.weight.detach().clone()
         yield "decoder.embed_tokens.weight", model.embed.weight.detach().clone()
     for stack in STACKS:
