@@ -30,6 +30,7 @@ from moekit.lab.data.tokenizer import EOT, load_tokenizer
 from moekit.lab.training.run import load_trained_run, start_run_from_weights
 from moekit.lab.training.run_config import RunConfig, build_run_config
 from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
+from moekit.models.config import LMConfig
 
 __all__ = ["import_hf_run", "export_hf_run", "HF_FILES_DIR"]
 
@@ -78,6 +79,11 @@ def import_hf_run(
         raise MoekitError(f"--set may change [data] and [train] of an imported run, not [{bad[0]}]")
     ckpt = read_hf_config(hf_dir)
     lm = ckpt.config
+    if not isinstance(lm, LMConfig):
+        raise MoekitError(
+            f"{hf_dir} is a {ckpt.family.model_type} encoder-decoder: moekit import-hf makes run directories of "
+            "decoder language models only so far; load it in Python with moekit.hf.from_pretrained"
+        )
     tok_src = hf_dir / TOKENIZER_FILE
     if not tok_src.is_file():
         raise MoekitError(

@@ -16,17 +16,18 @@ PROTOCOL = [name for name in vars(Task) if not name.startswith("_")] + list(Task
 
 
 def test_registry_maps_each_arch_to_a_complete_task():
-    assert ARCHS == ("lm", "vit")
+    assert ARCHS == ("lm", "vit", "seq2seq")
     for arch, task in TASKS.items():
         assert task.arch == arch and task_for_arch(arch) is task
         missing = [name for name in PROTOCOL if not hasattr(task, name)]
         assert not missing, (arch, missing)
         assert "eval" in task.commands and set(task.commands) <= set(RUN_COMMANDS)
-    with pytest.raises(ValueError, match=r"model.arch must be one of \('lm', 'vit'\), got 'vitt' \(did you mean"):
+    with pytest.raises(ValueError, match=r"model.arch must be one of \('lm', 'vit', 'seq2seq'\), got 'vitt' \(did"):
         task_for_arch("vitt")
 
 
-@pytest.mark.parametrize("name, arch", [("switch-tiny", "lm"), ("dense-tiny", "lm"), ("vit-ec", "vit")])
+@pytest.mark.parametrize("name, arch", [("switch-tiny", "lm"), ("dense-tiny", "lm"), ("vit-ec", "vit"),
+                                        ("switch-t5-tiny", "seq2seq")])
 def test_a_config_knows_its_task(name, arch):
     cfg = load_run_config(CONFIGS / f"{name}.toml")
     assert cfg.task is TASKS[arch] and task_of(cfg.model) is TASKS[arch] and cfg.arch == arch
@@ -45,7 +46,7 @@ def test_unsupported_commands_are_refused_in_one_line(tmp_path):
             vit.require(command, tmp_path)
         message = str(err.value)
         assert "\n" not in message
+        works_on = "language-model and encoder-decoder" if command == "generate" else "language-model"
         assert message == (
-            f"{tmp_path} is an image classifier (model.arch = 'vit') run; this command works on language-model "
-            "runs (moekit eval works on both)"
+            f"{tmp_path} is an image classifier (model.arch = 'vit') run; moekit {command} works on {works_on} runs"
         )

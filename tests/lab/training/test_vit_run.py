@@ -88,7 +88,7 @@ def test_vit_configs_spend_equal_ffn_flops_per_image():
     [
         (["model.patch_sise=2"], r"unknown config key 'model.patch_sise' \(did you mean 'patch_size'\?\)"),
         (["model.image_size=32"], r"model.image_size = 32 but data.dataset = 'fashion_mnist' has image_size 28"),
-        (['model.arch="cnn"'], r"model.arch must be one of \('lm', 'vit'\)"),
+        (['model.arch="cnn"'], r"model.arch must be one of \('lm', 'vit', 'seq2seq'\)"),
         (["moe.top_k=2"], r"unknown config key 'moe.top_k' for moe.router = 'soft'"),
         (["parallel.expert_parallel=3"], r"parallel.expert_parallel = 3 must divide moe.num_experts = 16"),
         (["parallel.expert_parallel=2", "train.batch_size=3"], r"train.batch_size = 3 \(the global batch\) must be"),

@@ -35,16 +35,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit generate: warning: {msg}", file=sys.stderr)
 
     run = load_trained_run(args.run_dir, fallback=True, warn=report, command="generate")
-    model = run.model
     tok = load_tokenizer(run.data.tokenizer_path)
-    ids = tok.encode(args.prompt, add_special_tokens=False).ids
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(
-        torch.tensor(ids, dtype=torch.long),
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
+    print(run.config.task.generate_text(
+        run.model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         generator=gen,
-    )
-    print(tok.decode(out.tolist()))
+    ))
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from moekit.config import check_int, check_number, check_positive_int
 from moekit.errors import ConfigError
 
-__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS", "TOKENIZERS"]
+__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS", "Seq2SeqDataConfig", "TOKENIZERS"]
 
 TOKENIZERS = ("bpe", "imported")
 
@@ -60,6 +60,37 @@ class DataConfig:
         check_int("data.piece_chars", self.piece_chars, 256)
         if self.max_chars is not None:
             check_positive_int("data.max_chars", self.max_chars)
+
+
+@dataclass
+class Seq2SeqDataConfig(DataConfig):
+    """The ``[data]`` section of an encoder-decoder run (``model.arch = "seq2seq"``): a text corpus as for the language
+    model, corrupted as T5 pre-training does (docs/DATA.md section 4.5).
+
+    Attributes (beyond :class:`DataConfig`'s; ``seq_len`` is the encoder's input length, sentinels and the final
+    end-of-text token included):
+        noise_density: share of each raw window's tokens that are masked (T5: 0.15).
+        mean_span_length: mean length of a masked span (T5: 3).
+        sentinels: sentinel tokens ``<extra_id_0>`` ... added to the tokenizer, inside ``vocab_size`` (T5: 100);
+            at least the number of spans one window can have.
+    """
+
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    sentinels: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokenizer != "bpe":
+            raise ConfigError("data.tokenizer must be 'bpe' for a seq2seq run (its tokenizer gets sentinel tokens)")
+        check_number("data.noise_density", self.noise_density, low=0, high=1, low_open=True, high_open=True)
+        check_number("data.mean_span_length", self.mean_span_length, low=1)
+        check_positive_int("data.sentinels", self.sentinels)
+        if self.vocab_size < 257 + self.sentinels:
+            raise ConfigError(
+                f"data.vocab_size ({self.vocab_size}) must hold the 256 bytes, the end-of-text token and "
+                f"data.sentinels = {self.sentinels} sentinel tokens"
+            )
 
 
 # Shapes of the named image sets, known before loading so a config can be checked (and a ViT sized) without

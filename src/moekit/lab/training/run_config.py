@@ -111,7 +111,7 @@ class RunConfig:
     @property
     def moe(self) -> MoEConfig | SoftMoEConfig | None:
         """The ``[moe]`` section (None for a dense model)."""
-        return self.model.moe
+        return self.task.moe_of(self.model)
 
     def __post_init__(self) -> None:
         task = self.task

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 from torch import nn
@@ -127,6 +128,10 @@ class Task(Protocol):
         """The ``[model]`` table that :meth:`parse_model` reads back to ``model`` (``moe`` excluded)."""
         ...
 
+    def moe_of(self, model: Any) -> MoEConfig | SoftMoEConfig | None:
+        """The model's ``[moe]`` section (None for a dense model)."""
+        ...
+
     def check(self, config: RunConfig) -> None:
         """Checks across sections (e.g. the context length against the model's)."""
         ...
@@ -187,6 +192,11 @@ class Task(Protocol):
         """``moekit validate``: the model in a few words, and the lines of its size and cost."""
         ...
 
+    def generate_text(self, model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, **sampling: Any) -> str:
+        """``moekit generate``: the text to print for a prompt (``sampling``: ``temperature``, ``top_k``,
+        ``generator``)."""
+        ...
+
     def result_line(self, summary: dict[str, Any]) -> str | None:
         """``moekit train``: the finished run in one line (None without a validation loss)."""
         ...
@@ -231,11 +241,20 @@ def moe_table(moe: MoEConfig | SoftMoEConfig) -> dict[str, Any]:
     return dataclasses.asdict(moe)
 
 
-def _refuse(task: Task, command: str, run_dir: Path, works_on: str) -> None:
+def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise MoekitError("the prompt encodes to no tokens")
+    return ids
+
+
+def _refuse(task: Task, command: str, run_dir: Path) -> None:
     if command not in task.commands:
+        kinds = {"lm": "language-model", "vit": "image-classifier", "seq2seq": "encoder-decoder"}
+        works_on = [kinds.get(t.arch, t.arch) for t in TASKS.values() if command in t.commands]
         raise MoekitError(
-            f"{run_dir} is {task.title} (model.arch = {task.arch!r}) run; this command works on {works_on} runs "
-            "(moekit eval works on both)"
+            f"{run_dir} is {task.title} (model.arch = {task.arch!r}) run; moekit {command} works on "
+            f"{' and '.join(works_on)} runs"
         )
 
 
@@ -253,9 +272,12 @@ class PreparedData:
     tokenizer_path: Path
 
 
-def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> PreparedData:
+def prepare_data(
+    run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, sentinels: int = 0
+) -> PreparedData:
     """Reuse the run's tokenizer and token arrays when present; otherwise build them from the corpus (corpus ->
-    split -> tokenizer -> token arrays) and save them in the run directory."""
+    split -> tokenizer -> token arrays) and save them in the run directory. ``sentinels``: T5 sentinel tokens the
+    tokenizer gets (an encoder-decoder run's span corruption)."""
     d = run_config.data
     tok_path = run_dir / TOKENIZER_FILE
     tokens_path = run_dir / TOKENS_FILE
@@ -273,7 +295,7 @@ def prepare_data(run_config: RunConfig, run_dir: Path, log: Callable[[str], None
     docs = load_corpus(d.corpus, d.cache_dir)
     pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
     train_pieces, val_pieces = split_pieces(pieces, d.val_fraction)
-    tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size)
+    tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size, sentinels=sentinels)
     train_tokens = encode_pieces(tok, train_pieces)
     val_tokens = encode_pieces(tok, val_pieces)
     n_chars = sum(len(t) for _, t, _ in pieces)
@@ -329,6 +351,9 @@ class LanguageModelTask:
         table = dataclasses.asdict(model)
         del table["vocab_size"], table["moe"]
         return table
+
+    def moe_of(self, model: LMConfig) -> MoEConfig | None:
+        return model.moe
 
     def check(self, config: RunConfig) -> None:
         if config.data.seq_len > config.model.max_seq_len:
@@ -387,7 +412,7 @@ class LanguageModelTask:
         return math.log(config.data.vocab_size)
 
     def require(self, command: str, run_dir: Path) -> None:
-        _refuse(self, command, run_dir, "image-classifier")
+        _refuse(self, command, run_dir)
 
     def describe(self, config: RunConfig) -> tuple[str, list[str]]:
         lm = config.model
@@ -399,6 +424,12 @@ class LanguageModelTask:
             f"(vocabulary {config.data.vocab_size} assumed)",
             f"FLOPs per token: {cost.forward_flops / 1e6:.2f} M forward, {cost.train_flops / 1e6:.2f} M training",
         ]
+
+    def generate_text(self, model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, **sampling: Any) -> str:
+        # The prompt followed by its continuation.
+        ids = _prompt_ids(tokenizer, prompt)
+        out = model.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens, **sampling)
+        return tokenizer.decode(out.tolist())
 
     def result_line(self, summary: dict[str, Any]) -> str | None:
         val = summary["final_val_loss"]
@@ -482,6 +513,9 @@ class ImageClassifierTask:
         del table["moe"]
         return table
 
+    def moe_of(self, model: ViTConfig) -> MoEConfig | SoftMoEConfig | None:
+        return model.moe
+
     def check(self, config: RunConfig) -> None:
         pass  # the image geometry is checked against a named set when parsed, against the images when loaded
 
@@ -536,7 +570,7 @@ class ImageClassifierTask:
         return None
 
     def require(self, command: str, run_dir: Path) -> None:
-        _refuse(self, command, run_dir, "language-model")
+        _refuse(self, command, run_dir)
 
     def describe(self, config: RunConfig) -> tuple[str, list[str]]:
         vit = config.model
@@ -557,6 +591,9 @@ class ImageClassifierTask:
             f"FLOPs per image: {cost.forward_flops / 1e6:.2f} M forward, {cost.train_flops / 1e6:.2f} M training",
         ]
 
+    def generate_text(self, model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, **sampling: Any) -> str:
+        raise MoekitError("an image classifier does not generate text")
+
     def result_line(self, summary: dict[str, Any]) -> str | None:
         val = summary["final_val_loss"]
         if val is None:
@@ -574,7 +611,10 @@ class ImageClassifierTask:
 # ---------------------------------------------------------------------------------------------------------------
 # the registry
 
-TASKS: dict[str, Task] = {task.arch: task for task in (LanguageModelTask(), ImageClassifierTask())}
+# The encoder-decoder task builds on the language model's data functions above, so it is imported only now.
+from moekit.lab.training.seq2seq_task import Seq2SeqTask  # noqa: E402
+
+TASKS: dict[str, Task] = {task.arch: task for task in (LanguageModelTask(), ImageClassifierTask(), Seq2SeqTask())}
 ARCHS = tuple(TASKS)
 
 
