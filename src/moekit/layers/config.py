@@ -27,6 +27,8 @@ class MoEConfig:
         top_k: experts per token (token choice); ignored by expert choice.
         capacity_factor: CF. Token choice: ``C = max(min_capacity, ceil(CF * k * T / E))`` per group of T tokens;
             None is dropless. Expert choice: c, each expert takes ``ceil(T * c / E)`` tokens (must be set).
+        eval_capacity_factor: the capacity factor in eval mode (token choice; Switch evaluates at 2.0 what it trains
+            at 1.0-1.25); None: the training value.
         activation: "relu", "gelu", "swiglu" or "geglu".
         router: "topk" (token choice) or "expert_choice".
         normalize_gates: renormalise the k gates to sum to 1; None means True for k > 1, False for k = 1.
@@ -89,6 +91,7 @@ class MoEConfig:
     shared_d_ff: int | None = None
     shared_expert_gate: bool = False
     balance_loss: str = "switch"
+    eval_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -111,6 +114,13 @@ class MoEConfig:
                 "capacity_factor must be > 0 for router='expert_choice' (it sets tokens per expert), got None"
             )
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
+        if self.eval_capacity_factor is not None:
+            ecf = self.eval_capacity_factor
+            if isinstance(ecf, bool) or not isinstance(ecf, (int, float)) or not 0 < ecf < math.inf:
+                raise ConfigError(f"eval_capacity_factor must be a finite number > 0 (or None), got {ecf!r}")
+            if self.router != "topk" or self.capacity_factor is None:
+                raise ConfigError("eval_capacity_factor applies to router='topk' with a capacity_factor (not dropless)")
+            self.eval_capacity_factor = float(ecf)
         check_int("min_capacity", self.min_capacity, 0)
         check_unit_interval("jitter_eps", self.jitter_eps)
         check_unit_interval("expert_dropout", self.expert_dropout)

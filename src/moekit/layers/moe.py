@@ -56,6 +56,7 @@ class MoE(SparseFFN):
                 init_scale=c.init_scale,
                 router_dtype=c.router_dtype,
                 capacity_factor=c.capacity_factor,
+                eval_capacity_factor=c.eval_capacity_factor,
                 min_capacity=c.min_capacity,
                 score_func=c.score_func,
                 routed_scaling_factor=c.routed_scaling_factor,

@@ -67,6 +67,8 @@ class TopKRouter(nn.Module):
         router_dtype: "float32" (default, always correct) or "bfloat16" (only to reproduce Switch Table 2).
         capacity_factor: CF of the capacity ``C = max(min_capacity, ceil(CF * k * T / E))`` per group of T tokens,
             stored in the decision for the dispatcher; None (default) is dropless.
+        eval_capacity_factor: the CF in eval mode (Switch trains at 1.0-1.25 and evaluates at 2.0); None: the
+            training value.
         min_capacity: lower bound on C.
         score_func: "softmax" over experts, or "sigmoid" per expert (DeepSeek-V3). With sigmoid the balance loss
             and the router statistics use the scores normalised to sum 1 over experts.
@@ -97,6 +99,7 @@ class TopKRouter(nn.Module):
         capacity_factor: float | None = None,
         min_capacity: int = 4,
         score_func: str = "softmax",
+        eval_capacity_factor: float | None = None,
         routed_scaling_factor: float = 1.0,
         expert_bias: bool = False,
         bias_update_rate: float = 0.0,
@@ -137,6 +140,7 @@ class TopKRouter(nn.Module):
         self.init_scale = float(init_scale)
         self.router_dtype = router_dtype
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = int(min_capacity)
         self.score_func = score_func
         self.routed_scaling_factor = float(routed_scaling_factor)
@@ -176,6 +180,11 @@ class TopKRouter(nn.Module):
         best_groups_SK = group_score_SG.topk(self.topk_groups, dim=-1).indices
         eligible_SG = torch.zeros_like(group_score_SG, dtype=torch.bool).scatter_(1, best_groups_SK, True)
         return choice_SGX.masked_fill(~eligible_SG.unsqueeze(-1), float("-inf")).view(S, E)
+
+    def _capacity_factor(self) -> float | None:
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, forced_ids: Tensor | None = None
@@ -261,7 +270,7 @@ class TopKRouter(nn.Module):
             logits_SE=logits_SE.float(),
             valid_SK=valid_SK,
             priority_S=priority_S,
-            capacity=token_choice_capacity(T, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity),
+            capacity=token_choice_capacity(T, self.num_experts, self.top_k, self._capacity_factor(), self.min_capacity),
             num_groups=G,
             mask_S=mask_S,
         )
