@@ -13,6 +13,12 @@ corpus); its p-value is the chi-square survival function (``torch.special.gammai
 per-cell ``enrichment = share_ec / q_c`` says in which direction. Per layer, the mutual information between the
 top-1 expert and the category, in bits, is compared with the same statistic after shuffling the expert labels
 (a permutation baseline: what chance alone gives at this sample size).
+
+Shuffling the expert labels only tests independence: any router that depends on the token at all beats it, since
+the category is (nearly) a function of the token id. Two stronger null models answer "more than a router that
+just follows the token?": the same statistic for the untrained model (computed by the caller from its own trace),
+and :func:`load_matched_hash`, a random map from token id to expert whose token-weighted loads are the trained
+layer's (:func:`hash_null`: its MI over several draws).
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ __all__ = [
     "Specialisation",
     "chi2_sf",
     "contingency",
+    "entropy_bits",
     "expert_specialisation",
+    "hash_null",
     "layer_agreement",
+    "load_matched_hash",
     "load_stats",
     "mutual_information_bits",
     "mi_permutation_test",
@@ -187,3 +196,60 @@ def category_ids(categories: Sequence[str], names: Sequence[str]) -> np.ndarray:
     """Category names -> indices into ``names``."""
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[c] for c in categories], dtype=np.int64)
+
+
+def entropy_bits(labels_N: np.ndarray) -> float:
+    """H(labels) in bits (plug-in): the most information an expert assignment can carry about them."""
+    counts = np.bincount(np.asarray(labels_N, dtype=np.int64)).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def load_matched_hash(
+    token_ids_N: np.ndarray, top1_N: np.ndarray, num_experts: int, rng: np.random.Generator
+) -> np.ndarray:
+    """int64 ``[N]``: each token's expert under a random hash of its token id (one expert per distinct id) whose
+    loads are those of ``top1_N`` (the trained layer's top-1 experts).
+
+    The distinct ids, in a random order, are laid end to end, each as long as its count; the line is cut at the
+    cumulative trained loads, and an id goes to the expert whose stretch holds its midpoint. So every expert's
+    load is its trained load up to the ids that straddle its two cuts (exactly, when every id occurs once)."""
+    token_ids_N = np.asarray(token_ids_N, dtype=np.int64)
+    vocab_V, inverse_N, counts_V = np.unique(token_ids_N, return_inverse=True, return_counts=True)
+    target_E = np.bincount(np.asarray(top1_N, dtype=np.int64), minlength=num_experts)
+    order_V = rng.permutation(len(vocab_V))
+    ends_V = np.cumsum(counts_V[order_V])
+    mids_V = ends_V - counts_V[order_V] / 2.0
+    # searchsorted(side="right") counts the cuts at or below a midpoint: the index of the expert whose stretch
+    # [cut_{e-1}, cut_e) holds it; an expert with no trained load has an empty stretch and gets no id.
+    expert_in_order_V = np.searchsorted(np.cumsum(target_E), mids_V, side="right").clip(max=num_experts - 1)
+    expert_of_V = np.empty(len(vocab_V), dtype=np.int64)
+    expert_of_V[order_V] = expert_in_order_V
+    return expert_of_V[inverse_N]
+
+
+def hash_null(
+    token_ids_N: np.ndarray, top1_N: np.ndarray, categories_N: np.ndarray, num_experts: int,
+    draws: int = 20, seed: int = 0,
+) -> dict:
+    """The category MI of load-matched random token hashes (:func:`load_matched_hash`) against the trained
+    layer's: ``mutual_information_bits`` (mean over ``draws``), its standard deviation, ``p_value`` =
+    ``(1 + #{hash MI >= trained MI}) / (1 + draws)``, and how far the hashes' loads are from the trained ones
+    (``max_load_deviation``: the largest |hash share - trained share| over experts and draws)."""
+    rng = np.random.default_rng(seed)
+    trained = mutual_information_bits(top1_N, categories_N)
+    N = max(len(top1_N), 1)
+    target_E = np.bincount(top1_N, minlength=num_experts) / N
+    mis, deviation = [], 0.0
+    for _ in range(draws):
+        hashed_N = load_matched_hash(token_ids_N, top1_N, num_experts, rng)
+        mis.append(mutual_information_bits(hashed_N, categories_N))
+        deviation = max(deviation, float(np.abs(np.bincount(hashed_N, minlength=num_experts) / N - target_E).max()))
+    mis_arr = np.asarray(mis)
+    return {
+        "mutual_information_bits": float(mis_arr.mean()),
+        "mutual_information_std_bits": float(mis_arr.std()),
+        "p_value": (1 + int((mis_arr >= trained - 1e-12).sum())) / (1 + draws),
+        "draws": draws,
+        "max_load_deviation": deviation,
+    }

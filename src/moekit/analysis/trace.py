@@ -14,6 +14,11 @@ Columnar layout (one row per token, N rows; L MoE layers; K choices per token; E
     gates_LNK        float32 combine weights
     kept_LNK         bool    True where the choice got a slot (False: dropped for capacity, or declined)
     probs_LNE        float32 router probabilities (for entropy and confidence)
+
+An encoder-decoder (:class:`~moekit.models.Seq2SeqLM`) has two token streams, so :func:`trace_seq2seq` returns one
+trace per stack: the encoder's over the (corrupted) inputs, the decoder's over the decoder inputs of teacher
+forcing (the labels shifted right behind the start token), each position labelled with the token it holds, as the
+decoder LM's trace is. Decoder positions whose label is ignored (-100) are left out (their routing is declined).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from torch import Tensor
 
 from moekit.errors import MoekitError
 from moekit.layers.moe import MoE
+from moekit.models.seq2seq import IGNORE_INDEX
 
-__all__ = ["RoutingTrace", "trace_model", "iter_windows"]
+__all__ = ["RoutingTrace", "trace_model", "trace_seq2seq", "iter_windows"]
 
 
 @dataclass
@@ -138,15 +144,33 @@ def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: 
         yield windows_WT[i : i + batch_size]
 
 
+def _layer_columns(aux_list: list, rows_S: Tensor | None) -> tuple[np.ndarray, ...]:
+    """``(ids_LSK, gates_LSK, kept_LSK, probs_LSE)`` of one call's MoE layers, restricted to ``rows_S`` (bool,
+    True = keep the position; None = all)."""
+    ids, gates, kept, probs = [], [], [], []
+    for aux in aux_list:
+        decision = aux.routing
+        cols = (decision.expert_ids_SK, decision.gates_SK.float(), aux.plan.kept_mask_SK(), decision.probs_SE.float())
+        if rows_S is not None:
+            cols = tuple(c[rows_S] for c in cols)
+        for out, c in zip((ids, gates, kept, probs), cols, strict=True):
+            out.append(c.cpu().numpy())
+    return np.stack(ids), np.stack(gates), np.stack(kept), np.stack(probs)
+
+
+def _check_token_choice(moe_layers: list[MoE]) -> None:
+    if not moe_layers:
+        raise MoekitError("the model has no MoE layers: there is no routing to analyse (a dense run?)")
+    if any(m.config.router != "topk" for m in moe_layers):
+        raise MoekitError("routing analysis supports token-choice (top-k) routers only")
+
+
 @torch.no_grad()
 def trace_model(model: torch.nn.Module, batches: Iterator[Tensor] | Sequence[Tensor]) -> RoutingTrace:
     """Run ``model`` (a :class:`moekit.models.TransformerLM`) in eval mode over token batches ``[B, T]`` and
     record every MoE layer's routing. Raises :class:`MoekitError` for a model without token-choice MoE layers."""
     moe_layers = list(model.moe_layers)
-    if not moe_layers:
-        raise MoekitError("the model has no MoE layers: there is no routing to analyse (a dense run?)")
-    if any(m.config.router != "topk" for m in moe_layers):
-        raise MoekitError("routing analysis supports token-choice (top-k) routers only")
+    _check_token_choice(moe_layers)
     layer_blocks = [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoE)]
     was_training = model.training
     model.eval()
@@ -156,28 +180,26 @@ def trace_model(model: torch.nn.Module, batches: Iterator[Tensor] | Sequence[Ten
         for tokens_BT in batches:
             B, T = tokens_BT.shape
             out = model(tokens_BT)
-            ids, gates, kept, probs = [], [], [], []
-            for aux in out.aux:
-                decision = aux.routing
-                ids.append(decision.expert_ids_SK.cpu().numpy())
-                gates.append(decision.gates_SK.float().cpu().numpy())
-                kept.append(aux.plan.kept_mask_SK().cpu().numpy())
-                probs.append(decision.probs_SE.float().cpu().numpy())
+            ids, gates, kept, probs = _layer_columns(out.aux, None)
             cols["tok"].append(tokens_BT.reshape(-1).cpu().numpy())
             cols["win"].append(np.repeat(np.arange(B) + window_offset, T))
             cols["pos"].append(np.tile(np.arange(T), B))
-            cols["ids"].append(np.stack(ids))
-            cols["gates"].append(np.stack(gates))
-            cols["kept"].append(np.stack(kept))
-            cols["probs"].append(np.stack(probs))
+            cols["ids"].append(ids)
+            cols["gates"].append(gates)
+            cols["kept"].append(kept)
+            cols["probs"].append(probs)
             window_offset += B
     finally:
         model.train(was_training)
     if not cols["tok"]:
         raise MoekitError("no tokens to analyse")
+    return _assemble(cols, layer_blocks, moe_layers[0].config.num_experts)
+
+
+def _assemble(cols: dict[str, list[np.ndarray]], layer_blocks: list[int], num_experts: int) -> RoutingTrace:
     return RoutingTrace(
         layer_blocks=layer_blocks,
-        num_experts=moe_layers[0].config.num_experts,
+        num_experts=num_experts,
         token_ids_N=np.concatenate(cols["tok"]).astype(np.int64),
         window_N=np.concatenate(cols["win"]).astype(np.int64),
         position_N=np.concatenate(cols["pos"]).astype(np.int64),
@@ -186,3 +208,65 @@ def trace_model(model: torch.nn.Module, batches: Iterator[Tensor] | Sequence[Ten
         kept_LNK=np.concatenate(cols["kept"], axis=1).astype(bool),
         probs_LNE=np.concatenate(cols["probs"], axis=1).astype(np.float32),
     )
+
+
+def _moe_blocks(stack: torch.nn.Module) -> list[int]:
+    """Indices of a :class:`~moekit.models.seq2seq.T5Stack`'s blocks that hold an MoE sublayer, in order (the order
+    of the stack's aux list: one MoE sublayer per block)."""
+    return [i for i, b in enumerate(stack.blocks) if any(isinstance(sub.ffn, MoE) for sub in b.ff)]
+
+
+@torch.no_grad()
+def trace_seq2seq(
+    model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]] | Sequence[tuple[Tensor, Tensor]]
+) -> dict[str, RoutingTrace]:
+    """Run ``model`` (a :class:`moekit.models.Seq2SeqLM`) in eval mode with teacher forcing over batches
+    ``(inputs [B, S], labels [B, T])`` and record the routing of every MoE layer of both stacks: ``{"encoder":
+    trace, "decoder": trace}``, a stack without MoE layers left out. The encoder trace's tokens are the inputs; the
+    decoder trace's are the decoder inputs (``model.shift_right(labels)``), positions with label -100 left out.
+    ``window`` is the example's index, ``position`` the position in its encoder input or decoder input. Raises
+    :class:`MoekitError` for a model without token-choice MoE layers."""
+    stacks = {"encoder": model.encoder, "decoder": model.decoder}
+    blocks = {name: _moe_blocks(stack) for name, stack in stacks.items()}
+    layers = {name: [m for m in stack.modules() if isinstance(m, MoE)] for name, stack in stacks.items()}
+    _check_token_choice(layers["encoder"] + layers["decoder"])
+    keys = ("tok", "win", "pos", "ids", "gates", "kept", "probs")
+    cols: dict[str, dict[str, list[np.ndarray]]] = {name: {k: [] for k in keys} for name in stacks}
+    was_training = model.training
+    model.eval()
+    offset = 0
+    try:
+        for inputs_BS, labels_BT in batches:
+            B, S = inputs_BS.shape
+            T = labels_BT.shape[1]
+            out = model(inputs_BS, labels_BT)
+            decoder_in_BT = model.shift_right(labels_BT)
+            keep_BT = labels_BT != IGNORE_INDEX
+            streams = {
+                "encoder": (inputs_BS, None, out.encoder_aux, S),
+                "decoder": (decoder_in_BT, keep_BT.reshape(-1), out.decoder_aux, T),
+            }
+            for name, (tokens_BX, rows_N, aux, X) in streams.items():
+                if not layers[name]:
+                    continue
+                c = cols[name]
+                ids, gates, kept, probs = _layer_columns(aux, rows_N)
+                win_N = np.repeat(np.arange(B) + offset, X)
+                pos_N = np.tile(np.arange(X), B)
+                tok_N = tokens_BX.reshape(-1).cpu().numpy()
+                if rows_N is not None:
+                    keep = rows_N.cpu().numpy()
+                    win_N, pos_N, tok_N = win_N[keep], pos_N[keep], tok_N[keep]
+                for k, v in zip(keys, (tok_N, win_N, pos_N, ids, gates, kept, probs), strict=True):
+                    c[k].append(v)
+            offset += B
+    finally:
+        model.train(was_training)
+    traces = {}
+    for name in stacks:
+        if not layers[name]:
+            continue
+        if not cols[name]["tok"] or sum(len(t) for t in cols[name]["tok"]) == 0:
+            raise MoekitError("no tokens to analyse")
+        traces[name] = _assemble(cols[name], blocks[name], layers[name][0].config.num_experts)
+    return traces

@@ -14,6 +14,10 @@ the categories partition the tokens and a contingency table of expert x category
 6. ``capitalised``  a word starting with an uppercase letter (proper-noun-like; sentence starts land here too);
 7. ``other``        everything else (mostly lowercase content words and their first pieces).
 
+An encoder-decoder's span-corruption examples hold tokens no text has, so its analysis uses
+:data:`SEQ2SEQ_CATEGORIES`, the seven plus two checked first: ``sentinel`` (``<extra_id_i>``, ST-MoE's sentinel
+experts) and ``special`` (end-of-text, and the decoder's start token at position 0).
+
 Token text is the tokenizer's piece mapped back from GPT-2's byte-to-unicode alphabet to real characters, so
 "Ġthe" is " the" and "Ċ" is "\\n".
 """
@@ -23,7 +27,15 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Sequence
 
-__all__ = ["CATEGORIES", "FUNCTION_WORDS", "categorize", "category_of", "piece_text"]
+__all__ = [
+    "CATEGORIES",
+    "FUNCTION_WORDS",
+    "SEQ2SEQ_CATEGORIES",
+    "categorize",
+    "categorize_special",
+    "category_of",
+    "piece_text",
+]
 
 CATEGORIES: tuple[str, ...] = (
     "whitespace",
@@ -34,6 +46,9 @@ CATEGORIES: tuple[str, ...] = (
     "capitalised",
     "other",
 )
+
+# The encoder-decoder's categories: the text categories plus the tokens span corruption adds.
+SEQ2SEQ_CATEGORIES: tuple[str, ...] = (*CATEGORIES, "sentinel", "special")
 
 # Closed-class English words: articles, pronouns, prepositions, conjunctions, auxiliaries, common determiners.
 # Fixed here (not learned) so results are comparable between runs.
@@ -111,4 +126,20 @@ def categorize(texts: Sequence[str]) -> list[str]:
     for text in texts:
         out.append(category_of(text, previous))
         previous = text
+    return out
+
+
+def categorize_special(
+    texts: Sequence[str], token_ids: Sequence[int], sentinel_ids: set[int], special_ids: set[int],
+    *, start_is_special: bool = False,
+) -> list[str]:
+    """:func:`categorize` for a span-corruption sequence (:data:`SEQ2SEQ_CATEGORIES`): a sentinel id is
+    ``sentinel``, an id of ``special_ids`` (end-of-text) is ``special``, and so is the first position when
+    ``start_is_special`` (the decoder's start token, whatever its id); the other tokens follow the text rules."""
+    out = categorize(texts)
+    for n, t in enumerate(token_ids):
+        if t in sentinel_ids:
+            out[n] = "sentinel"
+        elif t in special_ids or (n == 0 and start_is_special):
+            out[n] = "special"
     return out

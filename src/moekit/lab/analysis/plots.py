@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_figure", "specialisation_figure", "agreement_figure"]
+__all__ = ["load_figure", "specialisation_figure", "agreement_figure", "layer_label"]
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
@@ -32,6 +32,11 @@ def _p(p: float) -> str:
     return "<1e-300" if p <= 0 else f"={p:.1g}"
 
 
+def layer_label(layer: dict[str, Any]) -> str:
+    """How plots and the report name a layer: its ``name`` ("encoder block 1") when set, else "block B"."""
+    return layer.get("name", f"block {layer['block']}")
+
+
 def load_figure(summary: dict[str, Any]) -> bytes:
     """Per MoE layer: each expert's share of routed assignments (kept and dropped stacked), then router entropy
     and dropped share per layer."""
@@ -49,15 +54,14 @@ def load_figure(summary: dict[str, Any]) -> bytes:
         ax.bar(x, dropped, bottom=kept, color="tab:red", label="dropped")
         ax.axhline(1 / E, color="grey", ls="--", lw=1, label="uniform")
         ax.set_xticks(x, [f"e{e}" for e in range(E)])
-        ax.set_title(f"block {layer['block']}: load (dropped {load['dropped_share']:.1%})", fontsize=9)
+        ax.set_title(f"{layer_label(layer)}: load (dropped {load['dropped_share']:.1%})", fontsize=9)
         ax.set_ylabel("share of assignments")
         ax.legend(fontsize=7)
     ax = axes[0][-1]
-    blocks = [str(la["block"]) for la in layers]
     x = np.arange(len(layers))
     ax.bar(x - 0.2, [la["load"]["entropy_normalised"] for la in layers], 0.4, label="entropy / log E")
     ax.bar(x + 0.2, [la["load"]["dropped_share"] for la in layers], 0.4, color="tab:red", label="dropped share")
-    ax.set_xticks(x, [f"block {b}" for b in blocks])
+    ax.set_xticks(x, [layer_label(la) for la in layers])
     ax.set_ylim(0, 1)
     ax.set_title("router entropy and drops per layer", fontsize=9)
     ax.legend(fontsize=7)
@@ -82,7 +86,7 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(layer["experts"])),
                   [f"e{ex['expert']} (p{_p(ex['p_value'])})" for ex in layer["experts"]], fontsize=8)
-    ax.set_title(f"block {layer['block']}: log2(expert share / corpus share); numbers are counts", fontsize=9)
+    ax.set_title(f"{layer_label(layer)}: log2(expert share / corpus share); numbers are counts", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _png(fig)
 
@@ -97,8 +101,10 @@ def agreement_figure(summary: dict[str, Any], index: int) -> bytes:
     im = ax.imshow(M, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)
     ax.set_yticks(range(E), [f"e{e}" for e in range(E)], fontsize=8)
-    ax.set_xlabel(f"expert in block {a['to_block']}")
-    ax.set_ylabel(f"expert in block {a['from_block']}")
+    to_name = a.get("to_name", f"block {a['to_block']}")
+    from_name = a.get("from_name", f"block {a['from_block']}")
+    ax.set_xlabel(f"expert in {to_name}")
+    ax.set_ylabel(f"expert in {from_name}")
     ax.set_title(f"P(next expert | expert); MI {a['mutual_information_bits']:.3f} bits", fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return _png(fig)
