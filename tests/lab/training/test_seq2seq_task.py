@@ -1,6 +1,6 @@
 """The encoder-decoder task end to end: a tiny Switch-style Seq2SeqLM pre-trained with span corruption through
-``moekit train``, evaluated, sampled, resumed bit-exactly after a crash, and refused by the commands it does not
-support yet."""
+``moekit train``, evaluated, sampled, resumed bit-exactly after a crash, and taken by every command of a trained run
+(analyze and distill included)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from moekit.errors import ConfigError
 from moekit.lab.cli import main
 from moekit.lab.training.run import train_run
 from moekit.lab.training.run_config import build_run_config, load_run_config, to_toml, tomllib
+from moekit.lab.training.seq2seq_task import Seq2SeqTask
+from moekit.lab.training.tasks import RUN_COMMANDS
 from moekit.training.metrics import read_metrics
 from moekit.training.trainer import Trainer
 
@@ -75,10 +77,12 @@ def test_train_eval_generate_and_crash_resume_bit_exact(tmp_path, tiny_corpus, m
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()  # some decoded output (sentinels are shown, not skipped)
 
-    for command in (["analyze", str(tmp_path / "ref")], ["distill", str(tmp_path / "ref")]):
-        assert main(command) == 2
-        err = capsys.readouterr().err
-        assert "is an encoder-decoder (model.arch = 'seq2seq') run" in err and len(err.strip().splitlines()) == 1
+    # Every command of a trained run takes an encoder-decoder run (the full analyze / distill tests are in
+    # tests/lab/commands/test_analyze_distill.py).
+    assert Seq2SeqTask.commands == frozenset(RUN_COMMANDS)
+    assert main(["analyze", str(tmp_path / "ref"), "--out", str(tmp_path / "an"), "--max-tokens", "64",
+                 "--permutations", "2", "--hash-draws", "2"]) == 0
+    assert "encoder block 1: dropped" in capsys.readouterr().out
 
 
 def test_validate_describes_the_seq2seq_model(tmp_path, tiny_corpus, capsys):

@@ -1,5 +1,6 @@
-"""``moekit distill RUN_DIR``: distil a trained MoE run into its FLOP-matched dense model (Switch Transformer
-section 4.2) and report the share of the teacher's gain over a dense baseline that the student keeps."""
+"""``moekit distill RUN_DIR``: distil a trained MoE run (a decoder LM or an encoder-decoder) into its FLOP-matched
+dense model (Switch Transformer section 4.2) and report the share of the teacher's gain over a dense baseline that
+the student keeps."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                        overrides=args.overrides, hard_weight=args.hard_weight, fallback=args.fallback, log=log)
     print(
         f"teacher {info['teacher_val_loss']:.4f}, student ({info['init']} init) {info['student_val_loss']:.4f} "
-        f"(before training {info['student_init_val_loss']:.4f}) nats/token; parameters "
+        f"(before training {info['student_init_val_loss']:.4f}) {info.get('loss_unit', 'nats/token')}; parameters "
         f"{info['student_parameters']:,} / {info['teacher_parameters']:,} = {info['parameter_ratio']:.3f}"
     )
     if info["dense_baseline_val_loss"] is not None:

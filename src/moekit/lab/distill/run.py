@@ -10,6 +10,14 @@ Gain kept (Switch section 4.2): with validation cross-entropies ``L_dense`` (the
 ``L_teacher`` and ``L_student`` on the same validation windows,
 ``kept = (L_dense - L_student) / (L_dense - L_teacher)``: 0 = no better than the dense model, 1 = as good as the
 teacher.
+
+An encoder-decoder teacher (``model.arch = "seq2seq"``) gets its FLOP-matched dense encoder-decoder
+(``seq2seq_flop_matched_dense``), initialised per stack, trained on span-corruption batches with the same mixed
+loss per target token, and evaluated on the run's fixed span-corruption validation examples. Its batches are FRESH:
+the student's ``train.seed`` (which seeds the window order and the span masks) is the teacher's plus one, so it does
+not replay the teacher's exact batches (``--set train.seed=N`` chooses another). A decoder LM student keeps the
+teacher's seed by default (its batches are the teacher's, in the teacher's order); ``--set train.seed=N`` gives it
+a fresh order.
 """
 
 from __future__ import annotations
@@ -24,21 +32,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from moekit.analysis.trace import iter_windows, trace_model
+from moekit.analysis.trace import iter_windows, trace_model, trace_seq2seq
 from moekit.atomic import atomic_write_text
 from moekit.data.batches import TokenBatches, eval_windows, unigram_cross_entropy
 from moekit.distill.loss import HARD_WEIGHT
-from moekit.distill.model import DistilledLM
-from moekit.distill.student import copy_non_expert_weights, expert_usage, init_student_ffns, student_config
+from moekit.distill.model import DistilledLM, DistilledSeq2Seq
+from moekit.distill.student import (
+    copy_non_expert_weights,
+    expert_usage,
+    init_seq2seq_student_ffns,
+    init_student_ffns,
+    seq2seq_student_config,
+    student_config,
+)
 from moekit.errors import MoekitError
 from moekit.lab.training.plots import plot_run
-from moekit.lab.training.run import default_run_dir, load_trained_run
+from moekit.lab.training.run import LoadedRun, default_run_dir, load_trained_run
 from moekit.lab.training.run_config import build_run_config, parse_overrides, to_toml
 from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.models import TransformerLM, parameter_counts
-from moekit.training.trainer import Trainer
+from moekit.models.seq2seq_config import STACKS
+from moekit.models.seq2seq_flops import seq2seq_flops_per_token, seq2seq_parameter_counts
+from moekit.training.trainer import EvalData, Trainer
 
-__all__ = ["distill_run", "evaluate_lm", "gain_kept"]
+__all__ = ["distill_run", "evaluate_data", "evaluate_lm", "gain_kept"]
 
 USAGE_BATCHES = 8  # training batches the teacher routes to measure expert usage for the "top"/"mean" inits
 
@@ -52,6 +69,23 @@ def evaluate_lm(model: TransformerLM, val_tokens: np.ndarray, batch_size: int, s
     total, count = 0.0, 0
     try:
         for inputs, targets in eval_windows(val_tokens, batch_size, seq_len, max_batches):
+            out = model(inputs, targets)
+            total += float(out.ce_loss) * targets.numel()
+            count += targets.numel()
+    finally:
+        model.train(was)
+    return total / count
+
+
+@torch.no_grad()
+def evaluate_data(model: torch.nn.Module, eval_data: EvalData, batch_size: int, max_batches: int | None) -> float:
+    """Mean validation cross-entropy over any :class:`EvalData`'s fixed batches, weighted as ``Trainer.evaluate``
+    weights them (by the targets' element count)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for inputs, targets in eval_data.batches(batch_size, max_batches):
             out = model(inputs, targets)
             total += float(out.ce_loss) * targets.numel()
             count += targets.numel()
@@ -92,6 +126,9 @@ def distill_run(
     parsed = parse_overrides(overrides or [])
     if set(parsed) - {"train"}:
         raise MoekitError("moekit distill: --set may change train.* keys only (the student's shape is fixed)")
+    if teacher.config.arch == "seq2seq":
+        return _distill_seq2seq(teacher, run_dir, init=init, dense_baseline=dense_baseline, parsed=parsed,
+                                hard_weight=hard_weight, fallback=fallback, log=log)
     tables = teacher.config.resolved()
     tables.pop("moe", None)
     s_lm = student_config(teacher.model.config)
@@ -191,6 +228,150 @@ def distill_run(
         "final_val_loss": student_loss,
         "final_val_perplexity": float(np.exp(student_loss)),
         "unigram_val_loss": unigram,
+        "distilled_from": str(teacher.run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    info["run_dir"] = str(run_dir)
+    return info
+
+
+def _seq2seq_baseline(
+    dense_baseline: str | Path, teacher: LoadedRun, fallback: bool, log: Callable[[str], None]
+) -> LoadedRun:
+    """The ``--dense-baseline`` run of an encoder-decoder teacher: a dense seq2seq run whose validation examples are
+    the teacher's (same tokens, example length and corruption), so the losses compare."""
+    baseline = load_trained_run(dense_baseline, fallback=fallback, warn=log, command="distill")
+    if baseline.config.arch != "seq2seq":
+        raise MoekitError(
+            f"--dense-baseline {dense_baseline} is not an encoder-decoder run (model.arch = "
+            f"{baseline.config.arch!r}): the teacher is one"
+        )
+    if baseline.model.moe_layers:
+        raise MoekitError(f"--dense-baseline {dense_baseline} is an MoE run, not a dense one")
+    t, b = teacher.config.data, baseline.config.data
+    same = [getattr(t, k) == getattr(b, k) for k in ("seq_len", "noise_density", "mean_span_length", "sentinels")]
+    if not np.array_equal(baseline.data.val_tokens, teacher.data.val_tokens) or not all(same):
+        raise MoekitError(
+            f"--dense-baseline {dense_baseline} was trained on other validation examples (another corpus, tokenizer, "
+            "data.seq_len or span corruption) than the teacher: the losses are not comparable"
+        )
+    return baseline
+
+
+def _distill_seq2seq(
+    teacher: LoadedRun, run_dir: str | Path | None, *, init: str, dense_baseline: str | Path | None,
+    parsed: dict[str, Any], hard_weight: float, fallback: bool, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """:func:`distill_run` for an encoder-decoder teacher (see the module docstring)."""
+    layers = teacher.model.moe_layers
+    if any(m.config.router != "topk" for m in layers):
+        raise MoekitError(
+            "moekit distill: an encoder-decoder teacher needs token-choice (top-k) MoE layers (the student's width "
+            "is top_k x d_ff, and its initialisation reads the teacher's routing)"
+        )
+    if any(m.config.num_shared_experts for m in layers):
+        raise MoekitError("moekit distill: an encoder-decoder teacher with shared experts is not supported")
+    t_cfg = teacher.model.config
+    s_cfg = seq2seq_student_config(t_cfg)
+    tables = teacher.config.resolved()
+    tables.pop("moe", None)
+    for stack in STACKS:
+        tables["model"][f"{stack}_dense_d_ff_at_moe"] = getattr(s_cfg, f"{stack}_dense_d_ff_at_moe")
+    tables["train"]["init_from"] = None
+    teacher_seed = teacher.config.train.seed
+    # Fresh batches: another seed gives another window order and other span masks than the teacher trained on.
+    tables["train"]["seed"] = teacher_seed + 1
+    tables["train"].update(parsed.get("train", {}))
+    run_config = build_run_config(tables)
+    task = run_config.task
+    if task.model_for_data(run_config, teacher.data) != s_cfg:
+        raise MoekitError("moekit distill: the student's run config does not rebuild the FLOP-matched dense model")
+    tc = run_config.train
+    if tc.seed == teacher_seed:
+        log(f"warning: train.seed = {tc.seed} is the teacher's: the student replays the teacher's exact batches")
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(f"distill-{init}")
+    if (run_dir / "config.toml").exists():
+        raise MoekitError(f"{run_dir} already holds a run; choose another --run-dir")
+    baseline = None if dense_baseline is None else _seq2seq_baseline(dense_baseline, teacher, fallback, log)
+
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(teacher.run_dir / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+    shutil.copyfile(teacher.run_dir / TOKENS_FILE, run_dir / TOKENS_FILE)
+    atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+
+    torch.manual_seed(tc.seed)
+    student = DistilledSeq2Seq(s_cfg, hard_weight=hard_weight)
+    copied = copy_non_expert_weights(teacher.model, student)
+    # Expert usage for the "mean" / "top" inits: the teacher on the first span-corruption examples of the training
+    # split (fixed masks, as the validation examples are masked).
+    usage_examples = task.examples(run_config, teacher.data, teacher.data.train_tokens)
+    traces = trace_seq2seq(teacher.model, usage_examples.batches(tc.batch_size, USAGE_BATCHES))
+    usage = {stack: expert_usage(trace) for stack, trace in traces.items()}
+    ffn_init = init_seq2seq_student_ffns(teacher.model, student, init, usage)
+
+    eval_data = task.eval_data(run_config, teacher.data)
+
+    def val(model: torch.nn.Module) -> float:
+        return evaluate_data(model, eval_data, tc.batch_size, tc.eval_batches)
+
+    teacher_loss = val(teacher.model)
+    student_init_loss = val(student)
+    baseline_loss = val(baseline.model) if baseline is not None else None
+    log(
+        f"teacher {teacher.run_dir} (step {teacher.step}): validation {teacher_loss:.4f}; student after "
+        f"'{init}' initialisation, before training: {student_init_loss:.4f} (nats/target token)"
+    )
+    student.set_teacher(teacher.model)
+    trainer = Trainer(tc, student, task.batches(run_config, teacher.data), eval_data, run_dir,
+                      extra_state={"config": run_config.resolved(), "distill": {"init": init}}, log=log)
+    result = trainer.fit()
+    student_loss = result.final_val_loss if result.final_val_loss is not None else val(student)
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # a plotting failure must not lose a finished run
+        log(f"plotting failed: {exc}")
+    t_counts, s_counts = seq2seq_parameter_counts(t_cfg), seq2seq_parameter_counts(s_cfg)
+    inputs_len, targets_len = eval_data.inputs_length, eval_data.targets_length
+    t_flops = seq2seq_flops_per_token(t_cfg, inputs_len, targets_len)["forward"]
+    s_flops = seq2seq_flops_per_token(s_cfg, inputs_len, targets_len)["forward"]
+    info: dict[str, Any] = {
+        "arch": "seq2seq",
+        "loss_unit": "nats/target token",
+        "teacher_run": str(teacher.run_dir),
+        "teacher_checkpoint": str(teacher.checkpoint),
+        "init": init,
+        "hard_weight": hard_weight,
+        "teacher_data_seed": teacher_seed,
+        "student_data_seed": tc.seed,
+        "copied_parameters": copied,
+        "ffn_init": ffn_init,
+        "teacher_usage": usage,
+        "steps": result.step,
+        "teacher_val_loss": teacher_loss,
+        "student_init_val_loss": student_init_loss,
+        "student_val_loss": student_loss,
+        "dense_baseline_run": None if baseline is None else str(baseline.run_dir),
+        "dense_baseline_val_loss": baseline_loss,
+        "gain_kept": None if baseline_loss is None else gain_kept(baseline_loss, teacher_loss, student_loss),
+        "teacher_parameters": t_counts["total"],
+        "student_parameters": s_counts["total"],
+        "parameter_ratio": s_counts["total"] / t_counts["total"],
+        "teacher_active_parameters": t_counts["active"],
+        "student_active_parameters": s_counts["active"],
+        # Forward FLOPs per target token (encoder included) of one example of the run's lengths: equal but for the
+        # teacher's router matmuls, which the dense student has no counterpart of.
+        "teacher_forward_flops_per_target_token": t_flops,
+        "student_forward_flops_per_target_token": s_flops,
+        "train_seconds": result.elapsed_s,
+        "tokens_per_s": result.tokens_per_s,
+    }
+    (run_dir / "distill.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    summary = {
+        "run_dir": str(run_dir),
+        "arch": "seq2seq",
+        "steps": result.step,
+        "final_val_loss": student_loss,
+        "final_val_perplexity": float(np.exp(student_loss)),
         "distilled_from": str(teacher.run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -63,7 +63,7 @@ class Seq2SeqTask:
     model_config = Seq2SeqConfig
     data_config = Seq2SeqDataConfig
     data_files = (TOKENS_FILE, TOKENIZER_FILE)
-    commands = frozenset({"eval", "generate"})
+    commands = frozenset({"eval", "generate", "analyze", "distill"})
     model_keys = [
         f.name for f in dataclasses.fields(Seq2SeqConfig)
         if f.name not in ("vocab_size", "encoder_moe", "decoder_moe")
@@ -131,7 +131,13 @@ class Seq2SeqTask:
                                      config.train.seed, **self._corruption(config, data))
 
     def eval_data(self, config: RunConfig, data: Seq2SeqData) -> SpanCorruptionEvalData:
-        return SpanCorruptionEvalData(data.val_tokens, config.data.seq_len, seed=0, **self._corruption(config, data))
+        return self.examples(config, data, data.val_tokens)
+
+    def examples(self, config: RunConfig, data: Seq2SeqData, tokens: Any, seed: int = 0) -> SpanCorruptionEvalData:
+        """Fixed span-corruption examples of the run's shape over any token ids (window ``w`` masked with
+        ``default_rng([seed, w])``): the validation data over ``data.val_tokens``, what ``moekit analyze`` traces
+        over other text, and what ``moekit distill`` measures the teacher's expert usage on."""
+        return SpanCorruptionEvalData(tokens, config.data.seq_len, seed=seed, **self._corruption(config, data))
 
     # -- figures ---------------------------------------------------------------------------------------------------
     def _lengths(self, config: RunConfig) -> tuple[int, int]:
