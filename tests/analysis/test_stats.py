@@ -12,8 +12,11 @@ from moekit.analysis.stats import (
     category_ids,
     chi2_sf,
     contingency,
+    entropy_bits,
     expert_specialisation,
+    hash_null,
     layer_agreement,
+    load_matched_hash,
     load_stats,
     mi_permutation_test,
     mutual_information_bits,
@@ -96,3 +99,46 @@ def test_layer_agreement_hand_computed():
 
 def test_category_ids_follow_the_category_order():
     np.testing.assert_array_equal(category_ids(["other", "whitespace"], CATEGORIES), [6, 0])
+
+
+def test_load_matched_hash_keeps_the_loads_exactly_for_distinct_ids():
+    # Ten distinct token ids; trained top-1 loads 6, 2, 0, 2. Laid end to end (one unit each) and cut at 6, 8, 8,
+    # 10, every expert gets exactly its load, whatever the order; expert 2 (load 0) gets no id.
+    tokens_N = np.arange(100, 110)
+    top1_N = np.array([0, 0, 0, 0, 0, 0, 1, 1, 3, 3])
+    for seed in range(5):
+        hashed_N = load_matched_hash(tokens_N, top1_N, 4, np.random.default_rng(seed))
+        assert np.bincount(hashed_N, minlength=4).tolist() == [6, 2, 0, 2]
+
+
+def test_load_matched_hash_is_a_function_of_the_token_id():
+    # Ids 5 (x3), 7 (x2), 9 (x4), 2 (x1); trained loads 6 and 4. Each id goes to one expert; a load can miss its
+    # target only by the ids that straddle a cut (here at most one id of count <= 4).
+    tokens_N = np.array([5, 7, 5, 9, 9, 2, 7, 9, 5, 9])
+    top1_N = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    for seed in range(5):
+        hashed_N = load_matched_hash(tokens_N, top1_N, 2, np.random.default_rng(seed))
+        for t in (5, 7, 9, 2):
+            assert len(set(hashed_N[tokens_N == t].tolist())) == 1
+        assert abs(int((hashed_N == 0).sum()) - 6) <= 4
+
+
+def test_hash_null_on_hand_made_routing():
+    # 20 distinct ids, category = id parity, the trained router sends even ids to expert 0 and odd ones to 1:
+    # MI = H(category) = 1 bit. A load-matched hash (10 ids per expert) recovers the parity split with
+    # probability 2 / C(20, 10) = 1.1e-5 per draw, so every draw is below 1 bit and p = 1 / (1 + draws).
+    tokens_N = np.arange(20)
+    cat_N = tokens_N % 2
+    out = hash_null(tokens_N, cat_N.copy(), cat_N, 2, draws=10, seed=0)
+    assert mutual_information_bits(cat_N, cat_N) == pytest.approx(1.0) and entropy_bits(cat_N) == pytest.approx(1.0)
+    assert out["mutual_information_bits"] < 1.0 and out["p_value"] == pytest.approx(1 / 11)
+    assert out["max_load_deviation"] == 0.0 and out["draws"] == 10
+    # A layer that sends everything to one expert: every hash does too, MI 0, loads exact.
+    one = hash_null(tokens_N, np.zeros(20, dtype=np.int64), cat_N, 4, draws=3)
+    assert one["mutual_information_bits"] == 0.0 and one["max_load_deviation"] == 0.0
+    assert one["p_value"] == 1.0  # every hash ties the trained MI of 0
+
+
+def test_entropy_bits_hand_computed():
+    # shares 1/2, 1/4, 1/4: H = 0.5 + 0.5 + 0.5 = 1.5 bits
+    assert entropy_bits(np.array([0, 0, 1, 2])) == pytest.approx(1.5)

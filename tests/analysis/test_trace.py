@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from moekit.analysis.trace import RoutingTrace, iter_windows, trace_model
+from moekit.analysis.trace import RoutingTrace, iter_windows, trace_model, trace_seq2seq
 from moekit.errors import MoekitError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.models import TransformerLM
 from moekit.models.flops import flop_matched_dense
-from tests.analysis.tiny_moe import tiny_moe, tiny_moe_config
+from moekit.models.seq2seq import Seq2SeqLM
+from moekit.models.seq2seq_flops import seq2seq_flop_matched_dense
+from tests.analysis.tiny_moe import tiny_moe, tiny_moe_config, tiny_seq2seq, tiny_seq2seq_config
 
 
 def _capture(model: TransformerLM):
@@ -98,3 +100,40 @@ def test_iter_windows_caps_tokens():
     assert [w.shape for w in windows] == [(3, 10)]
     with pytest.raises(MoekitError, match="fewer than one window"):
         list(iter_windows(np.arange(5), 10, 4, None))
+
+
+def test_seq2seq_trace_is_each_stacks_own_routing():
+    model = tiny_seq2seq()
+    g = torch.Generator().manual_seed(2)
+    inputs_BS = torch.randint(2, 50, (4, 12), generator=g)
+    labels_BT = torch.randint(2, 50, (4, 6), generator=g)
+    labels_BT[1, 4:] = -100  # two ignored targets: left out of the decoder trace
+    seen, hooks = _capture(model)
+    traces = trace_seq2seq(model, [(inputs_BS[:2], labels_BT[:2]), (inputs_BS[2:], labels_BT[2:])])
+    for h in hooks:
+        h.remove()
+    enc, dec = traces["encoder"], traces["decoder"]
+    assert enc.layer_blocks == [1] and dec.layer_blocks == [1]
+    assert enc.num_tokens == 4 * 12 and dec.num_tokens == 4 * 6 - 2
+    np.testing.assert_array_equal(enc.token_ids_N, inputs_BS.reshape(-1).numpy())
+    decoder_in_BT = model.shift_right(labels_BT)
+    keep_N = (labels_BT != -100).reshape(-1).numpy()
+    np.testing.assert_array_equal(dec.token_ids_N, decoder_in_BT.reshape(-1).numpy()[keep_N])
+    assert dec.token_ids_N[0] == 0 and dec.position_N[6:10].tolist() == [0, 1, 2, 3]  # start id; row 1 cut at 4
+    np.testing.assert_array_equal(dec.window_N, np.repeat(np.arange(4), 6)[keep_N])
+    # The model's MoE layers in order are encoder block 1, decoder block 1: each trace is its layer's decisions.
+    for trace, calls, rows in ((enc, seen[0], None), (dec, seen[1], keep_N)):
+        ids = np.concatenate([out[1].routing.expert_ids_SK.numpy() for _, out in calls])
+        kept = np.concatenate([out[1].plan.kept_mask_SK().numpy() for _, out in calls])
+        if rows is not None:
+            ids, kept = ids[rows], kept[rows]
+        np.testing.assert_array_equal(trace.expert_ids_LNK[0], ids)
+        np.testing.assert_array_equal(trace.kept_LNK[0], kept)
+    assert (~enc.kept_LNK[0]).any()  # CF 1.0 with decisive routers drops some choices
+
+
+def test_seq2seq_dense_model_is_refused():
+    dense = Seq2SeqLM(seq2seq_flop_matched_dense(tiny_seq2seq_config()))
+    batch = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(MoekitError, match="no MoE layers"):
+        trace_seq2seq(dense, [batch])
