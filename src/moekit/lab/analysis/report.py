@@ -222,7 +222,7 @@ def render_seq2seq_report(summary: dict[str, Any], *, title: str, meta: dict[str
     out.append("</table>")
     out.append(
         "<table><tr><th>MoE layer</th><th>trained</th><th>untrained</th><th>load-matched hash</th>"
-        "<th>hash p</th><th>shuffled labels</th></tr>"
+        "<th>p (hashes &ge; trained)</th><th>shuffled labels</th></tr>"
     )
     for stack in summary["stacks"].values():
         for layer in stack["layers"]:
