@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "moekit.lab.commands.import_hf",
     "moekit.lab.commands.export_hf",
     "moekit.lab.commands.upcycle",
+    "moekit.lab.commands.finetune_seq2seq",
 ]
 
 
