@@ -20,7 +20,14 @@ from moekit.errors import MoekitError
 from moekit.hf.families import FAMILIES, Family, family_for_model_type, hf_config_from_lm, infer_family
 from moekit.hf.families import lm_config_from_hf as _lm_config_from_hf
 from moekit.hf.safetensors_io import SafetensorsReader, write_sharded
-from moekit.hf.seq2seq import SEQ2SEQ_FAMILIES, load_seq2seq_weights, save_seq2seq_pretrained, seq2seq_config_from_hf
+from moekit.hf.seq2seq import (
+    SEQ2SEQ_FAMILIES,
+    hf_config_from_seq2seq,
+    infer_seq2seq_family,
+    load_seq2seq_weights,
+    save_seq2seq_pretrained,
+    seq2seq_config_from_hf,
+)
 from moekit.hf.weights import hf_tensors, load_hf_weights
 from moekit.models.config import LMConfig
 from moekit.models.lm import TransformerLM
@@ -30,6 +37,7 @@ from moekit.models.seq2seq_config import Seq2SeqConfig
 __all__ = [
     "FAMILIES",
     "Family",
+    "export_family",
     "HFCheckpoint",
     "from_pretrained",
     "infer_family",
@@ -103,6 +111,20 @@ def from_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32) -> 
             raise MoekitError(f"{path}: parameter {name} holds non-finite values after loading (NaN or inf in the "
                               "checkpoint, or a tensor it lacks)")
     return model.eval()
+
+
+def export_family(config: LMConfig | Seq2SeqConfig, model_type: str | None = None) -> Family:
+    """The family a model of ``config`` is written as (``model_type``, or the first that represents it exactly);
+    a one-line :class:`MoekitError` when that family cannot represent it. Nothing is written."""
+    if isinstance(config, Seq2SeqConfig):
+        if model_type is not None and model_type not in SEQ2SEQ_FAMILIES:
+            raise MoekitError(f"model_type {model_type!r} is not an encoder-decoder family (t5, switch_transformers)")
+        fam = SEQ2SEQ_FAMILIES[model_type] if model_type is not None else infer_seq2seq_family(config)
+        hf_config_from_seq2seq(config, fam)
+        return fam
+    fam = family_for_model_type(model_type) if model_type is not None else infer_family(config)
+    hf_config_from_lm(config, fam)
+    return fam
 
 
 def save_pretrained(

@@ -21,16 +21,14 @@ from safetensors.numpy import save_file as np_save_file
 
 from moekit.atomic import atomic_dir, atomic_write_text
 from moekit.errors import MoekitError
-from moekit.hf import from_pretrained, infer_family, read_hf_config, save_pretrained
-from moekit.hf.families import family_for_model_type, hf_config_from_lm
-from moekit.lab.data.config import DataConfig
+from moekit.hf import export_family, from_pretrained, read_hf_config, save_pretrained
+from moekit.lab.data.config import Seq2SeqDataConfig
 from moekit.lab.data.corpus import load_corpus
 from moekit.lab.data.split import cut_pieces, split_pieces
-from moekit.lab.data.tokenizer import EOT, load_tokenizer
+from moekit.lab.data.tokenizer import EOT, load_tokenizer, sentinel_token
 from moekit.lab.training.run import load_trained_run, start_run_from_weights
 from moekit.lab.training.run_config import RunConfig, build_run_config
-from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
-from moekit.models.config import LMConfig
+from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE, task_of
 
 __all__ = ["import_hf_run", "export_hf_run", "HF_FILES_DIR"]
 
@@ -60,6 +58,16 @@ def _encode(tok: Any, pieces: list, separator: int | None) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
+def _count_sentinels(tok: Any) -> int:
+    """How many of T5's ``<extra_id_0>``, ``<extra_id_1>``, ... the tokenizer has, in order."""
+    n = 0
+    while tok.token_to_id(sentinel_token(n)) is not None:
+        n += 1
+    if n == 0:
+        raise MoekitError("the tokenizer has no sentinel tokens (<extra_id_0> ...): span corruption needs them")
+    return n
+
+
 def import_hf_run(
     hf_dir: str | Path,
     run_dir: str | Path,
@@ -79,11 +87,7 @@ def import_hf_run(
         raise MoekitError(f"--set may change [data] and [train] of an imported run, not [{bad[0]}]")
     ckpt = read_hf_config(hf_dir)
     lm = ckpt.config
-    if not isinstance(lm, LMConfig):
-        raise MoekitError(
-            f"{hf_dir} is a {ckpt.family.model_type} encoder-decoder: moekit import-hf makes run directories of "
-            "decoder language models only so far; load it in Python with moekit.hf.from_pretrained"
-        )
+    task = task_of(lm)
     tok_src = hf_dir / TOKENIZER_FILE
     if not tok_src.is_file():
         raise MoekitError(
@@ -94,12 +98,16 @@ def import_hf_run(
         raise MoekitError(
             f"{tok_src} has {tok.get_vocab_size()} tokens but the model's vocabulary is {lm.vocab_size}"
         )
-    data_values = {"seq_len": min(128, lm.max_seq_len), **overrides.get("data", {}),
+    # An encoder-decoder's context is not bounded by a position table (relative position buckets).
+    max_len = getattr(lm, "max_seq_len", None) or 2**31 - 1
+    data_values = {"seq_len": min(128, max_len), **overrides.get("data", {}),
                    "vocab_size": lm.vocab_size, "tokenizer": "imported"}
+    if issubclass(task.data_config, Seq2SeqDataConfig):  # span corruption uses the tokenizer's own sentinels
+        data_values["sentinels"] = _count_sentinels(tok)
     tables = {"data": data_values, "train": overrides.get("train", {})}
     # The [model] and [moe] tables of the imported config, through the same parser as every run config.
-    probe = RunConfig(model=lm, data=DataConfig(vocab_size=lm.vocab_size, tokenizer="imported",
-                                                seq_len=min(data_values["seq_len"], lm.max_seq_len)))
+    probe = RunConfig(model=lm, data=task.data_config(**{k: v for k, v in data_values.items() if k != "seq_len"},
+                                                       seq_len=min(data_values["seq_len"], max_len)))
     resolved = probe.resolved()
     tables["model"] = resolved["model"]
     if "moe" in resolved:
@@ -137,11 +145,11 @@ def export_hf_run(
         raise MoekitError(f"{out} exists and is not empty; choose a new --out directory")
     run = load_trained_run(run_dir, fallback=True, warn=warn, command="generate")
     cfg = run.config.model
-    fam = family_for_model_type(model_type) if model_type is not None else infer_family(cfg)
-    hf_config_from_lm(cfg, fam)  # refuses a family that cannot represent the model, before anything is written
-    if cfg.moe is not None and cfg.moe.capacity_factor is not None:
-        warn(f"the run routes with capacity factor {cfg.moe.capacity_factor} (tokens over capacity are dropped); "
-             "Hugging Face MoE blocks never drop, so the exported model computes the dropless layer")
+    fam = export_family(cfg, model_type)  # refuses a family that cannot represent the model, before any write
+    moe = run.config.moe
+    if moe is not None and moe.capacity_factor is not None:
+        warn(f"the run routes with capacity factor {moe.capacity_factor} (tokens over capacity are dropped); "
+             "the exported model never drops (Hugging Face MoE blocks are dropless)")
     kept = run_dir / HF_FILES_DIR
     extra = json.loads((kept / "config.json").read_text(encoding="utf-8")) if (kept / "config.json").is_file() else {}
     if not extra:  # a moekit-trained run: its end-of-text token ends sequences
@@ -158,8 +166,9 @@ def export_hf_run(
                 shutil.copyfile(kept / name, tmp / name)
         if not (tmp / TOKENIZER_FILE).is_file():
             shutil.copyfile(run.data.tokenizer_path, tmp / TOKENIZER_FILE)
-            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT,
-                       "model_max_length": cfg.max_seq_len}
+            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}
+            if getattr(cfg, "max_seq_len", None):
+                tok_cfg["model_max_length"] = cfg.max_seq_len
             atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_cfg, indent=2))
     return fam.model_type
 

@@ -232,3 +232,50 @@ def test_sharded_checkpoints_read_and_write(tmp_path):
         ref, got, again = hf(tokens).logits, mk(tokens).logits_BTV, back(tokens).logits
     assert (got - ref).abs().max() / ref.abs().max() < 1e-4
     assert torch.equal(again, ref) or (again - ref).abs().max() / ref.abs().max() < 1e-6
+
+
+def test_import_and_export_a_switch_transformers_encoder_decoder(tmp_path, capsys):
+    """A tiny random Switch Transformers directory (with a BPE tokenizer holding T5-style sentinels) becomes a
+    seq2seq run: span-corruption eval, generation, continued training, and an export transformers loads."""
+    from moekit.lab.data.corpus import load_corpus
+    from moekit.lab.data.tokenizer import train_tokenizer
+
+    config = transformers.AutoConfig.for_model(
+        "switch_transformers", vocab_size=512, d_model=32, d_kv=8, d_ff=40, num_heads=4, num_layers=2,
+        num_decoder_layers=2, num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        expert_capacity=10_000, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=0)  # id 0: the tokenizer's end-of-text
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSeq2SeqLM.from_config(config).float().eval()
+    hf_dir = tmp_path / "switch"
+    hf.save_pretrained(hf_dir)
+    tok = train_tokenizer([d[:2000] for d in load_corpus("builtin")[:300]], 400, sentinels=20)
+    tok.save(str(hf_dir / "tokenizer.json"))
+
+    run = tmp_path / "run"
+    code, out, err = _run(["import-hf", str(hf_dir), "--out", str(run), "--set", "data.max_chars=60000",
+                           "--set", "data.seq_len=32", "--set", "train.batch_size=4"], capsys)
+    assert code == 0, err
+    cfg = (run / "config.toml").read_text()
+    assert 'arch = "seq2seq"' in cfg and "sentinels = 20" in cfg and 'tokenizer = "imported"' in cfg
+    code, out, err = _run(["eval", str(run), "--batches", "2"], capsys)
+    assert code == 0 and "span-corruption validation loss" in out, err
+    code, out, err = _run(["generate", str(run), "--prompt", "the <extra_id_0> of", "--temperature", "0",
+                           "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    code, out, err = _run(["train", "--resume", str(run), "--set", "train.max_steps=2", "--set", "train.eval_every=2",
+                           "--set", "train.checkpoint_every=2"], capsys)
+    assert code == 0, err
+    exported = tmp_path / "exported"
+    code, out, err = _run(["export-hf", str(run), "--out", str(exported)], capsys)
+    assert code == 0 and "switch_transformers" in out, err
+    back = transformers.AutoModelForSeq2SeqLM.from_pretrained(exported).float().eval()
+    from moekit.lab.training.run import load_trained_run
+
+    trained = load_trained_run(run).model
+    x = torch.randint(21, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(21, 400, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = back(input_ids=x, labels=y).logits
+        b = trained(x, y).logits_BTV
+    assert (a - b).abs().max() / b.abs().max() < 1e-4

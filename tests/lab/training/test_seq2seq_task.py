@@ -95,7 +95,7 @@ def test_validate_describes_the_seq2seq_model(tmp_path, tiny_corpus, capsys):
     ("sentinels = 1", "masked spans, more than data.sentinels = 1"),
     ("sentinels = 300", "must hold the 256 bytes, the end-of-text token and data.sentinels = 300"),
     ("noise_density = 1.5", "data.noise_density"),
-    ('tokenizer = "imported"', "data.tokenizer must be 'bpe' for a seq2seq run"),
+    ("mean_span_length = 0.5", "data.mean_span_length"),
 ])
 def test_bad_seq2seq_data_is_refused(tmp_path, tiny_corpus, data, message):
     text = _config(tmp_path, tiny_corpus).read_text().replace("sentinels = 20\n", data + "\n")

@@ -24,7 +24,6 @@ def run(args: argparse.Namespace) -> int:
     config = import_hf_run(
         args.hf_dir, args.out, parse_overrides(args.overrides), log=lambda msg: print(msg, file=sys.stderr)
     )
-    m = config.model
-    kind = "dense" if m.moe is None else f"{m.moe.num_experts} experts, top-{m.moe.top_k}, MoE blocks {m.moe_layers()}"
+    kind, _ = config.task.describe(config)
     print(f"imported {args.hf_dir} ({kind}) into {args.out}")
     return 0

@@ -72,7 +72,8 @@ class Seq2SeqDataConfig(DataConfig):
         noise_density: share of each raw window's tokens that are masked (T5: 0.15).
         mean_span_length: mean length of a masked span (T5: 3).
         sentinels: sentinel tokens ``<extra_id_0>`` ... added to the tokenizer, inside ``vocab_size`` (T5: 100);
-            at least the number of spans one window can have.
+            at least the number of spans one window can have. An imported tokenizer brings its own (``moekit
+            import-hf`` counts them).
     """
 
     noise_density: float = 0.15
@@ -81,12 +82,10 @@ class Seq2SeqDataConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.tokenizer != "bpe":
-            raise ConfigError("data.tokenizer must be 'bpe' for a seq2seq run (its tokenizer gets sentinel tokens)")
         check_number("data.noise_density", self.noise_density, low=0, high=1, low_open=True, high_open=True)
         check_number("data.mean_span_length", self.mean_span_length, low=1)
         check_positive_int("data.sentinels", self.sentinels)
-        if self.vocab_size < 257 + self.sentinels:
+        if self.tokenizer == "bpe" and self.vocab_size < 257 + self.sentinels:
             raise ConfigError(
                 f"data.vocab_size ({self.vocab_size}) must hold the 256 bytes, the end-of-text token and "
                 f"data.sentinels = {self.sentinels} sentinel tokens"

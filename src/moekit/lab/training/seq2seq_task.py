@@ -110,12 +110,17 @@ class Seq2SeqTask:
     def prepare(self, config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> Seq2SeqData:
         base = prepare_data(config, run_dir, log, sentinels=config.data.sentinels)
         tok = load_tokenizer(base.tokenizer_path)
+        # An imported model ends sequences with its own end-of-sequence id (T5: "</s>"), a BPE trained here with
+        # its end-of-text token.
+        imported = config.data.tokenizer == "imported" and config.model.eos_token_id is not None
         return Seq2SeqData(
             **dataclasses.asdict(base), sentinel_ids=sentinel_ids(tok, config.data.sentinels),
-            eos_id=tok.token_to_id(EOT),
+            eos_id=config.model.eos_token_id if imported else tok.token_to_id(EOT),
         )
 
     def model_for_data(self, config: RunConfig, data: Seq2SeqData) -> Seq2SeqConfig:
+        if config.data.tokenizer == "imported":  # the imported model's vocabulary and token ids
+            return config.model
         return dataclasses.replace(config.model, vocab_size=data.vocab_size, eos_token_id=data.eos_id)
 
     def build_model(self, model_config: Seq2SeqConfig) -> Seq2SeqLM:
