@@ -362,7 +362,9 @@ def render_section(result: dict, out: str) -> str:
         "linearly over 10 % of its own steps and decays by cosine to 0.1 x lr at its last step, so a continued "
         "phase re-warms and decays over the extra steps, the same for (a) and (b). Validation loss at each run's end "
         "on the whole validation split; differences paired by seed with 95 % t intervals; the paper's side is "
-        "negative for all three (the upcycled model lower).",
+        "negative for all three (the upcycled model lower). For (c') that reads the paper's claim against a "
+        "from-scratch MoE on 100 % of the dense budget as holding at the same total budget, a stronger statement "
+        "than the paper makes.",
         "",
         "```sh",
         result["command"],
