@@ -46,7 +46,7 @@ def test_unsupported_commands_are_refused_in_one_line(tmp_path):
             vit.require(command, tmp_path)
         message = str(err.value)
         assert "\n" not in message
-        works_on = "language-model and encoder-decoder" if command == "generate" else "language-model"
         assert message == (
-            f"{tmp_path} is an image classifier (model.arch = 'vit') run; moekit {command} works on {works_on} runs"
+            f"{tmp_path} is an image classifier (model.arch = 'vit') run; moekit {command} works on "
+            "language-model and encoder-decoder runs"
         )
