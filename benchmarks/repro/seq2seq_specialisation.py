@@ -56,7 +56,7 @@ def verdict(mean: float, half: float, paper_sign: int) -> str:
     return "not resolved at this scale"
 
 
-def analyse(runs: Path, out: Path, max_tokens: int, hash_draws: int) -> list[dict]:
+def analyse(runs: Path, max_tokens: int, hash_draws: int) -> list[dict]:
     from moekit.lab.analysis import analyze_run
 
     rows = []
@@ -66,7 +66,8 @@ def analyse(runs: Path, out: Path, max_tokens: int, hash_draws: int) -> list[dic
             if not (run_dir / "summary.json").is_file():
                 continue
             t0 = time.perf_counter()
-            s = analyze_run(run_dir, out / "analyses" / seed_dir.name / arm, max_tokens=max_tokens,
+            # The full reports go where moekit analyze puts them (RUN_DIR/analysis); only the figures are kept here.
+            s = analyze_run(run_dir, None, max_tokens=max_tokens,
                             num_permutations=20, hash_draws=hash_draws, log=lambda msg: None)
             for line in s["stack_summary"]:
                 h = line["category_entropy_bits"]
@@ -145,7 +146,7 @@ def main() -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = analyse(Path(args.runs), out, args.max_tokens, args.hash_draws)
+    rows = analyse(Path(args.runs), args.max_tokens, args.hash_draws)
     if not rows:
         print(f"no finished sparse runs under {args.runs}", file=sys.stderr)
         return 2
