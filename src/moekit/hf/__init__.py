@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from moekit.atomic import atomic_path
 from moekit.errors import MoekitError
 from moekit.hf.families import FAMILIES, Family, family_for_model_type, hf_config_from_lm, infer_family
 from moekit.hf.families import lm_config_from_hf as _lm_config_from_hf
-from moekit.hf.safetensors_io import SafetensorsReader, write_sharded
+from moekit.hf.safetensors_io import SafetensorsReader, write_checkpoint
 from moekit.hf.seq2seq import (
     SEQ2SEQ_FAMILIES,
     hf_config_from_seq2seq,
@@ -146,12 +145,5 @@ def save_pretrained(
     if not isinstance(model, TransformerLM):
         raise ValueError(f"save_pretrained expects a TransformerLM, got {type(model).__name__}")
     fam = family_for_model_type(model_type) if model_type is not None else infer_family(model.config)
-    config = hf_config_from_lm(model.config, fam, extra_config)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        tensors = ((name, t.detach().to("cpu", torch.float32)) for name, t in hf_tensors(model, fam))
-        write_sharded(tensors, out, max_shard_bytes)
-    with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_checkpoint(path, hf_tensors(model, fam), hf_config_from_lm(model.config, fam, extra_config), max_shard_bytes)
     return fam

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from moekit.atomic import atomic_path
 from moekit.errors import MoekitError
 
-__all__ = ["SafetensorsReader", "write_sharded"]
+__all__ = ["SafetensorsReader", "write_checkpoint", "write_sharded"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -158,3 +158,16 @@ def write_sharded(
     with atomic_path(directory / INDEX_FILE) as tmp:
         tmp.write_text(json.dumps(index, indent=2), encoding="utf-8")
     return [*names, INDEX_FILE]
+
+
+def write_checkpoint(
+    directory: str | Path, tensors: Iterator[tuple[str, torch.Tensor]], config: dict, max_shard_bytes: int
+) -> None:
+    """A ``save_pretrained`` directory: the tensors (float32, on the CPU; sharded past ``max_shard_bytes``) and then
+    ``config.json``, each file written atomically; ``directory`` is created if needed."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        write_sharded(((name, t.detach().to("cpu", torch.float32)) for name, t in tensors), out, max_shard_bytes)
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

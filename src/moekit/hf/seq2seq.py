@@ -32,7 +32,6 @@ Shape legend: D model width, F feed-forward hidden width, E experts, V vocabular
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.atomic import atomic_path
 from moekit.errors import MoekitError
 from moekit.hf.families import Family
-from moekit.hf.safetensors_io import SafetensorsReader, write_sharded
+from moekit.hf.safetensors_io import SafetensorsReader, write_checkpoint
 from moekit.hf.weights import _Source
 from moekit.layers.config import MoEConfig
 from moekit.layers.dense import DenseFFN
@@ -407,11 +405,5 @@ def save_seq2seq_pretrained(
         raise MoekitError(f"model_type {model_type!r} is not an encoder-decoder family (t5, switch_transformers)")
     fam = SEQ2SEQ_FAMILIES[model_type] if model_type is not None else infer_seq2seq_family(model.config)
     config = hf_config_from_seq2seq(model.config, fam, extra_config)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        tensors = ((name, t.detach().to("cpu", torch.float32)) for name, t in seq2seq_hf_tensors(model, fam))
-        write_sharded(tensors, out, max_shard_bytes)
-    with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_checkpoint(path, seq2seq_hf_tensors(model, fam), config, max_shard_bytes)
     return fam
