@@ -102,6 +102,27 @@ def gain_kept(dense_loss: float, teacher_loss: float, student_loss: float) -> fl
     return (dense_loss - student_loss) / gain
 
 
+def _outcome(
+    steps: int, teacher_loss: float, student_init_loss: float, student_loss: float, baseline: LoadedRun | None,
+    baseline_loss: float | None, t_counts: dict[str, int], s_counts: dict[str, int],
+) -> dict[str, Any]:
+    """The figures every distillation reports: losses, the share of the gain kept, parameter counts."""
+    return {
+        "steps": steps,
+        "teacher_val_loss": teacher_loss,
+        "student_init_val_loss": student_init_loss,
+        "student_val_loss": student_loss,
+        "dense_baseline_run": None if baseline is None else str(baseline.run_dir),
+        "dense_baseline_val_loss": baseline_loss,
+        "gain_kept": None if baseline_loss is None else gain_kept(baseline_loss, teacher_loss, student_loss),
+        "teacher_parameters": t_counts["total"],
+        "student_parameters": s_counts["total"],
+        "parameter_ratio": s_counts["total"] / t_counts["total"],
+        "teacher_active_parameters": t_counts["active"],
+        "student_active_parameters": s_counts["active"],
+    }
+
+
 def distill_run(
     teacher_dir: str | Path,
     run_dir: str | Path | None = None,
@@ -204,18 +225,8 @@ def distill_run(
         log(f"plotting failed: {exc}")
     info.update(
         {
-            "steps": result.step,
-            "teacher_val_loss": teacher_loss,
-            "student_init_val_loss": student_init_loss,
-            "student_val_loss": student_loss,
-            "dense_baseline_run": None if baseline is None else str(baseline.run_dir),
-            "dense_baseline_val_loss": baseline_loss,
-            "gain_kept": None if baseline_loss is None else gain_kept(baseline_loss, teacher_loss, student_loss),
-            "teacher_parameters": t_counts["total"],
-            "student_parameters": s_counts["total"],
-            "parameter_ratio": s_counts["total"] / t_counts["total"],
-            "teacher_active_parameters": t_counts["active"],
-            "student_active_parameters": s_counts["active"],
+            **_outcome(result.step, teacher_loss, student_init_loss, student_loss, baseline, baseline_loss,
+                       t_counts, s_counts),
             "unigram_val_loss": unigram,
             "train_seconds": result.elapsed_s,
             "tokens_per_s": result.tokens_per_s,
@@ -346,18 +357,8 @@ def _distill_seq2seq(
         "copied_parameters": copied,
         "ffn_init": ffn_init,
         "teacher_usage": usage,
-        "steps": result.step,
-        "teacher_val_loss": teacher_loss,
-        "student_init_val_loss": student_init_loss,
-        "student_val_loss": student_loss,
-        "dense_baseline_run": None if baseline is None else str(baseline.run_dir),
-        "dense_baseline_val_loss": baseline_loss,
-        "gain_kept": None if baseline_loss is None else gain_kept(baseline_loss, teacher_loss, student_loss),
-        "teacher_parameters": t_counts["total"],
-        "student_parameters": s_counts["total"],
-        "parameter_ratio": s_counts["total"] / t_counts["total"],
-        "teacher_active_parameters": t_counts["active"],
-        "student_active_parameters": s_counts["active"],
+        **_outcome(result.step, teacher_loss, student_init_loss, student_loss, baseline, baseline_loss, t_counts,
+                   s_counts),
         # Forward FLOPs per target token (encoder included) of one example of the run's lengths: equal but for the
         # teacher's router matmuls, which the dense student has no counterpart of.
         "teacher_forward_flops_per_target_token": t_flops,
