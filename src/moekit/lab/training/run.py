@@ -18,6 +18,7 @@ Run directory layout (the tokenizer and token arrays for a language model only):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -31,6 +32,7 @@ import torch
 
 from moekit.atomic import atomic_write_text
 from moekit.errors import MoekitError
+from moekit.lab.training.lock import hold_run_dir
 from moekit.lab.training.run_config import RunConfig, build_run_config, to_toml, tomllib
 from moekit.lab.training.tasks import Task
 from moekit.training import checkpoint as ckpt
@@ -233,12 +235,34 @@ def _train_run(
         raise ValueError("train_run needs a run_config for a new run")
     elif (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    from moekit.training.distributed import ExpertParallel, init_expert_parallel
+    from moekit.training.distributed import init_expert_parallel
 
     distributed = init_expert_parallel(run_config.parallel.expert_parallel, run_config.parallel.timeout_s)
     is_main = not distributed or torch.distributed.get_rank() == 0
     if not is_main:  # only rank 0 writes files and user-facing lines
         log = lambda msg: None  # noqa: E731
+    # Rank 0 holds the run directory's lock for the whole session (the other ranks share its run); a second
+    # process training the same directory is refused before it writes anything.
+    with hold_run_dir(run_dir) if is_main else contextlib.nullcontext(run_dir):
+        if is_main and not resume and (run_dir / "config.toml").exists():  # another process started it meanwhile
+            raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+        return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, distributed=distributed,
+                             is_main=is_main)
+
+
+def _train_locked(
+    run_config: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool,
+    log: Callable[[str], None],
+    t0: float,
+    distributed: bool,
+    is_main: bool,
+) -> dict[str, Any]:
+    """The body of :func:`train_run`, run while rank 0 holds the run directory's lock."""
+    from moekit.training.distributed import ExpertParallel
+
     # The thread count is the process's: the caller applies train.threads (moekit train and compare do, with
     # moekit.lab.runtime.set_threads); a library function does not change a process-wide setting.
     threads = torch.get_num_threads()

@@ -1,0 +1,94 @@
+"""A run directory in use is locked (issue 18): a second process training it is refused in one line naming the
+holder, and writes nothing; once the holder is gone (however it ended) the directory can be trained again."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from tiny_lm import tiny_config_text
+
+from moekit.lab.cli import main
+from moekit.lab.training.lock import LOCK_FILE
+from moekit.lab.training.run import train_run
+from moekit.lab.training.run_config import load_run_config
+from moekit.training.metrics import read_metrics
+
+
+def _snapshot(run_dir: Path) -> dict[str, str]:
+    """Every file of ``run_dir`` (but the lock file) with its sha256: what 'wrote nothing' is checked against."""
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+@pytest.fixture
+def trained(tmp_path: Path, tiny_corpus: Path) -> tuple[Path, Path]:
+    """A finished 8-step run (checkpoints at 4 and 8) and its config file."""
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tiny_config_text(tiny_corpus, max_steps=8))
+    run_dir = tmp_path / "run"
+    train_run(load_run_config(cfg), run_dir, log=lambda m: None)
+    return run_dir, cfg
+
+
+def test_a_locked_run_dir_is_refused_in_one_line_and_left_untouched(trained, capsys):
+    run_dir, _ = trained
+    before = _snapshot(run_dir)
+    # Another holder: a second open file description of the lock file (flock locks belong to one), with the
+    # details a holder writes.
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": 4242, "host": "node7", "since": time.time()}).encode(), 0)
+        capsys.readouterr()
+        rc = main(["train", "--resume", str(run_dir), "--set", "train.max_steps=12"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2
+        assert len(err) == 1 and "in use by process 4242 on node7 (since " in err[0], err
+        assert _snapshot(run_dir) == before
+        # a new run into the same directory is refused too (it already holds a run)
+        assert main(["train", "--config", str(trained[1]), "--run-dir", str(run_dir)]) == 2
+        assert _snapshot(run_dir) == before
+        assert _snapshot(run_dir) == before
+    finally:
+        os.close(fd)  # the holder goes away (as a dead process's lock does)
+    rc = main(["train", "--resume", str(run_dir), "--set", "train.max_steps=12"])
+    assert rc == 0
+    assert max(r["step"] for r in read_metrics(run_dir / "metrics.jsonl")) == 12
+    # the lock file names its last holder: this process
+    info = json.loads((run_dir / LOCK_FILE).read_text())
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tiny_config_text(tmp_path / "no-such-corpus.txt"))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run_dir)]) == 2
+    assert not run_dir.exists()
+
+
+def test_a_new_run_into_a_locked_directory_is_refused(tmp_path, tiny_corpus, capsys):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tiny_config_text(tiny_corpus))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "--config", str(cfg), "--run-dir", str(run_dir)]) == 2
+        assert "is in use by" in capsys.readouterr().err
+        assert [p.name for p in run_dir.iterdir()] == [LOCK_FILE]
+    finally:
+        os.close(fd)
+
