@@ -175,7 +175,8 @@ class Trainer:
         }
 
     def save(self, metrics: MetricsLog | None) -> Path:
-        size = metrics.flush() if metrics is not None else 0
+        # Durable before the checkpoint that records its length: a crash then never finds the log shorter.
+        size = metrics.flush(sync=True) if metrics is not None else 0
         if self.parallel is None:
             return ckpt.save_checkpoint(
                 self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size), self.config.keep_checkpoints
@@ -409,7 +410,11 @@ class Trainer:
         # A fresh start empties a log left by a process killed before its first checkpoint; a resume cuts
         # the log back to its length at the checkpoint.
         truncate = 0 if self.step == 0 else self._metrics_bytes
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=truncate) if self.is_main else _NullLog()
+        metrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl", truncate_to=truncate, at_step=self.step, report=self.log)
+            if self.is_main
+            else _NullLog()
+        )
         if c.tensorboard and self._tb is None and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -534,7 +539,7 @@ class _NullLog:
     def write(self, record: dict[str, Any]) -> None:
         pass
 
-    def flush(self) -> int:
+    def flush(self, sync: bool = False) -> int:
         return 0
 
     def close(self) -> None:
