@@ -86,6 +86,9 @@ def test_eval_and_resume_train_from_the_weights(source, tmp_path, capsys):
     src_metrics = [json.loads(x) for x in (source / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 1 and metrics[0]["loss"] < src_metrics[0]["loss"] - 0.3
     assert read_run_config(run_dir).train.init_from == "init/model.safetensors"
+    # its first training session recorded the run's config and data: eval and resume verify them from now on
+    recorded = json.loads((run_dir / "run_manifest.json").read_text())["sha256"]
+    assert set(recorded) == {"config.toml", "tokenizer.json", "data/tokens.safetensors"}
 
 
 def test_resume_with_a_fresh_train_section_keeps_init_from(source, tmp_path):

@@ -6,6 +6,9 @@ distill) is here too.
 Run directory layout (the tokenizer and token arrays for a language model only)::
 
     config.toml            the resolved config (every default filled in)
+    run_manifest.json      sha256 of config.toml and the data files, recorded when the run starts (verified by
+                           eval, generate, analyze, distill and resume; runs made before it have none)
+    .lock                  locked (flock) while a process trains the run; names the holder
     tokenizer.json         byte-level BPE trained on the training split
     data/tokens.safetensors  train and validation token ids (a resume or eval needs no corpus)
     metrics.jsonl          one JSON object per logged step
@@ -19,7 +22,9 @@ Run directory layout (the tokenizer and token arrays for a language model only):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -39,6 +44,7 @@ from moekit.training import checkpoint as ckpt
 from moekit.training.trainer import Trainer
 
 __all__ = [
+    "MANIFEST_FILE",
     "LoadedRun",
     "default_run_dir",
     "load_run",
@@ -46,7 +52,13 @@ __all__ = [
     "read_run_config",
     "start_run_from_weights",
     "train_run",
+    "verify_run_files",
+    "write_run_manifest",
 ]
+
+CONFIG_FILE = "config.toml"
+MANIFEST_FILE = "run_manifest.json"
+
 
 def default_run_dir(config_name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -72,6 +84,70 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise MoekitError(f"{cfg_path}: not valid TOML: {exc}") from None
 
 
+# The run manifest: sha256 of the files a run depends on besides its checkpoints (which carry their own), recorded
+# when they are first written. Without it a flipped bit in the held-out tokens, or an ``lr`` edited in config.toml,
+# changed an eval or a resume silently. A run made before manifests existed has none and is accepted as it is.
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_run_manifest(run_dir: str | Path, names: list[str] | tuple[str, ...], *, create: bool = True) -> None:
+    """Record the sha256 of ``names`` (paths relative to ``run_dir``; those absent are skipped) in
+    ``run_manifest.json``, keeping the other entries of an existing manifest. Without ``create`` a run that has no
+    manifest (made before manifests existed) is left without one."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST_FILE
+    if path.is_file():
+        entries = _read_manifest(path)
+    elif create:
+        entries = {}
+    else:
+        return
+    for name in names:
+        if (run_dir / name).is_file():
+            entries[name] = _sha256(run_dir / name)
+    atomic_write_text(path, json.dumps({"format": 1, "sha256": entries}, indent=1) + "\n", fsync=True)
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["sha256"]
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise ValueError("sha256 is not a table of file names to digests")
+        return dict(entries)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise MoekitError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); the run's files cannot be verified"
+        ) from None
+
+
+def verify_run_files(run_dir: str | Path) -> None:
+    """Check the files recorded in ``run_manifest.json`` against their sha256: a missing or changed one is a
+    one-line error naming it (saved data is never rebuilt behind the user's back). No manifest: nothing to check."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST_FILE
+    if not path.is_file():
+        return
+    for name, digest in _read_manifest(path).items():
+        file = run_dir / name
+        if not file.is_file():
+            raise MoekitError(
+                f"{file} is missing: a run's saved files are never rebuilt (its checkpoints were trained with "
+                "them); restore it from a backup"
+            )
+        if _sha256(file) != digest:
+            if name == CONFIG_FILE:
+                raise MoekitError(
+                    f"{file} was edited since the run started (its sha256 differs from {MANIFEST_FILE}); restore "
+                    f"it, and pass changes with --set instead (moekit train --resume {run_dir} --set train.KEY=VALUE)"
+                )
+            raise MoekitError(
+                f"{file} fails its sha256 checksum (recorded in {MANIFEST_FILE}): it is damaged; restore it from a "
+                "backup"
+            )
+
+
 def load_run(run_dir: str | Path, *, command: str | None = None) -> tuple[RunConfig, Any, torch.nn.Module]:
     """The config, data and (freshly initialised) model of an existing run directory, as its task prepares them
     (``PreparedData`` and a ``TransformerLM`` for a language model, ``ImageSplits`` and a ``ViT`` for an image
@@ -81,6 +157,7 @@ def load_run(run_dir: str | Path, *, command: str | None = None) -> tuple[RunCon
     task = run_config.task
     if command is not None:
         task.require(command, run_dir)
+    verify_run_files(run_dir)
     data = task.prepare(run_config, run_dir, lambda msg: None)
     torch.manual_seed(run_config.train.seed)
     return run_config, data, task.build_model(task.model_for_data(run_config, data))
@@ -167,7 +244,7 @@ def start_run_from_weights(run_config: RunConfig, run_dir: str | Path, model: to
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.save_initial_weights(run_dir, model)
-    atomic_write_text(run_dir / "config.toml", to_toml(config.resolved()))
+    atomic_write_text(run_dir / CONFIG_FILE, to_toml(config.resolved()))
 
 
 @dataclass
@@ -215,9 +292,11 @@ def _train_run(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    changes: list[str] = []
     if resume:
         loaded_config = read_run_config(run_dir)
         if run_config is not None:
+            saved = copy.copy(loaded_config)  # before the new [train] and [parallel] replace its own
             saved_init = loaded_config.train.init_from
             loaded_config.train = run_config.train
             if loaded_config.train.init_from is None and saved_init is not None:
@@ -225,6 +304,7 @@ def _train_run(
                 # built a fresh [train] (only to change max_steps, say) must not start from a random init.
                 loaded_config.train = dataclasses.replace(loaded_config.train, init_from=saved_init)
             loaded_config.parallel = run_config.parallel
+            changes = _changes(saved, loaded_config)
         else:  # the expert-parallel degree is the launch's, not the saved run's: checkpoints reshard
             from moekit.training.distributed import launch_world_size
 
@@ -246,6 +326,10 @@ def _train_run(
     with hold_run_dir(run_dir) if is_main else contextlib.nullcontext(run_dir):
         if is_main and not resume and (run_dir / "config.toml").exists():  # another process started it meanwhile
             raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+        if is_main and resume:  # under the lock: the holder may have been rewriting config.toml
+            verify_run_files(run_dir)
+        if changes:
+            log("resuming with changed values: " + "; ".join(changes))
         return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, distributed=distributed,
                              is_main=is_main)
 
@@ -276,7 +360,15 @@ def _train_locked(
         log(f"run directory: {run_dir}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.toml", to_toml(run_config.resolved()))
+        atomic_write_text(run_dir / CONFIG_FILE, to_toml(run_config.resolved()))
+        # A new run records its config and data as they are now, and so does the first session of a run created
+        # from given weights (start_run_from_weights: upcycle, import-hf), which has no checkpoint yet. Any other
+        # resume records the config it rewrote (with the --set values), where the run has a manifest: a run made
+        # before manifests existed keeps working without one.
+        first_session = not resume or not ckpt.list_checkpoints(run_dir / "checkpoints")
+        write_run_manifest(
+            run_dir, (CONFIG_FILE, *task.data_files) if first_session else (CONFIG_FILE,), create=first_session
+        )
     torch.manual_seed(run_config.train.seed)
     model = task.build_model(model_config)
     trainer = Trainer(
@@ -337,6 +429,18 @@ def _train_locked(
     summary.update(task.cost_figures(cost))
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _changes(saved: RunConfig, now: RunConfig) -> list[str]:
+    """``section.key = new (was old)`` for every [train] and [parallel] value a resume changes (--set)."""
+    out = []
+    for section in ("train", "parallel"):
+        before, after = getattr(saved, section), getattr(now, section)
+        for f in dataclasses.fields(after):
+            old, new = getattr(before, f.name), getattr(after, f.name)
+            if old != new:
+                out.append(f"{section}.{f.name} = {new!r} (was {old!r})")
+    return out
 
 
 def _prepare(

@@ -272,6 +272,11 @@ class PreparedData:
     tokenizer_path: Path
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def prepare_data(
     run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, sentinels: int = 0
 ) -> PreparedData:
@@ -282,14 +287,28 @@ def prepare_data(
     tok_path = run_dir / TOKENIZER_FILE
     tokens_path = run_dir / TOKENS_FILE
     if tok_path.is_file() and tokens_path.is_file():
-        tok = load_tokenizer(tok_path)
-        arrays = np_load_file(str(tokens_path))
-        return PreparedData(arrays["train"], arrays["val"], tok.get_vocab_size(), tok_path)
+        try:
+            tok = load_tokenizer(tok_path)
+        except Exception as exc:  # a damaged file: one line naming it, not a parser's traceback
+            raise MoekitError(f"{tok_path} cannot be read ({_first_line(exc)}): it is damaged") from None
+        try:
+            arrays = np_load_file(str(tokens_path))
+            train, val = arrays["train"], arrays["val"]
+        except Exception as exc:
+            raise MoekitError(f"{tokens_path} cannot be read ({_first_line(exc)}): it is damaged") from None
+        return PreparedData(train, val, tok.get_vocab_size(), tok_path)
+    missing = tokens_path if tok_path.is_file() else tok_path
     if d.tokenizer == "imported":
-        missing = tokens_path if tok_path.is_file() else tok_path
         raise MoekitError(
             f"{missing} is missing: the tokenizer and token ids of an imported model are never rebuilt "
             "(import the model again with moekit import-hf)"
+        )
+    if (run_dir / "config.toml").is_file():
+        # An existing run (its config is written after its data): rebuilding from today's corpus would pair its
+        # checkpoints with other data, silently. Only a new run builds the data.
+        raise MoekitError(
+            f"{missing} is missing: a run's saved data is never rebuilt from the corpus (its checkpoints were "
+            "trained on it); restore it from a backup"
         )
     t0 = time.perf_counter()
     docs = load_corpus(d.corpus, d.cache_dir)
