@@ -46,6 +46,8 @@ def test_import_eval_generate_train_export(hf_dir, tmp_path, capsys):
     cfg = (run / "config.toml").read_text()
     assert 'tokenizer = "imported"' in cfg and 'init_from = "init/model.safetensors"' in cfg
     assert (run / "hf" / "config.json").is_file()
+    manifest = json.loads((run / "run_manifest.json").read_text())  # verified from the start, like a trained run
+    assert "config.toml" in json.dumps(manifest) and "data/tokens.safetensors" in json.dumps(manifest)
 
     code, out, err = _run(["eval", str(run), "--batches", "2"], capsys)
     assert code == 0, err

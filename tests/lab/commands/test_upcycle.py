@@ -35,7 +35,8 @@ def test_upcycle_eval_and_train(runs, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "upcycled" in printed and "4 experts, top-2, granularity 2, MoE blocks [1]" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "data", "init", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "data", "init", "run_manifest.json",
+                                                      "tokenizer.json"]
     assert not [p for p in runs["tmp"].iterdir() if p.name.startswith(".tmp-")]
     cfg, src = read_run_config(out), read_run_config(runs["dense"])
     assert cfg.moe.num_experts == 4 and cfg.moe.top_k == 2 and cfg.moe.d_ff == src.model.d_ff // 2

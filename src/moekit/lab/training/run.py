@@ -245,6 +245,8 @@ def start_run_from_weights(run_config: RunConfig, run_dir: str | Path, model: to
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.save_initial_weights(run_dir, model)
     atomic_write_text(run_dir / CONFIG_FILE, to_toml(config.resolved()))
+    # Verified from the start (eval, generate and analyze of the new run check these files), like a trained run.
+    write_run_manifest(run_dir, (CONFIG_FILE, *config.task.data_files))
 
 
 @dataclass
@@ -362,7 +364,7 @@ def _train_locked(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, to_toml(run_config.resolved()))
         # A new run records its config and data as they are now, and so does the first session of a run created
-        # from given weights (start_run_from_weights: upcycle, import-hf), which has no checkpoint yet. Any other
+        # from given weights (start_run_from_weights: upcycle, import-hf; it wrote a manifest already). Any other
         # resume records the config it rewrote (with the --set values), where the run has a manifest: a run made
         # before manifests existed keeps working without one.
         first_session = not resume or not ckpt.list_checkpoints(run_dir / "checkpoints")
