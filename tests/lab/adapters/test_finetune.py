@@ -110,3 +110,34 @@ def test_results_table_and_routing_plot(tmp_path):
     assert "| majority |" in table
     path = plot_routing(result, tmp_path / "r.png")
     assert path.stat().st_size > 1000
+
+
+def test_only_the_requested_tasks_are_fetched_and_each_is_cached(tmp_path, monkeypatch):
+    """Asking for sentiment parses the review corpus only (never BIG-bench's 358 MB package); the examples are
+    cached per task, and a second call reads the cache."""
+    from moekit.lab.adapters import tasks
+
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
+    calls = []
+    reviews = [tasks.Example(f"review {i}", ["negative", "positive"], i % 2) for i in range(20)]
+    plots = [tasks.Example(f"plot {i}", ["subjective", "objective"], i % 2) for i in range(20)]
+
+    def fake_reviews():
+        calls.append("rotten_tomatoes")
+        return reviews, plots
+
+    def forbidden(*args):
+        raise AssertionError("a task nobody asked for was fetched")
+
+    monkeypatch.setattr(tasks, "load_rotten_tomatoes", fake_reviews)
+    for name in ("load_bigbench", "load_spam", "load_debate_party", "load_brown_genre"):
+        monkeypatch.setattr(tasks, name, forbidden)
+    train, test = tasks.build_tasks(8, 4, seed=0, seen=("sentiment",), heldout=())
+    assert calls == ["rotten_tomatoes"] and list(train) == ["sentiment"]
+    # 20 examples: 4 test keys (20 // 5), so 16 training and 4 test examples; n_train caps the first at 8
+    assert len(train["sentiment"]) == 8 and len(test["sentiment"]) == 4
+    assert train["sentiment"][0].text.startswith(tasks.INSTRUCTIONS["sentiment"])
+    cached = sorted(p.name for p in (tmp_path / f"tasks_v{tasks.FORMAT_VERSION}").iterdir())
+    assert cached == ["sentiment.json", "subjectivity.json"]
+    again = tasks.build_tasks(8, 4, seed=0, seen=("subjectivity",), heldout=())  # from the cache: no new parse
+    assert calls == ["rotten_tomatoes"] and len(again[0]["subjectivity"]) == 8

@@ -165,13 +165,40 @@ def load_bigbench(name: str) -> list[Example]:
     return out
 
 
-def _load_all() -> dict[str, list[Example]]:
-    sentiment, subjectivity = load_rotten_tomatoes()
-    tasks = {"sentiment": sentiment, "subjectivity": subjectivity, "debate_party": load_debate_party(),
-             "spam": load_spam(), "brown_genre": load_brown_genre()}
-    for name in _BIGBENCH_TASKS:
-        tasks[name] = load_bigbench(name)
-    return tasks
+def _load_task(name: str) -> dict[str, list[Example]]:
+    """Parse the source of task ``name``: one task, or both tasks of the review corpus (sentiment, subjectivity)."""
+    if name in ("sentiment", "subjectivity"):
+        sentiment, subjectivity = load_rotten_tomatoes()
+        return {"sentiment": sentiment, "subjectivity": subjectivity}
+    if name in _BIGBENCH_TASKS:
+        return {name: load_bigbench(name)}
+    loaders = {"debate_party": load_debate_party, "spam": load_spam, "brown_genre": load_brown_genre}
+    return {name: loaders[name]()}
+
+
+def _cached_tasks(names: tuple[str, ...]) -> dict[str, list[Example]]:
+    """The parsed examples of ``names``, each task cached as its own JSON file so that asking for one task never
+    fetches another's source (BIG-bench alone is a 358 MB package). An older cache holding every task in one file is
+    still read."""
+    cache = default_cache_dir()
+    legacy = cache / f"tasks_v{FORMAT_VERSION}.json"
+    if legacy.is_file():
+        raw = json.loads(legacy.read_text())
+        return {k: [Example(**e) for e in v] for k, v in raw.items()}
+    folder = cache / f"tasks_v{FORMAT_VERSION}"
+    out: dict[str, list[Example]] = {}
+    for name in names:
+        if name in out:
+            continue
+        path = folder / f"{name}.json"
+        if path.is_file():
+            out[name] = [Example(**e) for e in json.loads(path.read_text())]
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for task, examples in _load_task(name).items():
+            atomic_write_text(folder / f"{task}.json", json.dumps([e.__dict__ for e in examples]))
+            out[task] = examples
+    return out
 
 
 def _strip_doc_id(name: str, text: str) -> str:
@@ -189,7 +216,8 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     """``(train, test)``: up to ``n_train`` training and ``n_test`` test examples per seen task, and up to
     ``n_test`` test examples per held-out task (never trained on). The instruction is prepended to each input.
 
-    The parsed corpora are cached as one JSON file, so later runs do not reread the archives.
+    Only the requested tasks' sources are fetched and parsed; each task is cached as a JSON file, so later runs do not
+    reread the archives.
     """
     unknown = sorted(set(seen + heldout) - set(INSTRUCTIONS))
     if unknown:
@@ -197,14 +225,7 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     overlap = sorted(set(seen) & set(heldout))
     if overlap:
         raise ConfigError(f"task(s) {overlap} are both seen and held out")
-    cached = default_cache_dir() / f"tasks_v{FORMAT_VERSION}.json"
-    if cached.is_file():
-        raw = json.loads(cached.read_text())
-        all_tasks = {k: [Example(**e) for e in v] for k, v in raw.items()}
-    else:
-        all_tasks = _load_all()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cached, json.dumps({k: [e.__dict__ for e in v] for k, v in all_tasks.items()}))
+    all_tasks = _cached_tasks(seen + heldout)
     train: dict[str, list[Example]] = {}
     test: dict[str, list[Example]] = {}
     for name in seen + heldout:
