@@ -39,15 +39,6 @@ __all__ = ["upcycle_config", "upcycle", "DEFAULT_ROUTER_INIT_SCALE"]
 DEFAULT_ROUTER_INIT_SCALE = 0.02
 
 
-def _dense_widths(config: LMConfig) -> list[int]:
-    """The hidden width of each block's dense FFN in a dense model (``dense_d_ff_at_moe`` at its positions)."""
-    widths = []
-    for i in range(config.n_layers):
-        at_position = i % config.moe_every == config.moe_offset
-        widths.append(config.dense_d_ff_at_moe if (at_position and config.dense_d_ff_at_moe) else config.d_ff)
-    return widths
-
-
 def upcycle_config(
     config: LMConfig,
     *,
@@ -97,7 +88,7 @@ def upcycle_config(
         )
     if isinstance(moe_offset, bool) or not isinstance(moe_offset, int) or not 0 <= moe_offset < moe_every:
         raise ConfigError(f"upcycle: moe_offset must be an integer in [0, moe_every={moe_every}), got {moe_offset!r}")
-    widths = _dense_widths(config)
+    widths = [config.dense_d_ff(i) for i in range(config.n_layers)]
     # The blocks the MoE model will route in: the layout rule, less the blocks the source keeps dense.
     moe_positions = [i for i in range(config.n_layers) if i % moe_every == moe_offset and i not in config.dense_layers]
     if not moe_positions:

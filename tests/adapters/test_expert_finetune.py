@@ -18,7 +18,8 @@ from moekit.models.lm import TransformerLM
 STEPS = 8
 
 
-def _finetune(model: torch.nn.Module, loss_fn, logits_fn) -> None:
+def _finetune(model: torch.nn.Module, loss_fn, logits_fn) -> list[str]:
+    """Train LoRA on the experts, check it, merge; returns the names of the parameters merging changed."""
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     apply_adapters(model, LoRAConfig(r=4, alpha=8.0), ["experts"])
     adapters = {f"{n}.{k}": p for n, _, a in iter_adapters(model) for k, p in a.named_parameters()}
@@ -46,12 +47,15 @@ def _finetune(model: torch.nn.Module, loss_fn, logits_fn) -> None:
     # Merging changed only the expert banks' tensors.
     changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, base[n]))
     assert changed and all(".experts." in n for n in changed), changed
+    return changed
 
 
 def test_finetune_qwen3_moe_lora_on_experts():
     model = tiny_moe_lm("qwen3_moe", layers=2)
     ids_BS = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    _finetune(model, lambda m: m(input_ids=ids_BS, labels=ids_BS).loss, lambda m: m(input_ids=ids_BS).logits)
+    changed = _finetune(model, lambda m: m(input_ids=ids_BS, labels=ids_BS).loss,
+                        lambda m: m(input_ids=ids_BS).logits)
+    assert {n.split(".experts.")[0] for n in changed} == {"model.layers.0.mlp", "model.layers.1.mlp"}
 
 
 def test_finetune_moekit_lm_lora_on_experts():
@@ -61,5 +65,6 @@ def test_finetune_moekit_lm_lora_on_experts():
     model = TransformerLM(LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=16,
                                    activation="swiglu", moe=moe, moe_every=1, moe_offset=0)).eval()
     tokens_BT = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    _finetune(model, lambda m: m(tokens_BT[:, :-1], tokens_BT[:, 1:]).ce_loss,
-              lambda m: m(tokens_BT[:, :-1]).logits_BTV)
+    changed = _finetune(model, lambda m: m(tokens_BT[:, :-1], tokens_BT[:, 1:]).ce_loss,
+                        lambda m: m(tokens_BT[:, :-1]).logits_BTV)
+    assert {n.split(".experts.")[0] for n in changed} == {"blocks.0.ffn", "blocks.1.ffn"}

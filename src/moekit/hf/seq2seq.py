@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import MoekitError
-from moekit.hf.families import Family
+from moekit.hf.families import Family, _require
 from moekit.hf.safetensors_io import SafetensorsReader, write_checkpoint
 from moekit.hf.weights import _Source
 from moekit.layers.config import MoEConfig
@@ -83,12 +83,6 @@ _SWITCH_EXPORT = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
 
 # Keys of an imported config.json worth keeping on export.
 _KEPT_KEYS = ("bos_token_id", "initializer_factor", "n_positions", "task_specific_params", "use_cache")
-
-
-def _require(cfg: dict[str, Any], key: str) -> Any:
-    if key not in cfg or cfg[key] is None:
-        raise MoekitError(f"config.json has no {key!r}, which a {cfg.get('model_type')} config must have")
-    return cfg[key]
 
 
 def _hf_sparse_layers(n_layers: int, step: int) -> list[int]:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors.numpy import save_file as np_save_file
 
 from moekit.atomic import atomic_dir, atomic_write_text
@@ -25,7 +24,7 @@ from moekit.hf import export_family, from_pretrained, read_hf_config, save_pretr
 from moekit.lab.data.config import Seq2SeqDataConfig
 from moekit.lab.data.corpus import load_corpus
 from moekit.lab.data.split import cut_pieces, split_pieces
-from moekit.lab.data.tokenizer import EOT, load_tokenizer, sentinel_token
+from moekit.lab.data.tokenizer import EOT, encode_pieces, load_tokenizer, sentinel_token
 from moekit.lab.training.run import load_trained_run, start_run_from_weights
 from moekit.lab.training.run_config import RunConfig, build_run_config
 from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE, task_of
@@ -46,16 +45,6 @@ def _separator_id(raw: dict[str, Any], tok: Any, vocab: int) -> int | None:
     if isinstance(eos, int) and 0 <= eos < vocab:
         return eos
     return tok.token_to_id(EOT)
-
-
-def _encode(tok: Any, pieces: list, separator: int | None) -> np.ndarray:
-    encodings = tok.encode_batch([text for _, text, _ in pieces], add_special_tokens=False)
-    parts = []
-    for (_, _, last), enc in zip(pieces, encodings, strict=True):
-        parts.append(np.asarray(enc.ids, dtype=np.int32))
-        if last and separator is not None:
-            parts.append(np.asarray([separator], dtype=np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def _count_sentinels(tok: Any) -> int:
@@ -118,7 +107,8 @@ def import_hf_run(
     docs = load_corpus(d.corpus, d.cache_dir)
     train_pieces, val_pieces = split_pieces(cut_pieces(docs, d.piece_chars, d.max_chars), d.val_fraction)
     separator = _separator_id(ckpt.raw, tok, lm.vocab_size)
-    train_tokens, val_tokens = _encode(tok, train_pieces, separator), _encode(tok, val_pieces, separator)
+    train_tokens = encode_pieces(tok, train_pieces, eot_id=separator)
+    val_tokens = encode_pieces(tok, val_pieces, eot_id=separator)
     log(f"{ckpt.family.model_type} model: {sum(p.numel() for p in model.parameters()):,} parameters; corpus "
         f"{d.corpus!r} -> {len(train_tokens):,} training and {len(val_tokens):,} validation tokens")
     run_dir.parent.mkdir(parents=True, exist_ok=True)

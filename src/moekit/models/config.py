@@ -172,5 +172,11 @@ class LMConfig:
             self.moe is not None and index % self.moe_every == self.moe_offset and index not in self.dense_layers
         )
 
+    def dense_d_ff(self, index: int) -> int:
+        """Hidden width of block ``index``'s FFN when it is dense: ``dense_d_ff_at_moe`` at the MoE positions of a
+        dense model (when set), else ``d_ff``."""
+        at_moe_position = self.moe is None and index % self.moe_every == self.moe_offset
+        return self.dense_d_ff_at_moe if (at_moe_position and self.dense_d_ff_at_moe) else self.d_ff
+
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]

@@ -28,13 +28,6 @@ def shared_expert_params(moe: object) -> int:
     return _ffn_params(moe.d_model, hidden, moe.activation) + (moe.d_model if moe.shared_expert_gate else 0)
 
 
-def _dense_d_ff(config: LMConfig, index: int) -> int:
-    at_moe_position = index % config.moe_every == config.moe_offset
-    if config.moe is None and at_moe_position and config.dense_d_ff_at_moe:
-        return config.dense_d_ff_at_moe
-    return config.d_ff
-
-
 def _attention_params(c: LMConfig) -> tuple[int, int]:
     """``(matmul, other)`` parameters of one attention layer: the q, k, v, o weights; biases and q/k norm weights."""
     H, Hkv, Hd, D = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
@@ -65,7 +58,7 @@ def parameter_counts(config: LMConfig) -> dict[str, int]:
             total += m.num_experts * one + router + shared
             active += m.top_k * one + router + shared
         else:
-            n = _ffn_params(D, _dense_d_ff(c, i), c.activation)
+            n = _ffn_params(D, c.dense_d_ff(i), c.activation)
             total += n
             active += n
     return {"total": total, "active": active, "embedding": embedding, "expert": expert}

@@ -65,9 +65,7 @@ class TransformerLM(nn.Module):
             if c.is_moe_layer(i):
                 ffn: nn.Module = MoE(c.moe)
             else:
-                moe_position = c.moe is None and i % c.moe_every == c.moe_offset
-                d_ff = c.dense_d_ff_at_moe if (moe_position and c.dense_d_ff_at_moe) else c.d_ff
-                ffn = dense_ffn(c.d_model, d_ff, c.activation, c.init_scale)
+                ffn = dense_ffn(c.d_model, c.dense_d_ff(i), c.activation, c.init_scale)
             blocks.append(
                 Block(
                     ffn,

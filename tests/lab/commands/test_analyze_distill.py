@@ -85,10 +85,11 @@ def test_distill_reports_gain_and_ratio(runs, capsys):
     assert main(["eval", str(student), "--batches", "1"]) == 0
 
 
-def _one_line_error(capsys, argv: list[str], needle: str) -> None:
+def _one_line_error(capsys, argv: list[str], needle: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+    return err
 
 
 def test_bad_input_is_a_one_line_error(runs, capsys, tmp_path):
@@ -238,5 +239,7 @@ def test_seq2seq_distill_end_to_end(s2s_runs, capsys):
 
 
 def test_seq2seq_distill_refuses_a_language_model_baseline(s2s_runs, runs, capsys):
-    _one_line_error(capsys, ["distill", str(s2s_runs["moe"]), "--dense-baseline", str(runs["dense"]),
-                             "--run-dir", str(s2s_runs["tmp"] / "x")], "not an encoder-decoder run")
+    err = _one_line_error(capsys, ["distill", str(s2s_runs["moe"]), "--dense-baseline", str(runs["dense"]),
+                                   "--run-dir", str(s2s_runs["tmp"] / "x")], "not an encoder-decoder run")
+    assert err.startswith("moekit distill: error:")
+    assert not (s2s_runs["tmp"] / "x").exists()  # refused before the student's run directory is written

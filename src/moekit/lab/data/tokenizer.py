@@ -72,14 +72,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise MoekitError(f"cannot read tokenizer {p}: {exc}") from None
 
 
-def encode_pieces(tok: Tokenizer, pieces: list[Piece]) -> np.ndarray:
-    """One int32 array: the pieces' ids in order, with the end-of-text id after each document's last piece."""
-    eot = tok.token_to_id(EOT)
+def encode_pieces(tok: Tokenizer, pieces: list[Piece], *, eot_id: int | None = None) -> np.ndarray:
+    """One int32 array: the pieces' ids in order, with an end-of-document id after each document's last piece:
+    ``eot_id`` (an imported model's end-of-sequence), by default the tokenizer's ``<|endoftext|>``; a tokenizer
+    without one concatenates the documents."""
+    eot = tok.token_to_id(EOT) if eot_id is None else eot_id
     encodings = tok.encode_batch([text for _, text, _ in pieces], add_special_tokens=False)
     parts = []
     for (_, _, last), enc in zip(pieces, encodings, strict=True):
         parts.append(np.asarray(enc.ids, dtype=np.int32))
-        if last:
+        if last and eot is not None:
             parts.append(np.asarray([eot], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
