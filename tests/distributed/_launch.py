@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -31,10 +32,16 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     try:
         fn(rank, world, *args)
         # Tear down together: a rank that destroys its gloo group while a peer is still finishing its last
-        # exchange can abort the peer ("terminate called without an active exception", seen once in CI-like runs).
+        # exchange can abort the peer ("terminate called without an active exception", seen in CI-like runs).
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A spawned worker that returns normally exits through interpreter finalisation, where gloo's C++ threads and
+    # objects are torn down in no fixed order; under load that has aborted a rank (SIGABRT) after its work was
+    # done and checked. Everything this worker wrote is closed by now, so leave without finalisation.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable, world: int, *args) -> None:
