@@ -102,3 +102,26 @@ def test_resume_with_a_fresh_train_section_keeps_init_from(source, tmp_path):
     ckpt.load_checkpoint(ckpt.verify_checkpoint(step0), model)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(),
                                                  strict=True))
+
+
+def test_an_encoder_decoder_run_starts_from_its_weights(tmp_path, capsys):
+    """The run config of an encoder-decoder also fixes its end-of-sequence id (from the tokenizer): a Seq2SeqLM's
+    trained weights start a new run, which evaluates to the same loss as the source at step 0 and trains on."""
+    corpus = write_tiny_corpus(tmp_path / "corpus.txt")
+    text = (
+        '[model]\narch = "seq2seq"\nd_model = 32\nn_heads = 2\nd_ff = 64\nn_encoder_layers = 2\n'
+        'n_decoder_layers = 2\n[moe]\nnum_experts = 4\ntop_k = 1\n'
+        f'[data]\ncorpus = "{corpus}"\nvocab_size = 400\nseq_len = 32\nsentinels = 20\n'
+        "[train]\nmax_steps = 4\nbatch_size = 4\neval_every = 4\ncheckpoint_every = 4\n"
+    )
+    source = tmp_path / "s2s"
+    train_run(build_run_config(tomllib.loads(text)), source, log=lambda m: None)
+    run_dir = _new_run(source, tmp_path / "new", max_steps=2, eval_every=2, seed=1)
+    run = load_trained_run(run_dir)
+    assert run.step == 0 and run.model.config.eos_token_id == load_trained_run(source).model.config.eos_token_id
+    assert main(["eval", str(run_dir)]) == 0
+    line = capsys.readouterr().out
+    assert main(["eval", str(source)]) == 0
+    assert line.split("validation loss")[1] == capsys.readouterr().out.split("validation loss")[1]
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert load_trained_run(run_dir).step == 2

@@ -237,7 +237,8 @@ def start_run_from_weights(run_config: RunConfig, run_dir: str | Path, model: to
     built = getattr(model, "config", None)
     # The weights must fit the model the run config builds (checked now, not at the first resume): the same
     # config, but for the vocabulary, which the run's tokenizer fixes.
-    if built is not None and built != config.task.model_for_data(config, _VocabOnly(getattr(built, "vocab_size", 0))):
+    stand_in = _VocabOnly(getattr(built, "vocab_size", 0), getattr(built, "eos_token_id", None))
+    if built is not None and built != config.task.model_for_data(config, stand_in):
         raise MoekitError(
             "start_run_from_weights: the model's config differs from the run config's [model] section "
             "(beyond the vocabulary the tokenizer fixes)"
@@ -251,9 +252,11 @@ def start_run_from_weights(run_config: RunConfig, run_dir: str | Path, model: to
 
 @dataclass
 class _VocabOnly:
-    """Stands in for a language model's prepared data where only its vocabulary is needed (``model_for_data``)."""
+    """Stands in for a model's prepared data where only its vocabulary (and, for an encoder-decoder, its
+    end-of-sequence id) is needed (``model_for_data``)."""
 
     vocab_size: int
+    eos_id: int | None = None
 
 
 def train_run(
