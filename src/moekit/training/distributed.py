@@ -1,11 +1,19 @@
-"""Expert-parallel training on torch.distributed: the process group, data split, gradient sync, global metrics.
+"""Expert- and data-parallel training on torch.distributed: the device mesh, data split, gradient sync, global
+metrics.
 
-Why a manual all-reduce rather than DDP: the model holds two kinds of parameters. Expert weights live on one rank
-each and already receive every rank's gradient through the all-to-all backward; everything else is replicated and
-must be averaged. Each rank back-propagates ``loss_local / ep`` (its share of the global mean), so expert gradients
-are exact as they arrive and replicated gradients become exact after one SUM all-reduce, without DDP's hooks having
-to skip the expert parameters. The gradient norm for clipping adds the replicated part once and every rank's expert
-part, so clipping is that of the single-process run.
+The ranks form a 2-D mesh ``("dp", "ep")`` of ``data_parallel x expert_parallel`` processes (rank = dp_index x ep +
+ep_index, as ``init_device_mesh`` lays it out). Every rank takes ``1 / world`` of each global batch. The experts are
+split over the ranks of an ``ep`` group (its all-to-all moves tokens to their experts' owners) and each ``ep`` shard
+is replicated over the ``dp`` dimension; every other weight is replicated on all ranks. With ``dp = 1`` this is
+plain expert parallelism, with ``ep = 1`` plain data parallelism.
+
+Why a manual all-reduce rather than DDP: the model holds two kinds of parameters. Each rank back-propagates
+``loss_local / world`` (its share of the global mean). An expert weight receives, through the all-to-all backward,
+the gradient of every rank of its ``ep`` group; one SUM all-reduce over the ``dp`` group adds the other replicas'
+shares, so it becomes exact. A replicated weight becomes exact after one SUM all-reduce over all ranks. DDP's hooks
+would have to skip the expert parameters and reduce them over another group. The gradient norm for clipping adds the
+replicated part once and the expert part of every rank of one ``ep`` group (the ``dp`` replicas hold the same
+gradients), so clipping is that of the single-process run.
 
 Every method is collective: all ranks call them in the same order.
 """
@@ -24,7 +32,7 @@ from torch import Tensor, nn
 from moekit.errors import MoekitError
 from moekit.layers.expert_parallel import expert_parameters, is_expert_parallel, shard_experts_, unshard_experts_
 
-__all__ = ["ExpertParallel", "init_expert_parallel", "launch_world_size"]
+__all__ = ["ExpertParallel", "init_expert_parallel", "init_parallel_mesh", "launch_world_size"]
 
 
 def launch_world_size() -> int:
@@ -60,15 +68,66 @@ def init_expert_parallel(expert_parallel: int, timeout_s: float) -> bool:
     return True
 
 
-class ExpertParallel:
-    """The expert-parallel side of one training run: which rank this is, and the collectives the trainer needs."""
+def init_parallel_mesh(data_parallel: int, expert_parallel: int, timeout_s: float):
+    """Join (or check) the default process group for ``data_parallel x expert_parallel`` ranks and return the
+    ``("dp", "ep")`` device mesh over it; None for one process. A collective that waits longer than ``timeout_s``
+    raises instead of blocking forever."""
+    world = data_parallel * expert_parallel
+    if world == 1:
+        if launch_world_size() > 1:
+            raise MoekitError(
+                f"started with {launch_world_size()} processes but parallel.data_parallel x expert_parallel = 1; "
+                f"pass --set parallel.expert_parallel=... / parallel.data_parallel=... with a product of "
+                f"{launch_world_size()}"
+            )
+        return None
+    if not dist.is_initialized():
+        if launch_world_size() != world:
+            raise MoekitError(
+                f"parallel.data_parallel x expert_parallel = {data_parallel} x {expert_parallel} needs {world} "
+                f"processes: launch with torchrun --nproc_per_node {world} -m moekit train ... (got WORLD_SIZE="
+                f"{launch_world_size()})"
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if dist.get_world_size() != world:
+        raise MoekitError(
+            f"parallel.data_parallel x expert_parallel = {world} but the process group has {dist.get_world_size()} "
+            "ranks"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
 
-    def __init__(self, model: nn.Module, group=None) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (data_parallel, expert_parallel), mesh_dim_names=("dp", "ep"))
+
+
+class ExpertParallel:
+    """The parallel side of one training run: which rank this is, and the collectives the trainer needs.
+
+    ``group`` holds every rank of the run (the data split, metrics, checkpoints; None: the default group).
+    ``ep_group`` is this rank's expert-parallel group (the experts are sharded over it; default: ``group``),
+    ``dp_group`` the ranks holding the same expert shard (None: no replicas). :meth:`from_mesh` takes them from a
+    ``("dp", "ep")`` device mesh."""
+
+    def __init__(self, model: nn.Module, group=None, *, ep_group=None, dp_group=None) -> None:
         self.model = model
         self.group = group
+        self.ep_group = group if ep_group is None else ep_group
+        self.dp_group = dp_group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.ep = dist.get_world_size(self.ep_group)
+        self.dp = 1 if dp_group is None else dist.get_world_size(dp_group)
+        if self.ep * self.dp != self.world:
+            raise ValueError(f"ep ({self.ep}) x dp ({self.dp}) ranks must be the run's {self.world}")
         self._expert_ids = {id(p) for p in expert_parameters(model)}
+
+    @classmethod
+    def from_mesh(cls, model: nn.Module, mesh) -> ExpertParallel:
+        """The run's parallel side from a ``("dp", "ep")`` mesh (:func:`init_parallel_mesh`) over the default
+        group."""
+        dp = mesh.get_group("dp") if mesh.size(0) > 1 else None
+        return cls(model, None, ep_group=mesh.get_group("ep"), dp_group=dp)
 
     @property
     def is_main(self) -> bool:
@@ -76,14 +135,14 @@ class ExpertParallel:
 
     # -- experts ---------------------------------------------------------------------------------------------
     def shard(self, optimizer: torch.optim.Optimizer) -> None:
-        if not is_expert_parallel(self.model):
-            shard_experts_(self.model, optimizer, self.group)
+        if self.ep > 1 and not is_expert_parallel(self.model):
+            shard_experts_(self.model, optimizer, self.ep_group)
             if hasattr(optimizer, "sharded"):  # Adafactor: update clipping over the whole expert stack
-                optimizer.sharded.update({i: self.group for i in self._expert_ids})
+                optimizer.sharded.update({i: self.ep_group for i in self._expert_ids})
 
     def unshard(self, optimizer: torch.optim.Optimizer) -> None:
         if is_expert_parallel(self.model):
-            unshard_experts_(self.model, optimizer, self.group)
+            unshard_experts_(self.model, optimizer, self.ep_group)
             if hasattr(optimizer, "sharded"):
                 optimizer.sharded.clear()
 
@@ -94,7 +153,8 @@ class ExpertParallel:
 
     # -- gradients -------------------------------------------------------------------------------------------
     def sync_gradients(self, params: list[nn.Parameter]) -> None:
-        """SUM-all-reduce the replicated parameters' gradients (each rank back-propagated loss / ep).
+        """SUM-all-reduce the replicated parameters' gradients over all ranks and the experts' over the ``dp``
+        replicas (each rank back-propagated loss / world).
 
         A missing gradient becomes zeros first: experts that received no rows on this rank have none, while the
         single-process bank (one grouped matmul over all experts) gets zeros, which the optimizer does apply
@@ -103,16 +163,9 @@ class ExpertParallel:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if id(p) not in self._expert_ids]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view_as(g))
-            offset += n
+        _sum_into([p.grad for p in params if id(p) not in self._expert_ids], self.group)
+        if self.dp_group is not None:
+            _sum_into([p.grad for p in params if id(p) in self._expert_ids], self.dp_group)
 
     def clip_gradients(self, params: list[nn.Parameter], bound: float) -> float:
         """Global gradient norm over every parameter of the whole model (replicated ones counted once), clipped
@@ -125,7 +178,7 @@ class ExpertParallel:
             sq[0] = sum(float(g.detach().double().pow(2).sum()) for g in replicated)
         if experts:
             sq[1] = sum(float(g.detach().double().pow(2).sum()) for g in experts)
-        dist.all_reduce(sq[1:], group=self.group)
+        dist.all_reduce(sq[1:], group=self.ep_group)  # the dp replicas hold the same expert gradients
         total = math.sqrt(float(sq.sum()))
         if math.isfinite(total) and bound < math.inf:
             coef = min(1.0, bound / (total + 1e-6))
@@ -166,3 +219,16 @@ class ExpertParallel:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+def _sum_into(grads: list[Tensor], group) -> None:
+    """SUM-all-reduce ``grads`` in place over ``group``, as one collective."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n

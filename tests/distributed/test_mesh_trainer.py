@@ -1,0 +1,91 @@
+"""The trainer on a ``("dp", "ep")`` device mesh of 4 gloo ranks equals the single-process trainer.
+
+(dp 2, ep 2), (dp 4, ep 1) and (dp 1, ep 4): the same per-step losses, gradient norms and routing counts as one
+process on the same global batches, and the same weights at the end (gathered into the single-process layout by the
+checkpoint). Routing groups of one sequence (``group_size = seq_len``) make capacity and drops independent of how
+the batch is split over ranks, and no jitter removes the only random draw, so the runs can match to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moekit import MoEConfig
+from moekit.data.batches import TokenBatches
+from moekit.models import LMConfig, TransformerLM
+from moekit.training.config import TrainConfig
+from moekit.training.distributed import ExpertParallel, init_parallel_mesh
+from moekit.training.metrics import read_metrics
+from moekit.training.trainer import Trainer
+from tests.distributed._launch import spawn
+
+SEQ, BATCH, STEPS, VOCAB = 16, 8, 6, 64
+
+
+def _model() -> TransformerLM:
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2, capacity_factor=1.0, group_size=SEQ,
+                    jitter_eps=0.0)
+    cfg = LMConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=SEQ, moe=moe,
+                   moe_every=2, moe_offset=1)
+    return TransformerLM(cfg)
+
+
+def _tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, size=4000).astype(np.int32)
+
+
+def _train(run_dir: Path, parallel_of=None) -> None:
+    model = _model()
+    config = TrainConfig(max_steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2, log_every=1, eval_every=0,
+                         checkpoint_every=STEPS, threads=1, progress="off", seed=0)
+    tokens = _tokens()
+    parallel = parallel_of(model) if parallel_of else None
+    trainer = Trainer(config, model, TokenBatches(tokens, BATCH, SEQ, 0), None, run_dir, log=lambda m: None,
+                      parallel=parallel)
+    trainer.fit()
+
+
+def _mesh_run(rank: int, world: int, dp: int, ep: int, run_dir: str) -> None:
+    mesh = init_parallel_mesh(dp, ep, timeout_s=60)
+    assert mesh.mesh_dim_names == ("dp", "ep") and tuple(mesh.shape) == (dp, ep)
+    _train(Path(run_dir), lambda model: ExpertParallel.from_mesh(model, mesh))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single")
+    torch.set_num_threads(1)
+    _train(run_dir)
+    return run_dir
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize("dp,ep", [(2, 2), (4, 1), (1, 4)])
+def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep):
+    spawn(_mesh_run, dp * ep, dp, ep, str(tmp_path))
+    ref, got = _records(reference), _records(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, r in ref.items():
+        assert got[step]["loss"] == pytest.approx(r["loss"], rel=1e-5, abs=1e-6), step
+        assert got[step]["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4, abs=1e-6), step
+        # The routing counts are the whole batch's (summed over every rank), not one rank's share.
+        assert got[step]["tokens_per_expert"] == r["tokens_per_expert"], step
+        assert sum(map(sum, r["tokens_per_expert"])) > 0
+    name = f"checkpoints/step_{STEPS:08d}"
+    w_ref = load_file(str(reference / name / "model.safetensors"))
+    w = load_file(str(tmp_path / name / "model.safetensors"))
+    assert w.keys() == w_ref.keys()
+    for key in w_ref:
+        torch.testing.assert_close(w[key], w_ref[key], rtol=1e-4, atol=1e-5)
+    state = json.loads((tmp_path / name / "state.json").read_text())
+    assert len(state["rng_per_rank"]) == dp * ep
