@@ -1,11 +1,24 @@
 """The atomic writer: a success replaces the destination; a failure inside the block leaves the old file or
-directory as it was and no temporary behind."""
+directory as it was and no temporary behind; a full or read-only disk is one line naming the destination."""
 
 from __future__ import annotations
 
+import errno
+import os
+import pickle
+
 import pytest
 
-from moekit.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
+from moekit.atomic import (
+    WriteError,
+    atomic_dir,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    is_disk_error,
+)
+from moekit.errors import MoekitError
 
 
 class Boom(Exception):
@@ -101,3 +114,108 @@ def test_atomic_dir_restores_the_old_directory_when_the_swap_fails(tmp_path, mon
         (tmp / "f").write_text("new")
     assert (dst / "f").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+# -- disk failures (issue 18): one line naming the destination, no partial file, still an OSError ----------------
+
+_as_root = pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_full_disk_is_a_one_line_write_error_and_leaves_no_temp(tmp_path, monkeypatch, fsync):
+    dst = tmp_path / "out.json"
+    dst.write_text("old")
+    monkeypatch.setattr("moekit.atomic.write_synced" if fsync else "pathlib.Path.write_bytes", _full_disk)
+    with pytest.raises(WriteError) as info:
+        atomic_write_text(dst, "new", fsync=fsync)
+    assert str(info.value) == f"cannot write {dst}: no space left on the device (free some space, or write elsewhere)"
+    assert isinstance(info.value, MoekitError) and isinstance(info.value, OSError)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(dst)
+    assert dst.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_full_disk_inside_an_atomic_dir_names_the_directory_and_removes_the_partial_one(tmp_path):
+    dst = tmp_path / "ckpt"
+    with pytest.raises(WriteError, match=f"cannot write {dst}: no space left"), atomic_dir(dst) as tmp:
+        (tmp / "model.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.bin"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_safetensors_write_failure_is_recognised(tmp_path):
+    from safetensors import SafetensorError
+
+    dst = tmp_path / "t.safetensors"
+    with pytest.raises(WriteError, match="no space left"), atomic_path(dst):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert list(tmp_path.iterdir()) == []
+    assert not is_disk_error(SafetensorError("Error while deserializing header: InvalidHeader"))
+
+
+def test_an_error_about_another_file_keeps_its_own_message(tmp_path):
+    # A copy whose source cannot be read is not a failure to write the destination.
+    src = str(tmp_path / "elsewhere" / "src.bin")
+    with pytest.raises(PermissionError) as info, atomic_path(tmp_path / "dst.bin"):
+        raise PermissionError(errno.EACCES, "Permission denied", src)
+    assert not isinstance(info.value, WriteError) and info.value.filename == src
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "x"):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+    with pytest.raises(Boom), atomic_path(tmp_path / "x"):
+        raise Boom
+
+
+def test_a_write_error_pickles():
+    err = WriteError("/data/x", OSError(errno.EROFS, "Read-only file system"))
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == "cannot write /data/x: the file system is read-only (write elsewhere)"
+    assert back.errno == errno.EROFS
+
+
+def test_check_writable_probes_the_nearest_existing_directory_and_leaves_nothing(tmp_path):
+    assert check_writable(tmp_path / "a" / "b") == tmp_path
+    assert check_writable(tmp_path) == tmp_path
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MoekitError, match="is not a directory"):
+        check_writable(tmp_path / "file" / "out")
+
+
+def test_check_writable_reports_a_full_disk(tmp_path, monkeypatch):
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "x" in mode:
+            f.write = _full_disk
+        return f
+
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'out'}: no space left"):
+        check_writable(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@_as_root
+def test_a_read_only_directory_is_refused_by_the_probe_and_by_the_writer(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(WriteError, match="permission denied"):
+            check_writable(ro / "out")
+        with pytest.raises(WriteError, match=f"cannot write {ro / 'a.txt'}: permission denied"):
+            atomic_write_text(ro / "a.txt", "x")
+        with pytest.raises(WriteError, match=f"cannot write {ro / 'd'}: permission denied"), atomic_dir(ro / "d"):
+            pass
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
