@@ -50,6 +50,18 @@ def test_capacity_factor_int_becomes_float():
         ({"router_dtype": "fp16"}, r"router_dtype must be one of .* got 'fp16'"),
         ({"router": "expert_choice", "batch_priority": True}, r"apply to router='topk' only"),
         ({"router": "expert_choice", "noisy_gating": True}, r"apply to router='topk' only"),
+        # a truthy value that is no bool would switch the option on
+        ({"normalize_gates": 3}, r"normalize_gates must be true, false or none, got 3"),
+        ({"normalize_gates": "false"}, r"normalize_gates must be true, false or none, got 'false'"),
+        ({"noisy_gating": "false"}, r"noisy_gating must be true or false, got 'false'"),
+        ({"batch_priority": 1}, r"batch_priority must be true or false, got 1"),
+        ({"min_capacity": True}, r"min_capacity must be an integer >= 0, got True"),
+        ({"init_scale": float("inf")}, r"init_scale must be finite and > 0, got inf"),
+        ({"init_scale": True}, r"init_scale must be > 0, got True"),
+        ({"second_expert_threshold": float("inf")}, r"second_expert_threshold must be finite and > 0, got inf"),
+        ({"second_expert_threshold": "0.2"}, r"second_expert_threshold must be > 0, got '0.2'"),
+        ({"bias_update_rate": float("inf")}, r"bias_update_rate must be a finite number >= 0, got inf"),
+        ({"num_experts": 2**63}, r"num_experts must be a positive integer below 2\*\*63"),
     ],
 )
 def test_moe_config_rejects(kwargs, match):
@@ -76,6 +88,7 @@ def test_causal_safety():
         ({"expert_dropout": 1.5}, r"expert_dropout must be in \[0, 1\), got 1.5"),
         ({"init_scale": -1.0}, r"init_scale must be > 0, got -1.0"),
         ({"num_experts": 0}, r"num_experts must be a positive integer, got 0"),
+        ({"init_scale": float("nan")}, r"init_scale must be finite and > 0, got nan"),
     ],
 )
 def test_soft_moe_config_rejects(kwargs, match):

@@ -1,11 +1,20 @@
-"""Typed, validated configs for the MoE layers. Every bad value raises a ValueError naming the field and value."""
+"""Typed, validated configs for the MoE layers. Every bad value raises a ConfigError (a ValueError) naming the field
+and value: booleans are real booleans, numbers finite, integers not booleans."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from moekit.config import check_choice, check_int, check_non_negative, check_positive_int, check_unit_interval
+from moekit.config import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_non_negative,
+    check_number,
+    check_positive_int,
+    check_unit_interval,
+)
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
 from moekit.routing.topk import ROUTER_DTYPES, SCORE_FUNCS, SECOND_EXPERT_POLICIES
@@ -121,16 +130,19 @@ class MoEConfig:
             if self.router != "topk" or self.capacity_factor is None:
                 raise ConfigError("eval_capacity_factor applies to router='topk' with a capacity_factor (not dropless)")
             self.eval_capacity_factor = float(ecf)
+        if self.normalize_gates is not None and not isinstance(self.normalize_gates, bool):
+            # 3 or "false" would be read as true by the router's `if`: only a real bool (or None: by top_k) is one.
+            raise ConfigError(f"normalize_gates must be true, false or none, got {self.normalize_gates!r}")
         check_int("min_capacity", self.min_capacity, 0)
         check_unit_interval("jitter_eps", self.jitter_eps)
         check_unit_interval("expert_dropout", self.expert_dropout)
-        if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
-            raise ConfigError(f"init_scale must be > 0, got {self.init_scale!r}")
+        check_number("init_scale", self.init_scale, low=0, low_open=True, expected="> 0")
         if self.group_size is not None:
             check_positive_int("group_size", self.group_size)
+        check_bool("noisy_gating", self.noisy_gating)
+        check_bool("batch_priority", self.batch_priority)
         check_choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)
-        if not self.second_expert_threshold > 0:
-            raise ConfigError(f"second_expert_threshold must be > 0, got {self.second_expert_threshold!r}")
+        check_number("second_expert_threshold", self.second_expert_threshold, low=0, low_open=True, expected="> 0")
         check_choice("router_dtype", self.router_dtype, tuple(ROUTER_DTYPES))
         if self.router == "expert_choice" and (self.noisy_gating or self.batch_priority):
             raise ConfigError("noisy_gating and batch_priority apply to router='topk' only")
@@ -143,8 +155,7 @@ class MoEConfig:
                 or not 0 < self.routed_scaling_factor < math.inf:
             raise ConfigError(f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}")
         check_non_negative("bias_update_rate", self.bias_update_rate)
-        if not isinstance(self.expert_bias, bool):
-            raise ConfigError(f"expert_bias must be true or false, got {self.expert_bias!r}")
+        check_bool("expert_bias", self.expert_bias)
         if self.bias_update_rate > 0:
             self.expert_bias = True
         check_positive_int("num_expert_groups", self.num_expert_groups)
@@ -168,8 +179,7 @@ class MoEConfig:
         check_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_d_ff is not None:
             check_positive_int("shared_d_ff", self.shared_d_ff)
-        if not isinstance(self.shared_expert_gate, bool):
-            raise ConfigError(f"shared_expert_gate must be true or false, got {self.shared_expert_gate!r}")
+        check_bool("shared_expert_gate", self.shared_expert_gate)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ConfigError("shared_expert_gate needs num_shared_experts >= 1")
         if self.noisy_gating and self.score_func != "softmax":
@@ -221,5 +231,4 @@ class SoftMoEConfig:
             check_positive_int(name, getattr(self, name))
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
         check_unit_interval("expert_dropout", self.expert_dropout)
-        if not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
-            raise ConfigError(f"init_scale must be > 0, got {self.init_scale!r}")
+        check_number("init_scale", self.init_scale, low=0, low_open=True, expected="> 0")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit.config import (
+    check_bool,
     check_choice,
     check_non_negative,
     check_positive_int,
@@ -89,7 +90,8 @@ class LMConfig:
             check_positive_int(f"model.{name}", getattr(self, name))
         self._check_attention()
         check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
-        if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
+        if isinstance(self.moe_offset, bool) or not isinstance(self.moe_offset, int) \
+                or not 0 <= self.moe_offset < self.moe_every:
             raise ConfigError(
                 f"model.moe_offset must be an integer in [0, moe_every={self.moe_every}),"
                 f" got {self.moe_offset!r}"
@@ -136,8 +138,7 @@ class LMConfig:
             self.qk_norm = "none"
         check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
         for name in ("qkv_bias", "out_bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(f"model.{name}", getattr(self, name))
 
     def _check_moe(self) -> None:
         if self.moe is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.config import (
+    check_bool,
     check_choice,
     check_int,
     check_non_negative,
@@ -122,8 +123,7 @@ class Seq2SeqConfig:
         self._check_buckets()
         self._check_layout()
         for name in ("tie_embeddings", "dense_before_moe"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+            check_bool(f"model.{name}", getattr(self, name))
         check_unit_interval("model.dropout", self.dropout)
         for name in ("norm_eps", "init_scale"):
             check_positive_number(f"model.{name}", getattr(self, name))

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moekit.config import check_choice, check_int, check_number
+from moekit.config import INT64_MAX, check_bool, check_choice, check_int, check_number
 from moekit.errors import ConfigError
 
-__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "NONFINITE_POLICIES", "PROGRESS_MODES"]
+__all__ = [
+    "TrainConfig", "MAX_THREADS", "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "NONFINITE_POLICIES", "PROGRESS_MODES",
+]
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 PRECISIONS = ("float32", "bf16")
 NONFINITE_POLICIES = ("skip", "rollback", "raise")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
+# More intra-op threads than cores only makes them wait on each other at every kernel (see
+# ``trainer.resolve_threads``); no machine this trains on has 1,024 cores, so a larger count is a typo (100000 would
+# also ask the OS for that many threads).
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -22,7 +28,7 @@ class TrainConfig:
     """Attributes:
     max_steps: optimizer steps to run (skipped steps count: they consumed a batch).
     batch_size: sequences per step.
-    seed: seeds the model init, the data order and every random draw (dropout, router jitter).
+    seed: seeds the model init, the data order and every random draw (dropout, router jitter); in [0, 2**63 - 1].
     log_every: write a metrics line every N steps.
     eval_every: validation every N steps (0: only at the end).
     eval_batches: validation batches per evaluation (None: the whole validation split).
@@ -43,10 +49,10 @@ class TrainConfig:
         data),
         "rollback" (roll back at once) or "raise".
     max_consecutive_skips: see ``nonfinite``.
-    threads: torch intra-op threads; 0 (auto): torch's default (one per core), fewer when the load average
-            says other processes hold cores (see ``trainer.resolve_threads``). A process-wide setting, so the
-            ``Trainer`` does not apply it: the command line does (``moekit.lab.runtime.set_threads``), a script
-            calls ``torch.set_num_threads`` itself.
+    threads: torch intra-op threads, at most :data:`MAX_THREADS`; 0 (auto): torch's default (one per core), fewer
+            when the load average says other processes hold cores (see ``trainer.resolve_threads``). A
+            process-wide setting, so the ``Trainer`` does not apply it: the command line does
+            (``moekit.lab.runtime.set_threads``), a script calls ``torch.set_num_threads`` itself.
     progress: "auto" (a bar on a terminal, plain lines otherwise), "bar", "plain" or "off".
     tensorboard: also write TensorBoard events (needs the ``tensorboard`` package).
     init_from: model weights to start from, a path relative to the run directory of a file written by
@@ -85,7 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)
         check_int("train.batch_size", self.batch_size, 1)
-        check_int("train.seed", self.seed, 0)
+        check_int("train.seed", self.seed, 0, INT64_MAX)  # numpy and torch seeds take 64 bits
         check_int("train.log_every", self.log_every, 1)
         check_int("train.eval_every", self.eval_every, 0)
         if self.eval_batches is not None:
@@ -106,10 +112,9 @@ class TrainConfig:
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         check_int("train.max_consecutive_skips", self.max_consecutive_skips, 1)
-        check_int("train.threads", self.threads, 0)
+        check_int("train.threads", self.threads, 0, MAX_THREADS)
         check_choice("train.progress", self.progress, PROGRESS_MODES)
-        if not isinstance(self.tensorboard, bool):
-            raise ConfigError(f"train.tensorboard must be true or false, got {self.tensorboard!r}")
+        check_bool("train.tensorboard", self.tensorboard)
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ConfigError(f"train.init_from must be a path (relative to the run directory) or none, "
                               f"got {self.init_from!r}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from moekit.errors import MoekitError
+from moekit.errors import ConfigError, MoekitError
 from moekit.lab.training.run_config import build_run_config, load_run_config, parse_overrides, to_toml
 from moekit.models import flop_matched_dense, parameter_counts
 
@@ -146,3 +146,90 @@ def test_config_is_parsed_once_into_typed_sections():
     assert vit.resolved()["model"]["arch"] == "vit" and vit.resolved()["moe"]["router"] == "soft"
     dense = load_run_config(CONFIGS / "dense-tiny.toml")
     assert dense.moe is None and "moe" not in dense.resolved()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nonsense is refused (issue 18), every problem of a file at once
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.tensorboard='false'", "train.tensorboard must be true or false, got 'false'"),
+        ("moe.normalize_gates=3", "moe.normalize_gates must be true, false or none, got 3"),
+        ("moe.normalize_gates='false'", "moe.normalize_gates must be true, false or none, got 'false'"),
+        ("moe.noisy_gating='false'", "moe.noisy_gating must be true or false, got 'false'"),
+        ("moe.min_capacity=true", "moe.min_capacity must be an integer >= 0, got True"),
+        ("model.moe_offset=true", "model.moe_offset must be an integer in [0, moe_every=2), got True"),
+        ("train.lr=inf", "train.lr must be a finite number > 0.0, got inf"),
+        ("train.weight_decay=inf", "train.weight_decay must be a finite number >= 0.0, got inf"),
+        ("moe.init_scale=inf", "moe.init_scale must be finite and > 0, got inf"),
+        ("model.init_scale=inf", "model.init_scale must be a finite number > 0, got inf"),
+        ("model.norm_eps=inf", "model.norm_eps must be a finite number > 0, got inf"),
+        ("model.rope_base=inf", "model.rope_base must be a finite number > 0, got inf"),
+        ("moe.second_expert_threshold='x'", "moe.second_expert_threshold must be > 0, got 'x'"),
+        ("parallel.timeout_s=inf", "parallel.timeout_s must be a finite number > 0, got inf"),
+        ("train.threads=100000", "train.threads must be an integer in [0, 1024], got 100000"),
+        ("train.seed=9223372036854775808", "train.seed must be an integer in [0, 2**63 - 1], got 9223372036854775808"),
+        ("data.cache_dir=3", 'data.cache_dir must be a directory path or "none", got 3'),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_largest_seed_and_thread_count_are_accepted():
+    cfg = load_run_config(None, [f"train.seed={2**63 - 1}", "train.threads=1024"])
+    assert (cfg.train.seed, cfg.train.threads) == (2**63 - 1, 1024)
+
+
+def test_an_empty_moe_section_is_an_error_not_a_dense_model(tmp_path):
+    path = tmp_path / "empty-moe.toml"
+    path.write_text("[model]\nd_model = 64\n\n[moe]\n")
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    assert str(info.value) == "[moe] is empty: remove the section for a dense model, or set moe.num_experts"
+    path.write_text("[model]\nd_model = 64\n")  # no section: dense, as documented
+    assert load_run_config(path).moe is None
+
+
+def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[model]\nd_model = 64\nn_layer = 2\n\n"
+        "[moe]\nnum_experts = 4\ntop_k = 0\n\n"
+        "[train]\nlr = inf\ntensorboard = \"false\"\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "4 problems in the config:"
+    assert lines[1].startswith("  unknown config key 'model.n_layer' (did you mean 'n_layers'?)")
+    assert lines[2:] == [
+        "  moe.top_k must be a positive integer, got 0",
+        "  train.lr must be a finite number > 0.0, got inf",
+        "  train.tensorboard must be true or false, got 'false'",
+    ]
+
+
+def test_a_broken_moe_section_does_not_hide_model_problems():
+    tables = {"model": {"d_model": "wide", "n_heads": 0}, "moe": {"num_experts": 8, "jitter_eps": 2}}
+    with pytest.raises(ConfigError) as info:
+        build_run_config(tables)
+    # moe.d_model inherits the model's bad value: reported once, as the model's
+    assert info.value.problems == [
+        "model.d_model must be a positive integer, got 'wide'",
+        "model.n_heads must be a positive integer, got 0",
+        "moe.jitter_eps must be in [0, 1), got 2",
+    ]
+
+
+def test_a_refused_data_value_does_not_report_its_consequences():
+    # data.dataset is refused, so the model is checked against the default set (digits, 8x8): the 28x28 model
+    # would "mismatch" it, which is the default's doing, not the file's.
+    tables = {"model": {"arch": "vit", "image_size": 28}, "data": {"dataset": 5}}
+    with pytest.raises(ConfigError) as info:
+        build_run_config(tables)
+    assert info.value.problems == ["data.dataset must be 'digits', 'fashion_mnist' or a directory, got 5"]

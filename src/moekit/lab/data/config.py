@@ -4,13 +4,16 @@ split."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from moekit.config import check_int, check_number, check_positive_int
+from moekit.config import check_int, check_number, check_positive_int, suggest
 from moekit.errors import ConfigError
 
-__all__ = ["DataConfig", "ImageDataConfig", "IMAGE_SETS", "Seq2SeqDataConfig", "TOKENIZERS"]
+__all__ = ["CORPUS_NAMES", "DataConfig", "ImageDataConfig", "IMAGE_SETS", "Seq2SeqDataConfig", "TOKENIZERS"]
 
 TOKENIZERS = ("bpe", "imported")
+# The corpora known by name (moekit.lab.data.corpus.load_corpus); any other data.corpus is a path.
+CORPUS_NAMES = ("builtin", "sotu")
 
 
 @dataclass
@@ -60,6 +63,23 @@ class DataConfig:
         check_int("data.piece_chars", self.piece_chars, 256)
         if self.max_chars is not None:
             check_positive_int("data.max_chars", self.max_chars)
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise ConfigError(f"data.cache_dir must be a directory path or \"none\", got {self.cache_dir!r}")
+
+    def source_problem(self) -> str | None:
+        """Why the corpus cannot be read, checked without reading it (a path that does not exist), or None. A
+        named corpus is fine (it is fetched when needed), and so is any corpus of an imported tokenizer: its
+        token arrays came with the model and the corpus is never read."""
+        if self.corpus in CORPUS_NAMES or self.tokenizer == "imported":
+            return None
+        path = Path(self.corpus).expanduser()
+        if path.exists():
+            return None
+        hint = "" if "/" in self.corpus else suggest(self.corpus, CORPUS_NAMES)
+        return (
+            f"data.corpus: corpus path {str(path)!r} does not exist{hint} (data.corpus is "
+            f"{' or '.join(repr(n) for n in CORPUS_NAMES)} or a path to a text file or directory)"
+        )
 
 
 @dataclass
@@ -122,6 +142,18 @@ class ImageDataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"data.{name} must be a positive integer or \"none\", got {value!r}")
+
+    def source_problem(self) -> str | None:
+        """Why the image set cannot be read, checked without reading it (a directory that does not exist), or
+        None; a named set is fine (it is fetched when needed)."""
+        canonical = self.dataset.strip().lower().replace("-", "_")  # as load_images reads a name
+        if canonical in IMAGE_SETS or Path(self.dataset).expanduser().is_dir():
+            return None
+        hint = "" if "/" in self.dataset else suggest(self.dataset, list(IMAGE_SETS))
+        return (
+            f"data.dataset: image data directory {self.dataset!r} does not exist{hint} (data.dataset is "
+            f"{' or '.join(repr(n) for n in IMAGE_SETS)} or a directory of IDX files)"
+        )
 
     @property
     def known_shape(self) -> tuple[int, int, int] | None:

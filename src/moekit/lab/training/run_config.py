@@ -21,15 +21,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import check_int, check_positive_number, config_from_dict, suggest
+from moekit.config import ConfigProblems, check_int, check_positive_number, collect_config, suggest
 from moekit.errors import ConfigError, MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
-from moekit.lab.training.tasks import ARCHS, Task, moe_table, task_for_arch, task_of
+from moekit.lab.training.tasks import ARCHS, Task, moe_table, parse_moe, task_for_arch, task_of
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models.config import LMConfig
 from moekit.models.vit import ViTConfig
@@ -154,25 +155,132 @@ def _none(value: Any) -> Any:
     return value
 
 
+# [moe] keys that default to the [model] value (parse_moe): a problem of one of them that the [moe] table does not
+# set is the [model] value's, which the [model] check reports under its own name.
+_INHERITED_MOE_KEYS = ("d_model", "d_ff", "activation")
+
+
+class _Problems:
+    """The problems of one config file, in order, each once; lines that mention a key whose value was refused
+    (and replaced by its default to go on checking) are consequences of that default and are left out."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.replaced: set[str] = set()  # "section.key"
+
+    def add(self, line: str) -> None:
+        consequence = not line.startswith("unknown config") and any(
+            re.search(rf"(?<![\w]){re.escape(key)}(?![\w])", line) for key in self.replaced
+        )
+        if not consequence and line not in self.lines:
+            self.lines.append(line)
+
+    def section(self, cls: type, values: Any, name: str) -> Any:
+        config, lines, replaced = collect_config(cls, values, name)
+        for line in lines:
+            self.add(line)
+        self.replaced |= {f"{name}.{key}" for key in replaced}
+        return config
+
+
+def _lines(exc: ConfigError) -> list[str]:
+    return list(exc.problems) if isinstance(exc, ConfigProblems) else [str(exc)]
+
+
+def _parse_model(task: Task, model: dict[str, Any], moe: dict[str, Any] | None, data: Any, problems: _Problems) -> Any:
+    """The task's typed ``[model]`` (with ``[moe]``), every problem of the two sections added to ``problems``; None
+    when there was one. ``[moe]`` is checked on its own first, so a broken ``[moe]`` still lets ``[model]`` be
+    checked (as a dense model); unknown ``[model]`` keys are dropped one by one to reach the value checks."""
+    model = dict(model)
+    if moe is not None:
+        inherited = [k for k in _INHERITED_MOE_KEYS if k not in moe]
+        try:
+            parse_moe(moe, model, task.model_config)
+        except ConfigError as exc:
+            lines = _lines(exc)
+            of_model = [line for line in lines if line.startswith(tuple(f"moe.{k} " for k in inherited))]
+            if of_model:
+                # A bad [model] value the [moe] section inherits stops the [moe] check at once (d_model is
+                # required there): check [moe] again with the model's defaults standing in for its other keys.
+                try:
+                    parse_moe(moe, {k: getattr(task.model_config, k) for k in inherited}, task.model_config)
+                    lines = []
+                except ConfigError as again:
+                    lines = _lines(again)
+            for line in lines:
+                if line not in of_model:
+                    problems.add(line)
+            moe = None
+    for _ in range(len(model) + 2):
+        try:
+            parsed = task.parse_model(model, moe, data)
+        except ConfigError as exc:
+            lines = _lines(exc)
+        else:
+            return None if problems.lines else parsed
+        for line in lines:
+            problems.add(line)
+        unknown = [m.group(1) for m in map(_UNKNOWN_MODEL_KEY.match, lines) if m]
+        if unknown:
+            for key in unknown:
+                model.pop(key, None)
+        elif moe is not None and any(line.startswith("moe.") for line in lines):
+            moe = None  # a [model] check of the [moe] section (Soft MoE in a causal model...): check the rest dense
+        else:
+            return None
+    return None
+
+
+_UNKNOWN_MODEL_KEY = re.compile(r"unknown config key 'model\.(\w+)'")
+_SECTION_OF_LINE = re.compile(r"(?:unknown config key '|\[)?(\w+)")
+
+
+def _section_rank(line: str) -> int:
+    """Where a problem line's section comes in :data:`SECTIONS` (lines of no section last)."""
+    match = _SECTION_OF_LINE.match(line)
+    name = match.group(1) if match else ""
+    return SECTIONS.index(name) if name in SECTIONS else len(SECTIONS)
+
+
 def build_run_config(tables: dict[str, Any]) -> RunConfig:
     """Parse TOML tables into a :class:`RunConfig` (strict keys): ``[data]``, ``[train]`` and ``[parallel]``
-    first, then ``[model]`` and ``[moe]`` by the task of ``model.arch``."""
-    for key in tables:
-        if key not in SECTIONS:
-            raise ConfigError(
-                f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"
-            )
+    first, then ``[model]`` and ``[moe]`` by the task of ``model.arch``.
+
+    Every problem of the file is reported at once, in one :class:`~moekit.config.ConfigProblems` whose lines each
+    name the key (``train.lr must be ...``, ``unknown config key 'moe.top_kk'``); the checks across sections
+    (``data.seq_len <= model.max_seq_len``, expert parallelism) run once every section is valid."""
+    problems = _Problems()
+    known: dict[str, dict[str, Any]] = {}
     for key, value in tables.items():
-        if not isinstance(value, dict):
-            raise ConfigError(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
-    tables = _none(tables)
-    model = dict(tables.get("model", {}))
-    moe = dict(tables["moe"]) if tables.get("moe") else None
-    task = task_for_arch(model.get("arch", "lm"))  # first: it decides which keys [data] may hold
-    data = config_from_dict(task.data_config, tables.get("data", {}), "data")
-    train = config_from_dict(TrainConfig, tables.get("train", {}), "train")
-    parallel = config_from_dict(ParallelConfig, tables.get("parallel", {}), "parallel")
-    return RunConfig(model=task.parse_model(model, moe, data), data=data, train=train, parallel=parallel)
+        if key not in SECTIONS:
+            problems.add(f"unknown config section [{key}]{suggest(key, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+        elif not isinstance(value, dict):
+            problems.add(f"[{key}] must be a table of key = value pairs, got {type(value).__name__}")
+        else:
+            known[key] = value
+    known = _none(known)
+    model = dict(known.get("model", {}))
+    moe: dict[str, Any] | None = None
+    if "moe" in known:
+        if known["moe"]:
+            moe = dict(known["moe"])
+        else:  # an empty table once meant a dense model, silently: say which of the two was meant
+            problems.add("[moe] is empty: remove the section for a dense model, or set moe.num_experts")
+    train = problems.section(TrainConfig, known.get("train", {}), "train")
+    parallel = problems.section(ParallelConfig, known.get("parallel", {}), "parallel")
+    try:
+        task: Task | None = task_for_arch(model.get("arch", "lm"))  # it decides which keys [data] may hold
+    except ConfigError as exc:
+        problems.add(str(exc))
+        task = None
+    parsed_model = data = None
+    if task is not None:
+        data = problems.section(task.data_config, known.get("data", {}), "data")
+        if data is not None:
+            parsed_model = _parse_model(task, model, moe, data, problems)
+    if problems.lines:
+        raise ConfigProblems(sorted(problems.lines, key=_section_rank))  # in the order of a config file
+    return RunConfig(model=parsed_model, data=data, train=train, parallel=parallel)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
