@@ -78,7 +78,7 @@ class DataConfig:
         hint = "" if "/" in self.corpus else suggest(self.corpus, CORPUS_NAMES)
         return (
             f"data.corpus: corpus path {str(path)!r} does not exist{hint} (data.corpus is "
-            f"{' or '.join(repr(n) for n in CORPUS_NAMES)} or a path to a text file or directory)"
+            f"{', '.join(repr(n) for n in CORPUS_NAMES)} or a path to a text file or directory)"
         )
 
 
@@ -152,7 +152,7 @@ class ImageDataConfig:
         hint = "" if "/" in self.dataset else suggest(self.dataset, list(IMAGE_SETS))
         return (
             f"data.dataset: image data directory {self.dataset!r} does not exist{hint} (data.dataset is "
-            f"{' or '.join(repr(n) for n in IMAGE_SETS)} or a directory of IDX files)"
+            f"{', '.join(repr(n) for n in IMAGE_SETS)} or a directory of IDX files)"
         )
 
     @property

@@ -135,6 +135,19 @@ class RunConfig:
                     f"parallel.expert_parallel = {ep}: every rank takes an equal share"
                 )
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant, one line each (``moekit validate`` and ``moekit train``
+        print them; nothing is refused)."""
+        out = []
+        t = self.train
+        if t.warmup_steps >= t.max_steps:
+            out.append(
+                f"train.warmup_steps = {t.warmup_steps} >= train.max_steps = {t.max_steps}: the run ends during "
+                f"warm-up, so the learning rate never reaches train.lr = {t.lr} and the {t.schedule} schedule never "
+                "starts"
+            )
+        return out
+
     def resolved(self) -> dict[str, dict[str, Any]]:
         """Every section with every default filled in (what ``config.toml`` in a run holds, and checkpoints store);
         :func:`build_run_config` reads it back to an equal RunConfig."""
