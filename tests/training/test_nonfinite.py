@@ -3,6 +3,9 @@ raise."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +113,128 @@ def test_endless_divergence_is_stopped(tmp_path):
     trainer = _trainer(tmp_path, {i: "loss" for i in range(1, 100)}, nonfinite="rollback", max_steps=50)
     with pytest.raises(MoekitError, match="rolled back 10 times"):
         trainer.fit()
+
+
+# -- issue 18: the skip streak survives a resume; roll-backs go to a healthy checkpoint ---------------------------
+
+
+def _log_without_timing(tmp_path) -> list[dict]:
+    """The metrics log without the wall-clock fields (the only ones a resume may change)."""
+    return [
+        {k: v for k, v in r.items() if k not in ("time_s", "tokens_per_s")}
+        for r in read_metrics(tmp_path / "metrics.jsonl")
+    ]
+
+
+def test_a_resume_inside_a_streak_of_skipped_steps_matches_the_uninterrupted_run(tmp_path):
+    # Training calls 4, 5, 6 are NaN: the third skip in a row rolls back (max_consecutive_skips = 3).
+    bad = {4: "loss", 5: "loss", 6: "loss"}
+    ref = _trainer(tmp_path / "ref", bad, max_consecutive_skips=3)
+    ref_result = ref.fit()
+    assert ref_result.rollbacks == 1 and ref_result.skipped_steps == 3 and ref_result.step == 10
+    ref_log = _log_without_timing(tmp_path / "ref")
+    assert [r for r in ref_log if r.get("event")] == [{"step": 5, "event": "rollback", "skipped_steps": 3}]
+
+    # The same run dies in training call 6, after the checkpoint of step 5 (two skips into the streak).
+    crashed = _trainer(tmp_path / "b", bad, max_consecutive_skips=3)
+    real_forward = crashed.model.forward
+
+    def die_at_call_6(inputs, targets):
+        if crashed.model.training and crashed.model.calls == 5:
+            raise RuntimeError("killed")
+        return real_forward(inputs, targets)
+
+    crashed.model.forward = die_at_call_6
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.fit()
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step_00000005" / "state.json").read_text())
+    assert state["consecutive_skips"] == 2 and state["skipped_steps"] == 2
+
+    resumed = _trainer(tmp_path / "b", bad, max_consecutive_skips=3)
+    assert resumed.resume() and resumed.step == 5 and resumed.consecutive_skips == 2
+    resumed.model.calls = resumed.batches.state_dict()["index"] // 2  # the calls so far: one batch each
+    result = resumed.fit()
+    # The third skip after the resume rolls back, as in the uninterrupted run (it did not before: the streak
+    # restarted at 0, step 6 was skipped once more and the run went on from there).
+    assert (result.rollbacks, result.skipped_steps, result.step) == (1, 3, 10)
+    assert _log_without_timing(tmp_path / "b") == ref_log
+    assert _same(_weights(tmp_path / "b", 10), _weights(tmp_path / "ref", 10))
+
+
+def test_a_checkpoint_written_before_the_streak_counter_existed_resumes_with_no_streak(tmp_path):
+    trainer = _trainer(tmp_path, {}, max_steps=2)
+    trainer.fit()
+    path = tmp_path / "checkpoints" / "step_00000002"
+    state = json.loads((path / "state.json").read_text())
+    del state["consecutive_skips"]
+    _rewrite_state(path, state)
+    resumed = _trainer(tmp_path, {}, max_steps=2)
+    resumed.consecutive_skips = 7
+    assert resumed.resume() and resumed.consecutive_skips == 0
+
+
+def _rewrite_state(path, state) -> None:
+    """Replace a checkpoint's state.json and fix its manifest (as an older moekit would have written it)."""
+    raw = json.dumps(state).encode()
+    (path / "state.json").write_bytes(raw)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _poison_weights_at_call(trainer: Trainer, call: int) -> None:
+    """After the optimizer update of training call ``call``, one weight becomes NaN (an update that overflowed):
+    the loss and gradient of that step were finite, every later one is not."""
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if trainer.model.calls == call:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("nan")
+        return out
+
+    trainer.optimizer.step = step
+
+
+@pytest.mark.parametrize(
+    ("eval_every", "keep", "why"),
+    [
+        (2, 20, "validation loss nan at step 4"),  # the NaN validation loss is logged at the poisoned step
+        (0, 20, "non-finite weights"),  # no validation at that step: the weights themselves are checked
+        (2, 2, "validation loss nan at step 6"),  # keep-last-2 holds only unhealthy ones: the healthy one stays
+    ],
+)
+def test_rollback_skips_unhealthy_checkpoints_and_goes_to_the_newest_healthy_one(tmp_path, eval_every, keep, why):
+    # Call 4's update makes a weight NaN; steps 5, 6, 7 are then non-finite; the third skip rolls back. The
+    # checkpoints of steps 4 and 6 hold the NaN weight: the roll-back must go to step 2.
+    trainer = _trainer(tmp_path, {}, checkpoint_every=2, eval_every=eval_every, keep_checkpoints=keep)
+    logged: list[str] = []
+    trainer.log = logged.append
+    _poison_weights_at_call(trainer, 4)
+    # Before: it rolled back to step 6 (the NaN weight), skipped every later step and "finished" with NaN weights
+    # (a longer run died after 10 roll-backs).
+    result = trainer.fit()
+    assert (result.rollbacks, result.skipped_steps, result.step) == (1, 3, 10)
+    assert np.isfinite(result.final_val_loss)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "rollback"]
+    assert events == [{"step": 2, "event": "rollback", "skipped_steps": 3}]
+    skipped = [m for m in logged if m.startswith("not rolling back to")]
+    assert len(skipped) == 2 and "step_00000006" in skipped[0] and "step_00000004" in skipped[1]
+    assert why in skipped[0 if keep == 2 else 1]
+    assert any("rolled back to step_00000002 (step 2)" in m for m in logged)
+    manifest = json.loads((tmp_path / "checkpoints" / "step_00000010" / "manifest.json").read_text())
+    assert manifest["healthy"] is True
+
+
+def test_rollback_with_no_healthy_checkpoint_is_one_clear_error(tmp_path):
+    trainer = _trainer(tmp_path, {}, nonfinite="rollback")
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")  # non-finite from the start: step 0 too
+    with pytest.raises(MoekitError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "at step 1, and no checkpoint in" in message and "is healthy to roll back to" in message
+    assert trainer.rollbacks == 1  # before: back to the NaN step 0 again and again, "rolled back 10 times"

@@ -2,10 +2,20 @@
 
 Layout: ``<root>/step_00000120/`` holding ``model.safetensors``, ``optimizer.safetensors`` (every optimizer state
 tensor), ``state.json`` (config, step, RNG state, data position, counters, optimizer hyper-parameters) and
-``manifest.json`` (the sha256 and size of each file). A checkpoint is written into ``<root>/.tmp-...``, each file
-fsynced, the manifest written last, then the directory renamed into place: a crash at any moment leaves either the
-old set of checkpoints or the new one, never a half-written ``step_*`` directory. On load the manifest is checked
-byte for byte; a checkpoint that fails is reported by name and the previous one is tried.
+``manifest.json`` (the sha256 and size of each file, and whether the checkpoint is healthy). A checkpoint is written
+into ``<root>/.tmp-...``, each file fsynced, the manifest written last, then the directory renamed into place: a
+crash at any moment leaves either the old set of checkpoints or the new one, never a half-written ``step_*``
+directory. On load the manifest is checked key by key and every file byte for byte; a checkpoint that fails is
+reported by name (one line) and the previous one is tried.
+
+Temporaries a killed writer left behind are removed at the start of the next write, before anything new is
+written (on a full disk the space they hold may be what the next checkpoint needs). A write that runs out of space
+removes its own partial directory and raises :class:`CheckpointSpaceError`; the earlier checkpoints are untouched.
+
+A checkpoint is *healthy* when every weight is finite and the caller did not mark it otherwise (the trainer does
+when the validation loss computed at that step is not finite). A roll-back of the non-finite policy only goes to a
+healthy one (:func:`unhealthy_reason`); a checkpoint written before the flag existed counts as healthy when its
+weights are finite. Pruning to the newest ``keep`` also keeps the newest healthy checkpoint when none of those is.
 
 Initial weights (a run that starts from given weights: an upcycled model, an imported one) are a smaller cousin:
 ``<run>/init/model.safetensors`` and ``<run>/init/manifest.json`` (its sha256 and size), written the same atomic way
@@ -14,8 +24,10 @@ by :func:`save_initial_weights` and read back, verified and strictly, by :func:`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -32,12 +44,14 @@ from moekit.errors import MoekitError
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSpaceError",
     "save_checkpoint",
     "list_checkpoints",
     "verify_checkpoint",
     "load_checkpoint",
     "latest_valid_checkpoint",
     "clean_partial",
+    "unhealthy_reason",
     "rng_state",
     "set_rng_state",
     "save_initial_weights",
@@ -50,6 +64,10 @@ INIT_FORMAT = "moekit-init-weights-1"
 # Where save_initial_weights puts the weights, relative to the run directory (train.init_from names this path).
 INIT_WEIGHTS = "init/model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# A temporary of moekit.atomic: ".tmp-<name>-<pid>-<8 hex>" (a directory being swapped out: ".trash-...").
+_TEMP_DIR = re.compile(r"^\.(?:tmp|trash)-.+-(\d+)-[0-9a-f]{8}$")
+# The disk is full (or the user's quota is): the one write failure the user fixes by freeing space.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = (
     "model.safetensors",
     "optimizer.safetensors",
@@ -60,6 +78,11 @@ MODEL_FILE, OPTIM_FILE, STATE_FILE, MANIFEST_FILE = (
 
 class CheckpointError(MoekitError):
     """A checkpoint is missing, partial or fails its checksum (the message names the file)."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """A checkpoint could not be written for lack of space; its partial directory was removed and the earlier
+    checkpoints are intact (the message names the checkpoint)."""
 
 
 _write_bytes = write_synced  # every checkpoint file is written (and fsynced) through this one name
@@ -112,28 +135,100 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    *,
+    unhealthy: str | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep``. Returns its directory."""
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep`` (and the newest healthy one). Returns
+    its directory.
+
+    ``unhealthy``: why the caller knows this checkpoint is not one to go back to (e.g. a non-finite validation
+    loss at this step), recorded in the manifest; non-finite weights are found here. A full disk raises
+    :class:`CheckpointSpaceError` and leaves no partial directory."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+    # Before anything new is written: a stale partial checkpoint may hold the space this one needs.
+    _remove_stale_temporaries(root)
     opt_tensors, opt_meta = _optimizer_split(optimizer)
     model_sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if unhealthy is None and not _all_finite(model_sd):
+        unhealthy = "non-finite weights"
     payload = {
         MODEL_FILE: st_save(model_sd),
         OPTIM_FILE: st_save(opt_tensors),
         STATE_FILE: json.dumps({**state, "step": step, "optimizer": opt_meta}, indent=1).encode(),
     }
-    manifest = {"format": FORMAT, "step": step, "files": {}}
-    # The same step written again (after a rollback) swaps the old directory out; see atomic_dir.
-    with atomic_dir(final, fsync=True) as tmp:
-        for name, data in payload.items():
-            _write_bytes(tmp / name, data)
-            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        _write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
-    for old in list_checkpoints(root)[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "healthy": unhealthy is None, "files": {}}
+    if unhealthy is not None:
+        manifest["unhealthy"] = unhealthy
+    try:
+        # The same step written again (after a rollback) swaps the old directory out; see atomic_dir.
+        with atomic_dir(final, fsync=True) as tmp:
+            for name, data in payload.items():
+                _write_bytes(tmp / name, data)
+                manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            _write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # atomic_dir removed its temporary already; this also catches one it could not (it ignores errors).
+        _remove_stale_temporaries(root)
+        raise CheckpointSpaceError(
+            f"cannot write checkpoint {final}: no space left on the device; the partial checkpoint was removed and "
+            "the earlier ones are intact (free some space, then resume)"
+        ) from None
+    _prune(root, keep)
     return final
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point() or t.is_complex())
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints; when none of those is healthy, the newest healthy older one
+    stays too, so that a roll-back still has somewhere to go."""
+    found = list_checkpoints(root)
+    old = found[keep:]
+    if old and not any(_recorded_health(p) is not False for p in found[:keep]):
+        for p in old:
+            if _recorded_health(p) is not False:
+                old.remove(p)
+                break
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _recorded_health(path: Path) -> bool | None:
+    """The manifest's health flag; None when it has none (written before the flag existed) or cannot be read."""
+    try:
+        flag = json.loads((path / MANIFEST_FILE).read_bytes()).get("healthy")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return flag if isinstance(flag, bool) else None
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove the temporaries of writers that are gone: a ``.tmp-`` / ``.trash-`` directory whose process no longer
+    exists (killed mid-write), or this process's own (a write that failed). A live process's temporary is left
+    alone (:func:`clean_partial`, called under the run directory's lock, removes every one)."""
+    for p in root.iterdir():
+        m = _TEMP_DIR.match(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or not _process_exists(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (or a pid beyond the system's range)
+        return True
+    return True
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -157,34 +252,84 @@ def clean_partial(root: str | Path) -> list[Path]:
     return removed
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, bytes]:
-    """Read every file of a checkpoint and check it against the manifest; returns the verified bytes."""
-    path = Path(path)
+_KIND_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "an object"}
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest, every key it must have present with the right type; else a one-line
+    :class:`CheckpointError` naming the file and the key (valid JSON is not enough: a manifest missing a size
+    would otherwise end in a ``KeyError`` traceback, a size given as text in a misleading checksum failure)."""
     mpath = path / MANIFEST_FILE
     try:
         manifest = json.loads(mpath.read_bytes())
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"unknown format {manifest.get('format')!r}")
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {mpath} is missing") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise CheckpointError(f"checkpoint {path}: manifest {mpath} is unreadable ({exc})") from None
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: manifest {mpath} is damaged ({what})")
+
+    def field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+        if key not in obj:
+            raise bad(f"{where}{key!r} is missing")
+        value = obj[key]
+        # bool is an int in Python; a size or a step of `true` is still wrong.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise bad(f"{where}{key!r} is {type(value).__name__} {value!r}, not {_KIND_NAMES[kind]}")
+        return value
+
+    if not isinstance(manifest, dict):
+        raise bad(f"a JSON {type(manifest).__name__}, not an object")
+    if field(manifest, "format", str, "") != FORMAT:
+        raise bad(f"unknown format {manifest['format']!r}")
+    step = field(manifest, "step", int, "")
+    m = _STEP_DIR.match(path.name)
+    if m is not None and int(m.group(1)) != step:
+        raise bad(f"'step' is {step}, but the directory is {path.name}")
+    if "healthy" in manifest:
+        field(manifest, "healthy", bool, "")
+    files = field(manifest, "files", dict, "")
+    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path}: manifest {mpath} does not list {name}")
+        entry = field(files, name, dict, "files ")
+        field(entry, "bytes", int, f"files {name!r} ")
+        digest = field(entry, "sha256", str, f"files {name!r} ")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise bad(f"files {name!r} 'sha256' is {digest!r}, not 64 hexadecimal digits")
+    return manifest
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, bytes]:
+    """Read every file of a checkpoint and check it against the manifest; returns the verified bytes."""
+    path = Path(path)
+    files = _read_manifest(path)["files"]
     data: dict[str, bytes] = {}
     for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
         fpath = path / name
-        if name not in files:
-            raise CheckpointError(f"checkpoint {path}: manifest {mpath} does not list {name}")
         try:
             raw = fpath.read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {path} is incomplete: {fpath} is missing") from None
         if len(raw) != files[name]["bytes"] or hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
-            raise CheckpointError(
-                f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)"
-            )
+            raise CheckpointError(f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)")
         data[name] = raw
     return data
+
+
+def unhealthy_reason(path: str | Path, data: dict[str, bytes]) -> str | None:
+    """Why the verified checkpoint ``path`` (its bytes ``data``) is not one to roll back to, or None when it is
+    healthy. A checkpoint written before the health flag existed is healthy when its weights are finite."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    healthy = manifest.get("healthy")
+    if healthy is None:
+        return None if _all_finite(st_load(data[MODEL_FILE])) else "non-finite weights"
+    if healthy:
+        return None
+    reason = manifest.get("unhealthy")
+    return reason if isinstance(reason, str) and reason else "recorded as unhealthy"
 
 
 def latest_valid_checkpoint(

@@ -1,13 +1,19 @@
 """The training loop: schedule, clipping, precision, non-finite policy, metrics, evaluation and checkpoints.
 
 A resumed run continues bit-exactly on CPU: the checkpoint holds the weights, every optimizer tensor, the torch RNG
-state, the data position and the metrics log length, and the learning rate is a pure function of the step. So a run
-killed with SIGKILL at any moment and resumed logs the same per-step losses as one that was never interrupted.
+state, the data position, the counters of the non-finite policy and the metrics log length, and the learning rate
+is a pure function of the step. So a run killed with SIGKILL at any moment and resumed logs the same per-step losses
+as one that was never interrupted.
+
+A caller that wants to stop a run cleanly (the command line on SIGTERM / SIGINT) calls :meth:`Trainer.request_stop`,
+which only sets a flag: ``fit`` finishes the step in progress, writes a checkpoint at that step and returns with
+``TrainResult.stopped``. The trainer installs no signal handler itself (the core has no process-wide side effects).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -91,6 +97,12 @@ class TrainResult:
     tokens_per_s: float
     train_time_s: float = 0.0
     final_val_accuracy: float | None = None
+    # Set when fit stopped early on request (Trainer.request_stop): the checkpoint written at the step it stopped.
+    stopped_at: Path | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
 
 
 class Trainer:
@@ -155,6 +167,17 @@ class Trainer:
         self.train_time_s = 0.0  # seconds in training steps since the run began (saved in checkpoints)
         self._metrics_bytes: int | None = None  # log length at the loaded checkpoint
         self._tb = None
+        self._val_step: int | None = None  # the step last_val_loss was computed at (this session)
+        # The step whose complete state (data position and RNG included) is in a checkpoint; None when unknown.
+        self._saved_step: int | None = None
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to stop at the next step boundary: the step in progress finishes, a checkpoint of that
+        step is written (unless it has one already) and ``fit`` returns a result whose ``stopped_at`` names it.
+        Only sets a flag, so a signal handler may call it. Under expert parallelism a request on any rank stops
+        every rank at the same step."""
+        self._stop_requested = True
 
     # -----------------------------------------------------------------------------------------------------
     # state
@@ -166,6 +189,9 @@ class Trainer:
             # Every rank's RNG stream, in rank order (one entry without expert parallelism).
             "rng_per_rank": self.parallel.gather(ckpt.rng_state()) if self.parallel else [ckpt.rng_state()],
             "skipped_steps": self.skipped_steps,
+            # The streak of skipped steps so far: without it a resume inside a streak rolled back later than the
+            # uninterrupted run (a checkpoint written before it existed has none: 0).
+            "consecutive_skips": self.consecutive_skips,
             "rollbacks": self.rollbacks,
             "tokens_seen": self.tokens_seen,
             "last_val_loss": self.last_val_loss,
@@ -174,13 +200,33 @@ class Trainer:
             "metrics_bytes": metrics_bytes,
         }
 
+    def _unhealthy(self) -> str | None:
+        """Why a checkpoint of the current state would not be one to roll back to, as far as the trainer knows
+        (the checkpoint adds non-finite weights): a validation loss computed at this step that is not finite."""
+        v = self.last_val_loss
+        if self._val_step == self.step and v is not None and not math.isfinite(v):
+            return f"validation loss {v} at step {self.step}"
+        return None
+
     def save(self, metrics: MetricsLog | None) -> Path:
         # Durable before the checkpoint that records its length: a crash then never finds the log shorter.
-        size = metrics.flush(sync=True) if metrics is not None else 0
+        try:
+            size = metrics.flush(sync=True) if metrics is not None else 0
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ckpt.CheckpointSpaceError(
+                f"cannot write {self.run_dir / 'metrics.jsonl'} before checkpoint step {self.step}: no space left on "
+                "the device; the earlier checkpoints are intact (free some space, then resume)"
+            ) from None
+        self._saved_step = None  # until the write below succeeds
         if self.parallel is None:
-            return ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size), self.config.keep_checkpoints
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, self.model, self.optimizer, self._state(size), self.config.keep_checkpoints,
+                unhealthy=self._unhealthy(),
             )
+            self._saved_step = self.step
+            return path
         # Gather every expert (and its optimizer state) so the checkpoint has the single-process layout; rank 0
         # writes it; the others wait so none reads a half-written checkpoint on a roll-back.
         sharded = self._is_sharded()
@@ -189,11 +235,13 @@ class Trainer:
         path = self.ckpt_dir / f"step_{self.step:08d}"
         if self.is_main:
             path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints
+                self.ckpt_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints,
+                unhealthy=self._unhealthy(),
             )
         self.parallel.barrier()
         if sharded:
             self.parallel.shard(self.optimizer)
+        self._saved_step = self.step
         return path
 
     def _is_sharded(self) -> bool:
@@ -223,6 +271,7 @@ class Trainer:
         path, data = found
         state = self._load(data)
         self._apply_state(state, restore_data=True)
+        self._saved_step = self.step
         self.log(f"resumed from {path} (step {self.step})")
         return True
 
@@ -236,15 +285,40 @@ class Trainer:
             rank = self.parallel.rank if self.parallel else 0
             ckpt.set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
             self.skipped_steps = int(state["skipped_steps"])
+            self.consecutive_skips = int(state.get("consecutive_skips", 0))
             self.rollbacks = int(state["rollbacks"])
             self.tokens_seen = int(state["tokens_seen"])
             self._metrics_bytes = int(state["metrics_bytes"])
             self.train_time_s = float(state.get("train_time_s", 0.0))
         self.last_val_loss = state.get("last_val_loss")
         self.last_val_accuracy = state.get("last_val_accuracy")
+        self._val_step = None
+
+    def _rollback_target(self, reason: str) -> tuple[Path, dict[str, bytes]]:
+        """The newest checkpoint that verifies and is healthy (finite weights, and a finite validation loss where
+        one was computed at its step); each one passed over is logged. A checkpoint whose weights are already
+        non-finite would only fail again at once, until MAX_ROLLBACKS, while an older good one is there."""
+        unhealthy = 0
+        for path in ckpt.list_checkpoints(self.ckpt_dir):
+            try:
+                data = ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as exc:
+                self.log(f"{exc}; trying the previous checkpoint")
+                continue
+            why = ckpt.unhealthy_reason(path, data)
+            if why is None:
+                return path, data
+            unhealthy += 1
+            self.log(f"not rolling back to {path}: it is unhealthy ({why}); trying the previous checkpoint")
+        if unhealthy:
+            raise MoekitError(
+                f"{reason} at step {self.step}, and no checkpoint in {self.ckpt_dir} is healthy to roll back to "
+                f"({unhealthy} unhealthy: non-finite weights or validation loss); lower train.lr or check the data"
+            )
+        raise MoekitError(f"{reason} and there is no checkpoint to roll back to")
 
     def _rollback(self, reason: str) -> None:
-        """Restore weights and optimizer from the newest good checkpoint; keep the data position (go on with the
+        """Restore weights and optimizer from the newest healthy checkpoint; keep the data position (go on with the
         next data, as GLaM) and the RNG stream."""
         self.rollbacks += 1
         if self.rollbacks > MAX_ROLLBACKS:
@@ -252,16 +326,14 @@ class Trainer:
                 f"training rolled back {MAX_ROLLBACKS} times and still produces non-finite values; "
                 "lower train.lr or check the data"
             )
-        found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log)
-        if found is None:
-            raise MoekitError(f"{reason} and there is no checkpoint to roll back to")
-        path, data = found
+        path, data = self._rollback_target(reason)
         skipped, rollbacks, tokens = self.skipped_steps, self.rollbacks, self.tokens_seen
         state = self._load(data)
         bad_step = self.step
         self._apply_state(state, restore_data=False)
         self.skipped_steps, self.rollbacks, self.tokens_seen = skipped, rollbacks, tokens
         self.consecutive_skips = 0
+        self._saved_step = None  # the weights are the checkpoint's, the data position and RNG are not
         self.log(
             f"{reason} at step {bad_step}: rolled back to {path.name} (step {self.step}), going on with the "
             "next data"
@@ -439,8 +511,16 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         # tokens/s counts training steps only (not evaluation or checkpoint writes)
         step_time_window, tokens_window, step_time_total = 0.0, 0, 0.0
+        stopped_at: Path | None = None
         try:
             while self.step < c.max_steps:
+                if self._stop_now():
+                    # The state between two steps is exactly what a checkpoint holds, so a resume from this one
+                    # continues as if the run had never stopped.
+                    stopped_at = self.ckpt_dir / f"step_{self.step:08d}"
+                    if self._saved_step != self.step:
+                        stopped_at = self.save(metrics)
+                    break
                 t_step = time.perf_counter()
                 inputs, targets = self.batches.next_batch()
                 record, ok = self._train_step(inputs, targets)
@@ -488,6 +568,7 @@ class Trainer:
                 )
                 if evaluate:
                     self.last_val_loss = self.evaluate()
+                    self._val_step = self.step
                     record["val_loss"] = self.last_val_loss
                     if self.last_val_accuracy is not None:
                         record["val_accuracy"] = self.last_val_accuracy
@@ -505,8 +586,15 @@ class Trainer:
                 ) or self.step == c.max_steps:
                     self.save(metrics)
         finally:
-            metrics.flush()
-            metrics.close()
+            # With an error in flight, that error is the one to report: flushing the log may fail the same way
+            # (a full disk) and must not replace it.
+            in_flight = sys.exc_info()[1] is not None
+            for finish in (metrics.flush, metrics.close):
+                try:
+                    finish()
+                except OSError:
+                    if not in_flight:
+                        raise
             progress.close()
             if self._tb is not None:
                 self._tb.flush()
@@ -520,7 +608,18 @@ class Trainer:
             tokens_per_s=(self.tokens_seen - tokens_at_start) / max(1e-9, step_time_total),
             train_time_s=self.train_time_s,
             final_val_accuracy=self.last_val_accuracy,
+            stopped_at=stopped_at,
         )
+
+    def _stop_now(self) -> bool:
+        """Whether to stop before the next step: a request on this rank, or under expert parallelism on any rank
+        (one all-reduce of the flag per step, so that every rank stops at the same step and writes the same
+        checkpoint together). One process: only the flag."""
+        if self.parallel is None:
+            return self._stop_requested
+        if self.parallel.max([1.0 if self._stop_requested else 0.0])[0] > 0:
+            self._stop_requested = True
+        return self._stop_requested
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         if self._tb is None:
