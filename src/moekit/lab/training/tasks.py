@@ -14,7 +14,10 @@ none of them branches on the architecture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
+from safetensors import safe_open
+from safetensors.numpy import save as np_save
+from tokenizers import Tokenizer
 from torch import nn
 
-from moekit.atomic import atomic_path
+from moekit.atomic import WriteError, atomic_write_bytes, check_writable, is_disk_error
 from moekit.config import config_from_dict, suggest
 from moekit.data.batches import TokenBatches, TokenEvalData, unigram_cross_entropy
 from moekit.data.images import ImageBatches, ImageEvalData
@@ -37,7 +41,7 @@ from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.lab.data.corpus import load_corpus
 from moekit.lab.data.images import ImageSplits, load_images
 from moekit.lab.data.split import cut_pieces, split_pieces
-from moekit.lab.data.tokenizer import encode_pieces, load_tokenizer, train_tokenizer
+from moekit.lab.data.tokenizer import encode_pieces, train_tokenizer
 from moekit.lab.training.plots import plot_run
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models import TransformerLM, parameter_counts
@@ -277,59 +281,237 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# The [data] values that determine a language model's prepared data (the corpus, its split, the tokenizer); the
+# others (seq_len, cache_dir, the span-corruption rates) only change how the saved tokens are used. They are
+# recorded in the token file's metadata, with the sha256 of the tokenizer the tokens were encoded with: data left
+# behind by a start that failed before its first checkpoint is then never mistaken for the data of a retry with
+# another [data] section (before, a retry with data.vocab_size = 400 reused a 300-token vocabulary silently).
+_DATA_KEYS = ("corpus", "tokenizer", "vocab_size", "val_fraction", "piece_chars", "max_chars")
+_RECORD_KEY = "moekit.data"
+
+
+def _data_record(d: DataConfig, sentinels: int) -> dict[str, Any]:
+    record = {key: getattr(d, key) for key in _DATA_KEYS}
+    record["sentinels"] = sentinels
+    return record
+
+
+def _record_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """``data.vocab_size = 300 (now 400)`` for every recorded value that differs, in words."""
+    keys = [k for k in now if saved.get(k) != now[k]] + [k for k in saved if k not in now]
+    return ", ".join(f"data.{k} = {saved.get(k)!r} (now {now.get(k)!r})" for k in keys)
+
+
+@dataclass
+class _SavedTokens:
+    train: np.ndarray
+    val: np.ndarray
+    record: dict[str, Any] | None  # None: written before records existed, or by import-hf
+
+
+def _read_tokens(path: Path) -> _SavedTokens:
+    """The token arrays of ``path`` and the [data] record in its metadata; a truncated, header-damaged or
+    malformed file is a one-line :class:`MoekitError` naming it (never a safetensors traceback)."""
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            names = set(f.keys())
+            missing = [name for name in ("train", "val") if name not in names]
+            if missing:
+                raise MoekitError(f"{path} has no {missing[0]!r} token array: it is damaged; restore it from a backup")
+            train, val = f.get_tensor("train"), f.get_tensor("val")
+    except MoekitError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type (and OSError for an unreadable file)
+        raise MoekitError(
+            f"{path} cannot be read ({_first_line(exc)}): it is damaged; restore it from a backup"
+        ) from None
+    for name, ids in (("train", train), ("val", val)):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+            raise MoekitError(
+                f"{path}: its {name!r} array ({ids.dtype}, shape {tuple(ids.shape)}) is not a list of token ids: "
+                "it is damaged; restore it from a backup"
+            )
+    record = None
+    if _RECORD_KEY in metadata:
+        try:
+            record = json.loads(metadata[_RECORD_KEY])
+            if not isinstance(record, dict):
+                raise ValueError("not a table")
+        except ValueError:
+            raise MoekitError(f"{path}: its {_RECORD_KEY} metadata is damaged; restore it from a backup") from None
+    return _SavedTokens(train, val, record)
+
+
+def _check_token_range(tokens: _SavedTokens, path: Path, vocab_size: int, vocabulary: str) -> None:
+    """Every id in ``[0, vocab_size)``: an id beyond the vocabulary would fail deep inside the model's embedding
+    (or, within a padded table, train on rows no text maps to) instead of naming the damaged file."""
+    for name, ids in (("train", tokens.train), ("val", tokens.val)):
+        low, high = int(ids.min()), int(ids.max())
+        bad = low if low < 0 else high if high >= vocab_size else None
+        if bad is not None:
+            raise MoekitError(
+                f"{path}: token id {bad} in its {name!r} array is outside {vocabulary} (ids 0..{vocab_size - 1}): "
+                "the file is damaged or was encoded with another tokenizer; restore it from a backup"
+            )
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def prepare_data(
     run_config: RunConfig, run_dir: Path, log: Callable[[str], None], *, sentinels: int = 0
 ) -> PreparedData:
     """Reuse the run's tokenizer and token arrays when present; otherwise build them from the corpus (corpus ->
     split -> tokenizer -> token arrays) and save them in the run directory. ``sentinels``: T5 sentinel tokens the
-    tokenizer gets (an encoder-decoder run's span corruption)."""
+    tokenizer gets (an encoder-decoder run's span corruption).
+
+    Saved data is checked before it is used: a damaged token file, token ids outside the vocabulary, or a
+    tokenizer that is not the one the tokens were encoded with are one-line errors naming the file. Data that
+    records another ``[data]`` section than this config's is an error in a run (its checkpoints were trained on
+    it); in a directory without ``config.toml`` (the leftovers of a start that failed before writing it) it is
+    prepared again."""
     d = run_config.data
     tok_path = run_dir / TOKENIZER_FILE
     tokens_path = run_dir / TOKENS_FILE
+    record = _data_record(d, sentinels)
+    in_run = (run_dir / "config.toml").is_file()
     if tok_path.is_file() and tokens_path.is_file():
-        try:
-            tok = load_tokenizer(tok_path)
-        except Exception as exc:  # a damaged file: one line naming it, not a parser's traceback
-            raise MoekitError(f"{tok_path} cannot be read ({_first_line(exc)}): it is damaged") from None
-        try:
-            arrays = np_load_file(str(tokens_path))
-            train, val = arrays["train"], arrays["val"]
-        except Exception as exc:
-            raise MoekitError(f"{tokens_path} cannot be read ({_first_line(exc)}): it is damaged") from None
-        return PreparedData(train, val, tok.get_vocab_size(), tok_path)
-    missing = tokens_path if tok_path.is_file() else tok_path
-    if d.tokenizer == "imported":
-        raise MoekitError(
-            f"{missing} is missing: the tokenizer and token ids of an imported model are never rebuilt "
-            "(import the model again with moekit import-hf)"
-        )
-    if (run_dir / "config.toml").is_file():
-        # An existing run (its config is written after its data): rebuilding from today's corpus would pair its
-        # checkpoints with other data, silently. Only a new run builds the data.
-        raise MoekitError(
-            f"{missing} is missing: a run's saved data is never rebuilt from the corpus (its checkpoints were "
-            "trained on it); restore it from a backup"
-        )
+        data = _reuse_data(d, record, tok_path, tokens_path, in_run=in_run, log=log)
+        if data is not None:
+            return data
+    else:
+        missing = tokens_path if tok_path.is_file() else tok_path
+        if d.tokenizer == "imported":
+            raise MoekitError(
+                f"{missing} is missing: the tokenizer and token ids of an imported model are never rebuilt "
+                "(import the model again with moekit import-hf)"
+            )
+        if in_run:
+            # An existing run (its config is written after its data): rebuilding from today's corpus would pair
+            # its checkpoints with other data, silently. Only a new run builds the data.
+            raise MoekitError(
+                f"{missing} is missing: a run's saved data is never rebuilt from the corpus (its checkpoints were "
+                "trained on it); restore it from a backup"
+            )
+    # Before reading the corpus and training the tokenizer: a directory that cannot take the result is reported
+    # now, not after minutes of work.
+    check_writable(run_dir)
     t0 = time.perf_counter()
-    docs = load_corpus(d.corpus, d.cache_dir)
+    docs = load_corpus(d.corpus, d.cache_dir, max_chars=d.max_chars, log=log)
     pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
+    del docs  # the pieces hold the text now; a large corpus need not sit in memory twice
     train_pieces, val_pieces = split_pieces(pieces, d.val_fraction)
+    n_chars = sum(len(t) for _, t, _ in pieces)
+    if n_chars >= _LOG_STAGES_CHARS:
+        log(f"corpus {d.corpus!r}: {n_chars:,} characters; training the tokenizer (vocabulary {d.vocab_size})")
     tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size, sentinels=sentinels)
+    if n_chars >= _LOG_STAGES_CHARS:
+        log(f"corpus {d.corpus!r}: encoding {len(pieces):,} pieces")
     train_tokens = encode_pieces(tok, train_pieces)
     val_tokens = encode_pieces(tok, val_pieces)
-    n_chars = sum(len(t) for _, t, _ in pieces)
     log(
         f"corpus {d.corpus!r}: {n_chars:,} characters -> {len(train_tokens):,} training and"
         f" {len(val_tokens):,} validation tokens (vocabulary {tok.get_vocab_size()})"
         f" in {time.perf_counter() - t0:.1f}s"
     )
-    # The run directory is created only now, once the corpus has loaded: bad input leaves nothing behind.
-    tokens_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(tokens_path) as tmp:
-        np_save_file({"train": train_tokens, "val": val_tokens}, str(tmp))
-    with atomic_path(tok_path) as tmp:
-        tok.save(str(tmp))
+    _save_data(tok, train_tokens, val_tokens, record, tok_path, tokens_path)
     return PreparedData(train_tokens, val_tokens, tok.get_vocab_size(), tok_path)
+
+
+# Corpora this large (about a minute of tokenizer training and more) say which stage they are in.
+_LOG_STAGES_CHARS = 50_000_000
+
+
+def _reuse_data(
+    d: DataConfig,
+    record: dict[str, Any],
+    tok_path: Path,
+    tokens_path: Path,
+    *,
+    in_run: bool,
+    log: Callable[[str], None],
+) -> PreparedData | None:
+    """The saved data when it is this config's; None when it is the leftover of a failed start with another
+    ``[data]`` (or of unknown origin) and no run depends on it: the caller prepares it again."""
+    tokens = _read_tokens(tokens_path)
+    tok_bytes = tok_path.read_bytes()
+    saved = tokens.record
+    if saved is not None:
+        values = {k: v for k, v in saved.items() if k != "tokenizer_sha256"}
+        if values != record:
+            if in_run:
+                raise MoekitError(
+                    f"{tokens_path} was prepared for another [data] section than {tok_path.parent / 'config.toml'} "
+                    f"holds ({_record_difference(values, record)}): the run's files do not belong together; "
+                    "restore them from a backup"
+                )
+            log(
+                f"{tokens_path.parent.parent}: discarding the data a failed start left for another [data] section "
+                f"({_record_difference(values, record)}); preparing it again"
+            )
+            return None
+        if saved.get("tokenizer_sha256") not in (None, _sha256_bytes(tok_bytes)):
+            if in_run:
+                raise MoekitError(
+                    f"{tok_path} is not the tokenizer {tokens_path} was encoded with: the run's files do not "
+                    "belong together; restore them from a backup"
+                )
+            log(f"{tok_path.parent}: the tokenizer a failed start left does not match its tokens; preparing both again")
+            return None
+    elif not in_run and d.tokenizer != "imported":
+        # No record (written by an older moekit) and no run to say whose it is: it cannot be told apart from the
+        # leftovers of a failed start with another [data]. Preparing it again costs time, never correctness.
+        log(f"{tok_path.parent}: data without a record of its [data] section and no config.toml; preparing it again")
+        return None
+    try:
+        tok = Tokenizer.from_str(tok_bytes.decode("utf-8"))
+    except Exception as exc:  # a damaged file: one line naming it, not a parser's traceback
+        raise MoekitError(f"{tok_path} cannot be read ({_first_line(exc)}): it is damaged") from None
+    vocab = tok.get_vocab_size()
+    if d.tokenizer == "imported":  # the model's table (data.vocab_size), often padded past its tokenizer's
+        _check_token_range(tokens, tokens_path, d.vocab_size, "the model's vocabulary (data.vocab_size)")
+    else:
+        _check_token_range(tokens, tokens_path, vocab, f"the vocabulary of {tok_path.name}")
+    return PreparedData(tokens.train, tokens.val, vocab, tok_path)
+
+
+def _save_data(
+    tok: Tokenizer,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    record: dict[str, Any],
+    tok_path: Path,
+    tokens_path: Path,
+) -> None:
+    """Write the token arrays (with the [data] record and the tokenizer's sha256) and then the tokenizer, each
+    atomically. A stale tokenizer is removed first, so that no moment shows the new tokens beside the old
+    tokenizer (the two are reused only together). A full or read-only disk is a one-line error naming the file,
+    with no partial file left (:mod:`moekit.atomic`)."""
+    tok_bytes = tok.to_str(pretty=True).encode("utf-8")  # what Tokenizer.save writes
+    meta = {_RECORD_KEY: json.dumps({**record, "tokenizer_sha256": _sha256_bytes(tok_bytes)}, sort_keys=True)}
+    # The run directory is created only now, once the corpus has loaded: bad input leaves nothing behind.
+    data_dir = tokens_path.parent
+    created, wrote_tokens = not data_dir.exists(), False
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tok_path.unlink(missing_ok=True)
+        # Serialised in memory and written by atomic_write_bytes, so that an I/O failure arrives as an OSError
+        # with its errno (safetensors' own writer wraps it in a message).
+        atomic_write_bytes(tokens_path, np_save({"train": train_tokens, "val": val_tokens}, metadata=meta))
+        wrote_tokens = True
+        atomic_write_bytes(tok_path, tok_bytes)
+    except BaseException as exc:
+        # A failed write leaves neither tokens without their tokenizer nor an empty data/ that looks like a start.
+        with contextlib.suppress(OSError):
+            if wrote_tokens:
+                tokens_path.unlink()
+            if created:
+                data_dir.rmdir()
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError) and is_disk_error(exc):
+            raise WriteError(data_dir, exc) from None  # the mkdir or the unlink
+        raise
 
 
 class LanguageModelTask:
