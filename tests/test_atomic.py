@@ -219,3 +219,16 @@ def test_a_read_only_directory_is_refused_by_the_probe_and_by_the_writer(tmp_pat
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o755)
+
+
+def test_make_dirs_reports_a_read_only_file_system(tmp_path, monkeypatch):
+    from moekit.atomic import make_dirs
+
+    assert make_dirs(tmp_path / "a" / "b").is_dir()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr("pathlib.Path.mkdir", read_only)
+    with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'c'}: the file system is read-only"):
+        make_dirs(tmp_path / "c")

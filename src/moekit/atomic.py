@@ -35,6 +35,7 @@ __all__ = [
     "WriteError",
     "check_writable",
     "is_disk_error",
+    "make_dirs",
     "atomic_path",
     "atomic_dir",
     "atomic_write_bytes",
@@ -146,6 +147,19 @@ def check_writable(directory: str | os.PathLike) -> Path:
         raise
     _remove(probe)
     return probe_dir
+
+
+def make_dirs(directory: str | os.PathLike) -> Path:
+    """``directory`` and its missing parents (``mkdir -p``), a full or read-only disk being a :class:`WriteError`
+    naming it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_error(exc):
+            raise WriteError(directory, exc) from None
+        raise
+    return directory
 
 
 def _sibling(path: Path, kind: str) -> Path:

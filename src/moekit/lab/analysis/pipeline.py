@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from moekit.analysis.trace import RoutingTrace, iter_windows, trace_model, trace_seq2seq
+from moekit.atomic import atomic_path, atomic_write_text, check_writable, make_dirs
 from moekit.errors import MoekitError
 from moekit.lab.analysis.categories import categorize, categorize_special, piece_text
 from moekit.lab.analysis.report import render_report, render_seq2seq_report
@@ -39,6 +41,13 @@ def _text_tokens(tok: Any, data_path: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def _write(path: Path, writer: Callable[[Path], object]) -> None:
+    """``writer(tmp)`` writes the file, renamed onto ``path`` once complete: a full disk leaves no half-written
+    trace or report, and is one line naming the file (:mod:`moekit.atomic`)."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
 def analyze_run(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -56,13 +65,16 @@ def analyze_run(
     For an encoder-decoder run ``max_tokens`` counts encoder input tokens (whole examples of ``data.seq_len``),
     and ``hash_draws`` is the number of load-matched token hashes per layer (a decoder LM's analysis has none)."""
     log = log or (lambda msg: None)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "analysis"
+    if Path(run_dir).is_dir():  # (a missing run directory is load_trained_run's one-line error)
+        # Before loading and tracing the model: an output directory that cannot be written is reported now.
+        check_writable(out)
     run = load_trained_run(run_dir, fallback=fallback, warn=log, command="analyze")
     if not run.model.moe_layers:
         raise MoekitError(f"{run_dir} is a dense model: it has no MoE layers, so no routing to analyse")
     tok = load_tokenizer(run.data.tokenizer_path)
     tokens = run.data.val_tokens if data is None else _text_tokens(tok, data)
     source = "the run's validation split" if data is None else str(data)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "analysis"
     if run.config.arch == "seq2seq":
         return _analyze_seq2seq(run, tok, tokens, source, out, max_tokens=max_tokens, top_n=top_n,
                                 num_permutations=num_permutations, hash_draws=hash_draws)
@@ -83,10 +95,10 @@ def analyze_run(
     summary["step"] = run.step
     summary["data"] = source
 
-    out.mkdir(parents=True, exist_ok=True)
-    trace.write_jsonl(out / "trace.jsonl", token_texts, categories)
-    trace.save_safetensors(out / "trace.safetensors")
-    (out / "analysis.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    make_dirs(out)
+    _write(out / "trace.jsonl", lambda tmp: trace.write_jsonl(tmp, token_texts, categories))
+    _write(out / "trace.safetensors", trace.save_safetensors)
+    atomic_write_text(out / "analysis.json", json.dumps(summary, indent=1))
     meta = {
         "run": str(run.run_dir),
         "checkpoint": f"{run.checkpoint.name} (step {run.step})",
@@ -94,7 +106,7 @@ def analyze_run(
         f"{run.config.train.batch_size} windows per call",
     }
     html_text = render_report(summary, title=f"Routing analysis: {run.run_dir.name}", meta=meta)
-    (out / "report.html").write_text(html_text, encoding="utf-8")
+    atomic_write_text(out / "report.html", html_text)
     # How balanced each layer was over training, from the run's own log.
     balance = plot_load_balance(run.run_dir / "metrics.jsonl", out / "load_balance.png", title=run.run_dir.name)
     summary["load_balance_plot"] = None if balance is None else str(balance)
@@ -172,12 +184,13 @@ def _analyze_seq2seq(
             "untrained_seed": run.config.train.seed,
         }
     )
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     for stack, trace in traces.items():
         texts = [vocab_texts[t] for t in trace.token_ids_N]
-        trace.write_jsonl(out / f"{stack}_trace.jsonl", texts, categories[stack])
-        trace.save_safetensors(out / f"{stack}_trace.safetensors")
-    (out / "analysis.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        jsonl = partial(trace.write_jsonl, token_texts=texts, categories=categories[stack])
+        _write(out / f"{stack}_trace.jsonl", jsonl)
+        _write(out / f"{stack}_trace.safetensors", trace.save_safetensors)
+    atomic_write_text(out / "analysis.json", json.dumps(summary, indent=1))
     meta = {
         "run": str(run.run_dir),
         "checkpoint": f"{run.checkpoint.name} (step {run.step})",
@@ -186,7 +199,7 @@ def _analyze_seq2seq(
         "untrained model": f"the run's config initialised with train.seed = {run.config.train.seed}",
     }
     html_text = render_seq2seq_report(summary, title=f"Routing analysis: {run.run_dir.name}", meta=meta)
-    (out / "report.html").write_text(html_text, encoding="utf-8")
+    atomic_write_text(out / "report.html", html_text)
     balance = plot_load_balance(run.run_dir / "metrics.jsonl", out / "load_balance.png", title=run.run_dir.name)
     summary["load_balance_plot"] = None if balance is None else str(balance)
     summary["out_dir"] = str(out)

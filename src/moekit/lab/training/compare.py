@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from moekit.atomic import atomic_path, atomic_write_text
+from moekit.atomic import WriteError, atomic_path, atomic_write_text, check_writable, make_dirs
 from moekit.errors import MoekitError
 from moekit.lab.training.run_config import RunConfig, build_run_config, load_run_config, tomllib
 from moekit.training.metrics import read_metrics
@@ -605,7 +605,9 @@ def compare(
         for cfg, run_dir in zip(arm.configs, arm.run_dirs, strict=True):
             if (run_dir / "config.toml").is_file():
                 _check_run_dir_matches(run_dir, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # And that the results can be written, before hours of training: a full or read-only disk is one line now.
+    check_writable(out)
+    make_dirs(out)
     total = sum(len(a.run_dirs) for a in arms)
     trained, skipped = [], []
     data_files = arms[0].configs[0].task.data_files  # one task: the arms share the [data] section
@@ -627,6 +629,8 @@ def compare(
                 # On a resume the planned config (checked equal to the saved one up to threads / progress) lets
                 # this invocation's train.threads apply.
                 train(cfg, run_dir, resume=resume, log=log)
+            except WriteError:
+                raise  # a full or read-only disk is the machine's state, not the run's failure: stop, resumable
             except MoekitError as exc:
                 if not (run_dir / "metrics.jsonl").is_file():
                     raise  # it never started training: a user error (corpus, config), not a divergence

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moekit.atomic import atomic_path
 from moekit.training.metrics import max_violation, read_metrics
 
 __all__ = ["plot_load_balance", "plot_run"]
@@ -19,6 +20,13 @@ def _float(v: object) -> float:
         return float(v)  # "nan" / "inf" strings written for non-finite values
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001 - a matplotlib Figure
+    """Save ``fig`` as PNG under a temporary name and rename it onto ``path``: a full disk leaves no truncated
+    image, and is one line naming it (:mod:`moekit.atomic`)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png suffix to infer it from
 
 
 def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list[Path]:
@@ -46,7 +54,7 @@ def plot_run(run_dir: str | Path, unigram_baseline: float | None = None) -> list
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         written.append(path)
 
     def draw_loss(ax) -> None:  # noqa: ANN001
@@ -133,5 +141,5 @@ def plot_load_balance(metrics_path: str | Path, path: str | Path, *, title: str 
     axes[-1][0].set_xlabel("step")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return path

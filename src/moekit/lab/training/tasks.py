@@ -32,7 +32,7 @@ from safetensors.numpy import save as np_save
 from tokenizers import Tokenizer
 from torch import nn
 
-from moekit.atomic import WriteError, atomic_write_bytes, check_writable, is_disk_error
+from moekit.atomic import WriteError, atomic_write_bytes, check_writable, is_disk_error, make_dirs
 from moekit.config import config_from_dict, suggest
 from moekit.data.batches import TokenBatches, TokenEvalData, unigram_cross_entropy
 from moekit.data.images import ImageBatches, ImageEvalData
@@ -495,7 +495,7 @@ def _save_data(
     data_dir = tokens_path.parent
     created, wrote_tokens = not data_dir.exists(), False
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(data_dir)
         tok_path.unlink(missing_ok=True)
         # Serialised in memory and written by atomic_write_bytes, so that an I/O failure arrives as an OSError
         # with its errno (safetensors' own writer wraps it in a message).
