@@ -33,12 +33,16 @@ T = TypeVar("T")
 __all__ = [
     "ConfigProblems",
     "INT64_MAX",
+    "MAX_LAYERS",
+    "MAX_SEQ_LEN",
     "collect_config",
     "config_from_dict",
     "config_to_dict",
+    "is_finite_number",
     "problem_key",
     "suggest",
     "type_problem",
+    "check_at_most",
     "check_bool",
     "check_positive_int",
     "check_int",
@@ -52,6 +56,12 @@ __all__ = [
 # The largest value a signed 64-bit integer holds: integers of a config become tensor elements, numpy seeds and
 # step counters, none of which take more.
 INT64_MAX = 2**63 - 1
+# Bounds on sizes that checks and counts loop over in Python (the blocks of a layout, the positions of a window): a
+# value within 64 bits but beyond these would hang the check instead of failing it. Both are far beyond anything
+# trainable (the deepest transformers trained have about 1,000 layers, the longest contexts about a million tokens),
+# so no real config meets them; a model near them is refused by the memory estimate anyway.
+MAX_LAYERS = 100_000
+MAX_SEQ_LEN = 2**20
 
 
 class ConfigProblems(ConfigError):
@@ -303,6 +313,12 @@ def _is_finite(value: int | float) -> bool:
     return math.isfinite(value)
 
 
+def is_finite_number(value: object) -> bool:
+    """An ``int`` (not a bool) within 64 bits or a finite ``float``: a value ``float()`` takes and no check has to
+    fear (``float(10**400)`` raises OverflowError)."""
+    return _is_number(value) and _is_finite(value)  # type: ignore[arg-type]
+
+
 def check_bool(name: str, value: object) -> None:
     """A real ``bool``: ``"<name> must be true or false, got <value>"`` (the string ``"false"`` and 0 / 1 are
     refused: a string is truthy, and a number is not a switch)."""
@@ -365,6 +381,13 @@ def check_number(
             # "lr must be a number > 0, got inf" reads as a contradiction: say what is wrong with it.
             expected = "a finite " + expected[2:] if expected.startswith("a number") else f"finite and {expected}"
         raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_at_most(name: str, value: int, maximum: int, what: str) -> None:
+    """``value`` (already checked to be an int) <= ``maximum``: ``"<name> must be <= <maximum> (<what>), got
+    <value>"``; ``what`` says why the bound is there."""
+    if value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum:,} ({what}), got {value!r}")
 
 
 def check_positive_number(name: str, value: object) -> None:

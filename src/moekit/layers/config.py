@@ -3,7 +3,6 @@ and value: booleans are real booleans, numbers finite, integers not booleans."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from moekit.config import (
@@ -14,6 +13,7 @@ from moekit.config import (
     check_number,
     check_positive_int,
     check_unit_interval,
+    is_finite_number,
 )
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
@@ -113,8 +113,9 @@ class MoEConfig:
                 raise ConfigError(f"capacity_factor must be a number or None, got {self.capacity_factor!r}")
             if not self.capacity_factor > 0:
                 raise ConfigError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
-            # inf would reach math.ceil in the capacity rule and fail there; dropless is spelled None.
-            if not math.isfinite(self.capacity_factor):
+            # inf would reach math.ceil in the capacity rule and fail there; dropless is spelled None. (An int
+            # beyond 64 bits is no capacity either, and float() of it overflows.)
+            if not is_finite_number(self.capacity_factor):
                 cf = self.capacity_factor
                 raise ConfigError(f"capacity_factor must be finite (None for dropless), got {cf}")
             self.capacity_factor = float(self.capacity_factor)
@@ -125,7 +126,7 @@ class MoEConfig:
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
         if self.eval_capacity_factor is not None:
             ecf = self.eval_capacity_factor
-            if isinstance(ecf, bool) or not isinstance(ecf, (int, float)) or not 0 < ecf < math.inf:
+            if not is_finite_number(ecf) or not ecf > 0:
                 raise ConfigError(f"eval_capacity_factor must be a finite number > 0 (or None), got {ecf!r}")
             if self.router != "topk" or self.capacity_factor is None:
                 raise ConfigError("eval_capacity_factor applies to router='topk' with a capacity_factor (not dropless)")
@@ -151,8 +152,7 @@ class MoEConfig:
     def _check_router_family(self) -> None:
         check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_choice("balance_loss", self.balance_loss, BALANCE_LOSSES)
-        if isinstance(self.routed_scaling_factor, bool) or not isinstance(self.routed_scaling_factor, (int, float)) \
-                or not 0 < self.routed_scaling_factor < math.inf:
+        if not is_finite_number(self.routed_scaling_factor) or not self.routed_scaling_factor > 0:
             raise ConfigError(f"routed_scaling_factor must be a finite number > 0, got {self.routed_scaling_factor!r}")
         check_non_negative("bias_update_rate", self.bias_update_rate)
         check_bool("expert_bias", self.expert_bias)

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moekit.config import (
+    MAX_LAYERS,
+    MAX_SEQ_LEN,
+    check_at_most,
     check_bool,
     check_choice,
     check_non_negative,
@@ -88,6 +91,9 @@ class LMConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_positive_int(f"model.{name}", getattr(self, name))
+        # The layout checks and counts loop over the blocks, the rotary tables over the positions.
+        check_at_most("model.n_layers", self.n_layers, MAX_LAYERS, "MAX_LAYERS, beyond any trainable depth")
+        check_at_most("model.max_seq_len", self.max_seq_len, MAX_SEQ_LEN, "MAX_SEQ_LEN, about a million tokens")
         self._check_attention()
         check_choice("model.activation", self.activation, sorted(ACTIVATIONS))
         if isinstance(self.moe_offset, bool) or not isinstance(self.moe_offset, int) \

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moekit.config import (
+    MAX_LAYERS,
+    check_at_most,
     check_bool,
     check_choice,
     check_int,
@@ -112,6 +114,8 @@ class Seq2SeqConfig:
         if self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_encoder_layers
         check_positive_int("model.n_decoder_layers", self.n_decoder_layers)
+        for name in ("n_encoder_layers", "n_decoder_layers"):  # the layout checks and counts loop over the blocks
+            check_at_most(f"model.{name}", getattr(self, name), MAX_LAYERS, "MAX_LAYERS, beyond any trainable depth")
         if self.d_kv is None:
             if self.d_model % self.n_heads != 0:
                 raise ConfigError(

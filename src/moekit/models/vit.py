@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import (
+    MAX_LAYERS,
+    check_at_most,
     check_choice,
     check_non_negative,
     check_positive_int,
@@ -119,6 +121,8 @@ class ViTConfig:
             "d_ff",
         ):
             check_positive_int(f"model.{name}", getattr(self, name))
+        # The block layout (moe_blocks, its default the last half) is a list over the blocks.
+        check_at_most("model.n_layers", self.n_layers, MAX_LAYERS, "MAX_LAYERS, beyond any trainable depth")
         if self.image_size % self.patch_size != 0:
             raise ConfigError(
                 f"model.patch_size must divide model.image_size ({self.image_size}), got {self.patch_size}"

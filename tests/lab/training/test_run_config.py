@@ -172,6 +172,12 @@ def test_config_is_parsed_once_into_typed_sections():
         ("train.threads=100000", "train.threads must be an integer in [0, 1024], got 100000"),
         ("train.seed=9223372036854775808", "train.seed must be an integer in [0, 2**63 - 1], got 9223372036854775808"),
         ("data.cache_dir=3", 'data.cache_dir must be a directory path or "none", got 3'),
+        (f"moe.capacity_factor={10**400}", f"moe.capacity_factor must be finite (None for dropless), got {10**400}"),
+        # within 64 bits, but the layout checks loop over the blocks: once a hang, now a bound
+        ("model.n_layers=1099511627776",
+         "model.n_layers must be <= 100,000 (MAX_LAYERS, beyond any trainable depth), got 1099511627776"),
+        ("data.seq_len=4611686018427387904",
+         "data.seq_len must be <= 1,048,576 (MAX_SEQ_LEN, about a million tokens), got 4611686018427387904"),
     ],
 )
 def test_nonsense_values_are_refused_naming_the_key(override, message):

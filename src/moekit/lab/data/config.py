@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moekit.config import check_int, check_number, check_positive_int, suggest
+from moekit.config import MAX_SEQ_LEN, check_at_most, check_int, check_number, check_positive_int, suggest
 from moekit.errors import ConfigError
 
 __all__ = ["CORPUS_NAMES", "DataConfig", "ImageDataConfig", "IMAGE_SETS", "Seq2SeqDataConfig", "TOKENIZERS"]
@@ -59,6 +59,8 @@ class DataConfig:
         if self.vocab_size > limit:
             raise ConfigError(f"data.vocab_size must be <= {limit}, got {self.vocab_size!r}")
         check_int("data.seq_len", self.seq_len, 2)
+        # Span corruption's lengths are found by a walk over the window's positions: bounded like the model's.
+        check_at_most("data.seq_len", self.seq_len, MAX_SEQ_LEN, "MAX_SEQ_LEN, about a million tokens")
         check_number("data.val_fraction", self.val_fraction, low=0, high=0.5, low_open=True, high_open=True)
         check_int("data.piece_chars", self.piece_chars, 256)
         if self.max_chars is not None:
