@@ -1,10 +1,17 @@
 """``moekit train``: train a (MoE) language model from a TOML config; with no arguments, the default Switch-style
 model on the built-in corpus. Prints where the run directory is and how the model compares to a unigram
-model."""
+model.
+
+SIGTERM (a scheduler's stop) and SIGINT (Ctrl-C) stop training cleanly: the step in progress finishes, a checkpoint
+of that step is written, the command prints where it is and how to resume (``moekit train --resume RUN_DIR``), and
+exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a process killed by it would. A second
+signal while the checkpoint is written stops at once (the earlier checkpoints stay intact)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -29,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import MoekitError
     from moekit.lab.runtime import train_run_with_threads
-    from moekit.lab.training.run import default_run_dir
+    from moekit.lab.training.run import StopSignals, TrainingInterrupted, default_run_dir
     from moekit.lab.training.run_config import DEFAULT_CONFIG_NAME, load_run_config
 
     def log(msg: str) -> None:
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             tables["parallel"]["expert_parallel"] = launch_world_size()
             tables["parallel"].update(parsed.get("parallel", {}))
             run_config = build_run_config(tables)
-        summary = train_run_with_threads(run_config, run_dir, resume=True, log=log)
+        resume = True
     else:
         config_name = args.config or DEFAULT_CONFIG_NAME
         from moekit.lab.training.run_config import find_named_config
@@ -63,12 +70,29 @@ def run(args: argparse.Namespace) -> int:
         source = args.config if args.config else find_named_config(DEFAULT_CONFIG_NAME)
         run_config = load_run_config(source, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(config_name).stem)
-        summary = train_run_with_threads(run_config, run_dir, log=log)
+        resume = False
+    with StopSignals() as stop:
+        try:
+            summary = train_run_with_threads(run_config, run_dir, resume=resume, log=log, stop=stop)
+        except TrainingInterrupted as exc:
+            print(f"moekit train: {exc}; nothing new was saved in {run_dir}", file=sys.stderr)
+            return 128 + exc.signum
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # tear down together, so no rank destroys its group while a peer still exchanges
         dist.destroy_process_group()
+    if "stopped_at" in summary:
+        # Under expert parallelism a rank that did not get the signal itself stopped with the others: report
+        # SIGTERM for it (the signal a scheduler sends to every rank).
+        signum = stop.signum if stop.signum is not None else signal.SIGTERM
+        if summary.get("is_main", True):
+            print(
+                f"moekit train: stopped by {signal.Signals(signum).name} at step {summary['steps']}; checkpoint: "
+                f"{summary['stopped_at']}\nresume with: moekit train --resume {shlex.quote(str(run_dir))}",
+                file=sys.stderr,
+            )
+        return 128 + int(signum)
     if not summary.get("is_main", True):  # expert parallelism: rank 0 reports
         return 0
     from moekit.lab.training.tasks import task_for_arch

@@ -1,7 +1,8 @@
 """One training run end to end, for every task (:mod:`moekit.lab.training.tasks`): prepare the data, build the
 model, train (under expert parallelism too), evaluate against the task's baseline, plot, and write
 ``summary.json``. ``moekit train`` is a thin wrapper. Loading a run directory again (eval, generate, analyze,
-distill) is here too.
+distill) is here too, and :class:`StopSignals`, which turns SIGTERM / SIGINT into a checkpoint and a clean stop
+(``moekit train`` installs it; the core trainer installs no handler).
 
 Run directory layout (the tokenizer and token arrays for a language model only)::
 
@@ -26,7 +27,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +49,8 @@ from moekit.training.trainer import Trainer
 __all__ = [
     "MANIFEST_FILE",
     "LoadedRun",
+    "StopSignals",
+    "TrainingInterrupted",
     "default_run_dir",
     "load_run",
     "load_trained_run",
@@ -259,12 +264,66 @@ class _VocabOnly:
     eos_id: int | None = None
 
 
+class TrainingInterrupted(BaseException):
+    """A stop signal arrived while no trainer could take a checkpoint (before training began, or a second signal
+    while the first one's checkpoint was being written): the run directory is as the last checkpoint left it.
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While the block runs, SIGTERM (how schedulers stop jobs) and SIGINT (Ctrl-C) stop the training run cleanly:
+    the trainer given to :meth:`attach` finishes its step, writes a checkpoint at that step and returns
+    (``TrainResult.stopped``; under expert parallelism every rank stops at the same step). ``signum`` is the
+    signal received (None: none). A signal before a trainer is attached, or a second one, raises
+    :class:`TrainingInterrupted` at once. The previous handlers are restored when the block ends. Outside the main
+    thread (where Python cannot install handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._trainer: Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        self._trainer = None
+
+    def attach(self, trainer: Trainer) -> None:
+        """From now on a signal asks ``trainer`` to stop (one that came already does so at once)."""
+        self._trainer = trainer
+        if self.signum is not None:
+            trainer.request_stop()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, f"stopped by a second {name} before the checkpoint was written")
+        self.signum = signum
+        if self._trainer is None:
+            raise TrainingInterrupted(signum, f"stopped by {name} before training began")
+        self._trainer.request_stop()  # only a flag: the trainer acts on it between two steps
+
+
 def train_run(
     run_config: RunConfig | None,
     run_dir: str | Path,
     *,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns the summary also written to ``summary.json``.
 
@@ -272,9 +331,13 @@ def train_run(
     (and ``[parallel]``) section (e.g. a larger ``max_steps``): the model and data must stay what was trained.
     Under expert parallelism (``parallel.expert_parallel > 1``, one call per rank) a collective that fails or
     times out (a rank died or hangs) is raised as a one-line :class:`MoekitError`.
+
+    With ``stop`` (an entered :class:`StopSignals`), a stop signal ends the run after a checkpoint at the current
+    step: then no summary, plots or ``summary.json`` are made, and the returned dict has ``stopped_at`` (the
+    checkpoint), ``steps`` and ``run_dir``.
     """
     try:
-        return _train_run(run_config, run_dir, resume=resume, log=log)
+        return _train_run(run_config, run_dir, resume=resume, log=log, stop=stop)
     except RuntimeError as exc:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if isinstance(exc, MoekitError) or not distributed:
@@ -293,6 +356,7 @@ def _train_run(
     *,
     resume: bool,
     log: Callable[[str], None] | None,
+    stop: StopSignals | None,
 ) -> dict[str, Any]:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_dir = Path(run_dir)
@@ -331,12 +395,16 @@ def _train_run(
     with hold_run_dir(run_dir) if is_main else contextlib.nullcontext(run_dir):
         if is_main and not resume and (run_dir / "config.toml").exists():  # another process started it meanwhile
             raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        if is_main and resume:  # under the lock: the holder may have been rewriting config.toml
-            verify_run_files(run_dir)
+        if is_main and resume:
+            # First, before this session writes anything (config.toml below): on a disk that filled up, the
+            # space a killed checkpoint write left behind is what the rest of the session needs.
+            for p in ckpt.clean_partial(run_dir / "checkpoints"):
+                log(f"removed a partial checkpoint left by an interrupted write: {p}")
+            verify_run_files(run_dir)  # under the lock: the holder may have been rewriting config.toml
         if changes:
             log("resuming with changed values: " + "; ".join(changes))
         return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, distributed=distributed,
-                             is_main=is_main)
+                             is_main=is_main, stop=stop)
 
 
 def _train_locked(
@@ -348,6 +416,7 @@ def _train_locked(
     t0: float,
     distributed: bool,
     is_main: bool,
+    stop: StopSignals | None,
 ) -> dict[str, Any]:
     """The body of :func:`train_run`, run while rank 0 holds the run directory's lock."""
     from moekit.training.distributed import ExpertParallel
@@ -386,6 +455,8 @@ def _train_locked(
         log=log,
         parallel=ExpertParallel(model) if distributed else None,
     )
+    if stop is not None:
+        stop.attach(trainer)
     if resume:
         trainer.resume()
     if trainer.step == 0:
@@ -395,6 +466,10 @@ def _train_locked(
             f"{run_config.train.max_steps} steps of {task.batch_text(model_config, run_config)}, {threads} thread(s)"
         )
     result = trainer.fit()
+    if result.stopped:
+        # Stopped by a signal: the run is not finished, so no final figures; the caller says how to resume.
+        return {"run_dir": str(run_dir), "steps": result.step, "stopped_at": str(result.stopped_at),
+                "is_main": is_main}
     if not is_main:
         return {
             "run_dir": str(run_dir),
