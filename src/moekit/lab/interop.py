@@ -104,7 +104,7 @@ def import_hf_run(
     run_config = build_run_config(tables)
     model = from_pretrained(hf_dir)
     d = run_config.data
-    docs = load_corpus(d.corpus, d.cache_dir)
+    docs = load_corpus(d.corpus, d.cache_dir, max_chars=d.max_chars, log=log)
     train_pieces, val_pieces = split_pieces(cut_pieces(docs, d.piece_chars, d.max_chars), d.val_fraction)
     separator = _separator_id(ckpt.raw, tok, lm.vocab_size)
     train_tokens = encode_pieces(tok, train_pieces, eot_id=separator)

@@ -92,3 +92,26 @@ def test_a_new_run_into_a_locked_directory_is_refused(tmp_path, tiny_corpus, cap
     finally:
         os.close(fd)
 
+
+
+def test_a_full_disk_at_the_lock_is_one_line_naming_it(tmp_path, monkeypatch):
+    """ENOSPC creating the lock file is a WriteError (a MoekitError: one line) naming the lock, and the directory
+    this call created is not left behind."""
+    import errno
+
+    from moekit.atomic import WriteError
+    from moekit.lab.training import lock as lock_mod
+
+    real_open = lock_mod.os.open
+
+    def full(path, *args, **kwargs):
+        if str(path).endswith(lock_mod.LOCK_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock_mod.os, "open", full)
+    with pytest.raises(WriteError, match="no space left") as info:
+        with lock_mod.hold_run_dir(tmp_path / "run"):
+            pass
+    assert info.value.path == str(tmp_path / "run" / lock_mod.LOCK_FILE)
+    assert not (tmp_path / "run").exists()

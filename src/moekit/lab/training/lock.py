@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moekit.atomic import WriteError, is_disk_error, make_dirs
 from moekit.errors import MoekitError
 
 try:
@@ -53,10 +54,20 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[Path]:
     start that failed before writing anything) is removed again, so a failed start leaves nothing behind."""
     run_dir = Path(run_dir)
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)  # a full or read-only disk: one line naming the directory
     path = run_dir / LOCK_FILE
     # Opened without truncating: the holder's details must survive a refused process opening the file.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if created:  # nothing of this call's is left behind
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        if is_disk_error(exc):
+            raise WriteError(path, exc) from None
+        raise
     acquired = False
     try:
         if fcntl is not None:
@@ -68,8 +79,11 @@ def hold_run_dir(run_dir: str | Path) -> Iterator[Path]:
                 ) from None
         acquired = True
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        except OSError:  # the details only name the holder in a refusal; the flock is the lock
+            pass
         yield run_dir
     finally:
         # Removing the file while locked is safe here: other processes never wait for the lock (LOCK_NB), and
