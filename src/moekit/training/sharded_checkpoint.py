@@ -13,12 +13,13 @@ ranks holding it; every other tensor is a plain (replicated) tensor. DCP's plann
 each chunk to the holder with the least to write so far, so the ``dp`` replicas share the writing. The optimizer's
 hyper-parameters and non-tensor state go to ``state.json`` with the caller's JSON state.
 
-Format: safetensors, never pickle. DCP's default ``FileSystemWriter`` writes a pickled ``.metadata`` file; this
+Format: safetensors, never pickle. DCP's default ``FileSystemWriter`` writes its ``.metadata`` file in Python's object
+serialisation format, which loading would have to execute; this
 module uses ``HuggingFaceStorageWriter(save_distributed=True)``, which writes one file per rank that has anything to
 write, ``shard-<rank + 1, 5 digits>-model-00001-of-00001.safetensors``, records each chunk's offset in the full
 tensor in the file's safetensors header (JSON, ``DCP_SHARDING_INFO``) and writes no metadata file at all;
 ``HuggingFaceStorageReader`` rebuilds the chunk map from those headers (``safe_open`` + ``json.loads``) and reads the
-chunks with ``safe_open(...).get_slice``: no pickle on the read path.
+chunks with ``safe_open(...).get_slice``: nothing on the read path deserialises Python objects.
 
 Layout: ``<root>/step_00000120/`` holding the shard files, ``state.json`` (the caller's state, the step, the
 optimizer's hyper-parameters, the tensor index: full shape and dtype of every saved tensor) and ``manifest.json``
