@@ -239,3 +239,13 @@ def test_a_refused_data_value_does_not_report_its_consequences():
     with pytest.raises(ConfigError) as info:
         build_run_config(tables)
     assert info.value.problems == ["data.dataset must be 'digits', 'fashion_mnist' or a directory, got 5"]
+
+
+def test_a_moe_section_the_task_refuses_is_reported_with_the_model_problems():
+    # The task's refusal (Soft MoE in a causal model) comes first, not the Soft MoE keys it would not take.
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, ['moe.router="soft"', "model.n_heads=0"])
+    assert len(info.value.problems) == 2
+    assert info.value.problems[0] == "model.n_heads must be a positive integer, got 0"
+    assert info.value.problems[1].startswith("moe.router = 'soft': Soft MoE mixes every token")
+    assert "refused in the causal TransformerLM" in info.value.problems[1]

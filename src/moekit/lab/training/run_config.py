@@ -200,30 +200,26 @@ def _lines(exc: ConfigError) -> list[str]:
     return list(exc.problems) if isinstance(exc, ConfigProblems) else [str(exc)]
 
 
+def _moe_lines(task: Task, model: dict[str, Any], moe: dict[str, Any], lines: list[str]) -> list[str]:
+    """The problems of the ``[moe]`` section among ``lines``, without those of a ``[model]`` value it inherits
+    (reported under the model's name). Such a value stops the ``[moe]`` check at once (``d_model`` is required
+    there), so ``[moe]`` is checked again with the model's defaults standing in for the inherited keys."""
+    inherited = tuple(f"moe.{k} " for k in _INHERITED_MOE_KEYS if k not in moe)
+    if not any(line.startswith(inherited) for line in lines if inherited):
+        return lines
+    defaults = {k: getattr(task.model_config, k) for k in _INHERITED_MOE_KEYS if k not in moe}
+    try:
+        parse_moe(moe, {**model, **defaults}, task.model_config)
+    except ConfigError as exc:
+        return [line for line in _lines(exc) if not (inherited and line.startswith(inherited))]
+    return []
+
+
 def _parse_model(task: Task, model: dict[str, Any], moe: dict[str, Any] | None, data: Any, problems: _Problems) -> Any:
     """The task's typed ``[model]`` (with ``[moe]``), every problem of the two sections added to ``problems``; None
-    when there was one. ``[moe]`` is checked on its own first, so a broken ``[moe]`` still lets ``[model]`` be
-    checked (as a dense model); unknown ``[model]`` keys are dropped one by one to reach the value checks."""
+    when there was one. Unknown ``[model]`` keys are dropped one by one to reach the value checks; a broken
+    ``[moe]`` (its own problems, or the task refusing it) is dropped to check ``[model]`` as a dense model."""
     model = dict(model)
-    if moe is not None:
-        inherited = [k for k in _INHERITED_MOE_KEYS if k not in moe]
-        try:
-            parse_moe(moe, model, task.model_config)
-        except ConfigError as exc:
-            lines = _lines(exc)
-            of_model = [line for line in lines if line.startswith(tuple(f"moe.{k} " for k in inherited))]
-            if of_model:
-                # A bad [model] value the [moe] section inherits stops the [moe] check at once (d_model is
-                # required there): check [moe] again with the model's defaults standing in for its other keys.
-                try:
-                    parse_moe(moe, {k: getattr(task.model_config, k) for k in inherited}, task.model_config)
-                    lines = []
-                except ConfigError as again:
-                    lines = _lines(again)
-            for line in lines:
-                if line not in of_model:
-                    problems.add(line)
-            moe = None
     for _ in range(len(model) + 2):
         try:
             parsed = task.parse_model(model, moe, data)
@@ -231,14 +227,17 @@ def _parse_model(task: Task, model: dict[str, Any], moe: dict[str, Any] | None, 
             lines = _lines(exc)
         else:
             return None if problems.lines else parsed
+        of_moe = [line for line in lines if line.startswith(("moe.", "unknown config key 'moe."))]
+        if moe is not None and of_moe:
+            lines = [line for line in lines if line not in of_moe] + _moe_lines(task, model, moe, of_moe)
         for line in lines:
             problems.add(line)
         unknown = [m.group(1) for m in map(_UNKNOWN_MODEL_KEY.match, lines) if m]
         if unknown:
             for key in unknown:
                 model.pop(key, None)
-        elif moe is not None and any(line.startswith("moe.") for line in lines):
-            moe = None  # a [model] check of the [moe] section (Soft MoE in a causal model...): check the rest dense
+        elif moe is not None and of_moe:
+            moe = None
         else:
             return None
     return None
