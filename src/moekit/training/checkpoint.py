@@ -8,6 +8,12 @@ crash at any moment leaves either the old set of checkpoints or the new one, nev
 directory. On load the manifest is checked key by key and every file byte for byte; a checkpoint that fails is
 reported by name (one line) and the previous one is tried.
 
+Distributed runs write *sharded* checkpoints instead (:mod:`moekit.training.sharded_checkpoint`: every rank its own
+safetensors shards, the same ``step_*`` directories, manifest and guarantees). :func:`verify_checkpoint`,
+:func:`load_checkpoint`, :func:`latest_valid_checkpoint` and :func:`unhealthy_reason` take either format, so a
+reader (eval, generate, export-hf; the trainer's resume and roll-back) needs no branch: a sharded checkpoint loads
+on one process, or on any ``(dp, ep)`` layout, with its shards resharded; :func:`prune_checkpoints` counts both.
+
 Temporaries a killed writer left behind are removed at the start of the next write, before anything new is
 written (on a full disk the space they hold may be what the next checkpoint needs). A write that runs out of space
 removes its own partial directory and raises :class:`CheckpointSpaceError`; the earlier checkpoints are untouched.
@@ -32,7 +38,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -42,15 +48,21 @@ from torch import nn
 from moekit.atomic import atomic_dir, write_synced
 from moekit.errors import MoekitError
 
+if TYPE_CHECKING:
+    from moekit.training.distributed import ExpertParallel
+
 __all__ = [
     "CheckpointError",
     "CheckpointSpaceError",
+    "VerifiedCheckpoint",
     "save_checkpoint",
     "list_checkpoints",
     "verify_checkpoint",
     "load_checkpoint",
     "latest_valid_checkpoint",
     "clean_partial",
+    "prune_checkpoints",
+    "remove_stale_temporaries",
     "unhealthy_reason",
     "rng_state",
     "set_rng_state",
@@ -148,7 +160,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     # Before anything new is written: a stale partial checkpoint may hold the space this one needs.
-    _remove_stale_temporaries(root)
+    remove_stale_temporaries(root)
     opt_tensors, opt_meta = _optimizer_split(optimizer)
     model_sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if unhealthy is None and not _all_finite(model_sd):
@@ -172,12 +184,12 @@ def save_checkpoint(
         if exc.errno not in _NO_SPACE:
             raise
         # atomic_dir removed its temporary already; this also catches one it could not (it ignores errors).
-        _remove_stale_temporaries(root)
+        remove_stale_temporaries(root)
         raise CheckpointSpaceError(
             f"cannot write checkpoint {final}: no space left on the device; the partial checkpoint was removed and "
             "the earlier ones are intact (free some space, then resume)"
         ) from None
-    _prune(root, keep)
+    prune_checkpoints(root, keep)
     return final
 
 
@@ -185,9 +197,9 @@ def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point() or t.is_complex())
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints; when none of those is healthy, the newest healthy older one
-    stays too, so that a roll-back still has somewhere to go."""
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (of either format); when none of those is healthy, the newest
+    healthy older one stays too, so that a roll-back still has somewhere to go."""
     found = list_checkpoints(root)
     old = found[keep:]
     if old and not any(_recorded_health(p) is not False for p in found[:keep]):
@@ -208,7 +220,7 @@ def _recorded_health(path: Path) -> bool | None:
     return flag if isinstance(flag, bool) else None
 
 
-def _remove_stale_temporaries(root: Path) -> None:
+def remove_stale_temporaries(root: Path) -> None:
     """Remove the temporaries of writers that are gone: a ``.tmp-`` / ``.trash-`` directory whose process no longer
     exists (killed mid-write), or this process's own (a write that failed). A live process's temporary is left
     alone (:func:`clean_partial`, called under the run directory's lock, removes every one)."""
@@ -301,10 +313,32 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, bytes]:
-    """Read every file of a checkpoint and check it against the manifest; returns the verified bytes."""
-    path = Path(path)
-    files = _read_manifest(path)["files"]
+class VerifiedCheckpoint(dict[str, bytes]):
+    """A checkpoint that passed its checks: the verified bytes of the files that were read, by name, and where the
+    checkpoint is (``path``), its format (``sharded``) and its manifest.
+
+    Single-file: ``model.safetensors``, ``optimizer.safetensors`` and ``state.json``. Sharded: ``state.json`` only;
+    the shards stay on disk (they may not fit in one process's memory) and :func:`load_checkpoint` has DCP read the
+    chunks each rank needs."""
+
+    def __init__(self, files: dict[str, bytes], path: Path, *, sharded: bool, manifest: dict[str, Any]) -> None:
+        super().__init__(files)
+        self.path = path
+        self.sharded = sharded
+        self.manifest = manifest
+
+
+def _is_sharded(path: Path, parallel: ExpertParallel | None) -> bool:
+    """Whether ``path`` holds a sharded checkpoint (rank 0's reading, on every rank: all must take the same path)."""
+    from moekit.training.sharded_checkpoint import is_sharded_checkpoint
+
+    sharded = is_sharded_checkpoint(path)
+    return sharded if parallel is None else parallel.broadcast(sharded)
+
+
+def _verify_single_file(path: Path) -> VerifiedCheckpoint:
+    manifest = _read_manifest(path)
+    files = manifest["files"]
     data: dict[str, bytes] = {}
     for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
         fpath = path / name
@@ -315,17 +349,59 @@ def verify_checkpoint(path: str | Path) -> dict[str, bytes]:
         if len(raw) != files[name]["bytes"] or hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
             raise CheckpointError(f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)")
         data[name] = raw
+    return VerifiedCheckpoint(data, path, sharded=False, manifest=manifest)
+
+
+def verify_checkpoint(path: str | Path, parallel: ExpertParallel | None = None) -> VerifiedCheckpoint:
+    """Check every file of a checkpoint, single-file or sharded, against its manifest; returns what was verified
+    (the files' bytes by name, a ``dict``; see :class:`VerifiedCheckpoint`). A failure is a one-line
+    :class:`CheckpointError` naming the file.
+
+    Collective under ``parallel`` (every rank calls it): the ranks agree on the verdict, so that none loads a
+    checkpoint another refused. A sharded checkpoint's files are split over the ranks; a single-file one is read
+    whole by every rank (each loads it)."""
+    path = Path(path)
+    if _is_sharded(path, parallel):
+        from moekit.training.sharded_checkpoint import verify_sharded
+
+        manifest = verify_sharded(path, parallel)
+        # Read again here (a few KiB) and checked again: the bytes returned are the ones that were verified.
+        fpath, entry = path / STATE_FILE, manifest["files"][STATE_FILE]
+        raw = fpath.read_bytes()
+        if len(raw) != entry["bytes"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"checkpoint file {fpath} fails its sha256 checksum (corrupted or truncated)")
+        return VerifiedCheckpoint({STATE_FILE: raw}, path, sharded=True, manifest=manifest)
+    if parallel is None:
+        return _verify_single_file(path)
+    problem: str | None = None
+    try:
+        data = _verify_single_file(path)
+    except CheckpointError as exc:
+        problem = str(exc)
+    except OSError as exc:  # not left to one rank: the others would wait for it in the next collective
+        problem = f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
+    problem = next((p for p in parallel.gather(problem) if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
     return data
 
 
 def unhealthy_reason(path: str | Path, data: dict[str, bytes]) -> str | None:
-    """Why the verified checkpoint ``path`` (its bytes ``data``) is not one to roll back to, or None when it is
-    healthy. A checkpoint written before the health flag existed is healthy when its weights are finite."""
+    """Why the verified checkpoint ``path`` (``data``: what :func:`verify_checkpoint` returned) is not one to roll
+    back to, or None when it is healthy. A checkpoint written before the health flag existed is healthy when its
+    weights are finite."""
     path = Path(path)
-    manifest = _read_manifest(path)
+    sharded = isinstance(data, VerifiedCheckpoint) and data.sharded
+    manifest = data.manifest if isinstance(data, VerifiedCheckpoint) else _read_manifest(path)
     healthy = manifest.get("healthy")
     if healthy is None:
-        return None if _all_finite(st_load(data[MODEL_FILE])) else "non-finite weights"
+        if sharded:
+            from moekit.training.sharded_checkpoint import shards_finite
+
+            finite = shards_finite(path)
+        else:
+            finite = _all_finite(st_load(data[MODEL_FILE]))
+        return None if finite else "non-finite weights"
     if healthy:
         return None
     reason = manifest.get("unhealthy")
@@ -333,12 +409,16 @@ def unhealthy_reason(path: str | Path, data: dict[str, bytes]) -> str | None:
 
 
 def latest_valid_checkpoint(
-    root: str | Path, report: Callable[[str], None] | None = None
-) -> tuple[Path, dict[str, bytes]] | None:
-    """The newest checkpoint that verifies, with its bytes; each one that fails is passed to ``report``."""
-    for path in list_checkpoints(root):
+    root: str | Path, report: Callable[[str], None] | None = None, parallel: ExpertParallel | None = None
+) -> tuple[Path, VerifiedCheckpoint] | None:
+    """The newest checkpoint (single-file or sharded) that verifies, with what was verified; each one that fails is
+    passed to ``report``. Collective under ``parallel``: every rank walks rank 0's list and they agree on each."""
+    found = list_checkpoints(root)
+    if parallel is not None:
+        found = parallel.broadcast(found)
+    for path in found:
         try:
-            return path, verify_checkpoint(path)
+            return path, verify_checkpoint(path, parallel)
         except CheckpointError as exc:
             if report is not None:
                 report(f"{exc}; trying the previous checkpoint")
@@ -346,9 +426,23 @@ def latest_valid_checkpoint(
 
 
 def load_checkpoint(
-    data: dict[str, bytes], model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    data: dict[str, bytes],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    parallel: ExpertParallel | None = None,
 ) -> dict[str, Any]:
-    """Load verified checkpoint bytes into ``model`` (and ``optimizer``); returns the JSON state."""
+    """Load a verified checkpoint (what :func:`verify_checkpoint` returned) into ``model`` (and ``optimizer``);
+    returns the JSON state.
+
+    A sharded checkpoint loads into the model as it is laid out: on one process (``parallel`` None, no process
+    group needed) with full expert banks, under ``parallel`` (collective) with the banks sliced over its ``ep``
+    group or full, whatever layout it was saved at. A single-file checkpoint holds the single-process layout: under
+    expert parallelism, gather the experts first (``ExpertParallel.unshard``)."""
+    if isinstance(data, VerifiedCheckpoint) and data.sharded:
+        from moekit.training.sharded_checkpoint import load_sharded
+
+        return load_sharded(data.path, model, optimizer, parallel, verify=False)
     state = json.loads(data[STATE_FILE])
     try:
         model.load_state_dict(st_load(data[MODEL_FILE]), strict=True)

@@ -23,8 +23,10 @@ chunks with ``safe_open(...).get_slice``: nothing on the read path deserialises 
 
 Layout: ``<root>/step_00000120/`` holding the shard files, ``state.json`` (the caller's state, the step, the
 optimizer's hyper-parameters, the tensor index: full shape and dtype of every saved tensor) and ``manifest.json``
-(format, step, the layout it was saved with, and each file's sha256, size and writing rank). The directory name is
-the one :func:`moekit.training.checkpoint.list_checkpoints` lists.
+(format, step, the layout it was saved with, whether the checkpoint is healthy, and each file's sha256, size and
+writing rank). The directory name is the one :func:`moekit.training.checkpoint.list_checkpoints` lists, and
+:func:`moekit.training.checkpoint.verify_checkpoint` / ``load_checkpoint`` / ``latest_valid_checkpoint`` read
+either format (the trainer and the one-process readers go through them).
 
 Guarantees, as for the single-file checkpoints:
 
@@ -32,13 +34,20 @@ Guarantees, as for the single-file checkpoints:
   :func:`moekit.atomic.atomic_dir`; its name is broadcast), each file fsynced; once every rank has written and
   hashed its files, rank 0 writes ``state.json`` and, last, ``manifest.json``, then renames the directory into place.
   A checkpoint exists only when complete; a temporary a killed run left behind is not listed and
-  :func:`~moekit.training.checkpoint.clean_partial` removes it. A failure on any rank is agreed on by all ranks (no
-  rank is left waiting in a collective) and raises :class:`CheckpointError` on every rank, leaving no directory.
+  :func:`~moekit.training.checkpoint.clean_partial` removes it (and the next save, once its writer is gone). A
+  failure on any rank is agreed on by all ranks (no rank is left waiting in a collective) and raises
+  :class:`CheckpointError` on every rank, leaving no directory; a full disk (or quota) on any rank raises
+  :class:`~moekit.training.checkpoint.CheckpointSpaceError`, one line.
 - *verified*: before anything is read, every file is checked against its sha256 and size in the manifest (the files
   are split over the ranks, the verdicts shared); a missing, damaged, or unlisted file raises
   :class:`CheckpointError` on every rank, one line naming it. A file altered between that check and DCP's read of
   it is not caught (the single-file checkpoint reads the bytes it verified; DCP reads the files itself).
-- *keep-last-K*: ``keep`` prunes to the newest ``keep`` ``step_*`` directories (of either kind) after a commit.
+- *healthy*: as for single-file checkpoints, the manifest records whether every weight (on every rank) is finite and
+  the caller did not mark the checkpoint otherwise (``unhealthy``: the trainer's non-finite validation loss); a
+  roll-back goes only to a healthy one.
+- *keep-last-K*: ``keep`` prunes to the newest ``keep`` ``step_*`` directories (of either kind) after a commit, and
+  keeps the newest healthy one when none of those is (the single-file rule,
+  :func:`~moekit.training.checkpoint.prune_checkpoints`).
 
 Every function is collective when ``parallel`` is given: all ranks call it in the same order. Checkpoints are
 written to a file system every rank sees (the usual for multi-node DCP). DCP and DTensor are imported when a
@@ -49,10 +58,10 @@ would otherwise pay.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,19 +73,29 @@ from torch import Tensor, nn
 
 from moekit.atomic import atomic_dir, write_synced
 from moekit.layers.expert_parallel import expert_parameters, is_expert_parallel
-from moekit.training.checkpoint import CheckpointError, list_checkpoints
+from moekit.training.checkpoint import (
+    CheckpointError,
+    CheckpointSpaceError,
+    prune_checkpoints,
+    remove_stale_temporaries,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from moekit.training.distributed import ExpertParallel
 
-__all__ = ["SHARDED_FORMAT", "save_sharded", "load_sharded", "verify_sharded", "is_sharded_checkpoint"]
+__all__ = ["SHARDED_FORMAT", "save_sharded", "load_sharded", "verify_sharded", "is_sharded_checkpoint",
+           "shards_finite"]
 
 SHARDED_FORMAT = "moekit-sharded-checkpoint-1"
 STATE_FILE, MANIFEST_FILE = "state.json", "manifest.json"
 OPTIM_PREFIX = "optim/"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# The disk is full (or the user's quota is): the one write failure the user fixes by freeing space.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# safetensors' writer (Rust) reports an I/O failure as its own error, with the errno only in the message.
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")
 
 
 # -- layout ----------------------------------------------------------------------------------------------------------
@@ -165,6 +184,47 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def _rank_failures(exc: BaseException) -> list[tuple[int | None, BaseException]]:
+    """The failures ``exc`` stands for: DCP raises one ``CheckpointException`` on every rank, holding each failed
+    rank's own exception (its ``str`` is several tracebacks, not a line for the user); anything else is itself."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return [(rank, pair[0] if isinstance(pair, tuple) else pair) for rank, pair in sorted(failures.items())]
+    return [(None, exc)]
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk or an exceeded quota."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        match = _OS_ERROR_IN_MESSAGE.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+        if match and int(match.group(1)) in _NO_SPACE:
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def _failure(rank: int, exc: BaseException) -> tuple[str, bool]:
+    """A failed step of a save as (one line naming the rank, whether the disk is full)."""
+    failed = _rank_failures(exc)
+    who, first = failed[0]
+    text = f"rank {rank if who is None else who}: {_one_line(first)}"
+    return text, any(_no_space(e) for _, e in failed)
+
+
+def _is_failure(exc: BaseException) -> bool:
+    """An exception a save or load reports as its failure: any ``Exception``, and DCP's ``CheckpointException``
+    (a ``BaseException``, raised on every rank when one fails); not an interrupt."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "CheckpointException"
+
+
 # -- save ------------------------------------------------------------------------------------------------------------
 def _collect(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: _Layout
@@ -192,6 +252,12 @@ def _collect(
                     scalars.setdefault(name, {})[key] = value
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer this rank holds is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point() or t.is_complex())
 
 
 def _index(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
@@ -243,76 +309,104 @@ def save_sharded(
     state: dict[str, Any],
     *,
     keep: int | None = None,
+    unhealthy: str | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``model`` (and ``optimizer``) as ``root/step_<step:08d>``, every rank its own
-    chunks, atomically; then keep only the newest ``keep`` checkpoints (None: keep all). ``state``: JSON-able values
-    (config, data position, RNG states...) saved in ``state.json``. Returns the checkpoint's directory.
+    chunks, atomically; then keep only the newest ``keep`` checkpoints and the newest healthy one (None: keep all).
+    ``state``: JSON-able values (config, data position, RNG states...) saved in ``state.json``. Returns the
+    checkpoint's directory.
+
+    ``unhealthy``: why the caller knows this checkpoint is not one to go back to (e.g. a non-finite validation loss
+    at this step), recorded in the manifest; non-finite weights on any rank are found here.
 
     Collective under ``parallel`` (the model as it runs there: expert banks sliced over the ``ep`` group or not).
-    Any rank's failure raises :class:`CheckpointError` on every rank and leaves no checkpoint directory."""
+    Any rank's failure raises :class:`CheckpointError` on every rank and leaves no checkpoint directory; a full disk
+    on any rank raises :class:`CheckpointSpaceError`."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     layout = _layout(model, parallel)
     tensors, optim_meta = _collect(model, optimizer, layout)
+    finite = _weights_finite(model)  # this rank's slices and replicas; rank 0 learns every rank's with the reports
     main = parallel is None or parallel.is_main
     rank = 0 if parallel is None else parallel.rank
 
     # 1. Rank 0 creates the temporary directory; every rank learns its name (or rank 0's failure).
     commit = None  # rank 0: the atomic_dir context; leaving it without an error renames the temporary into place
     tmp_name: str | None = None
-    failure: str | None = None
+    failure: tuple[str, bool] | None = None  # (one line, whether the disk is full)
     if main:
         try:
             root.mkdir(parents=True, exist_ok=True)
+            # Before anything new is written: a killed writer's partial checkpoint may hold the space this one needs.
+            remove_stale_temporaries(root)
             commit = atomic_dir(final, fsync=True)
             tmp_name = str(commit.__enter__())
         except OSError as exc:
-            commit, failure = None, f"rank 0: {_one_line(exc)}"
+            commit, failure = None, _failure(0, exc)
     tmp_name, failure = _broadcast(parallel, (tmp_name, failure))
     tmp = Path(tmp_name) if tmp_name is not None else None
     try:
         # 2. Every rank writes its chunks (DCP raises on every rank when one fails), 3. then hashes its files.
         mine: dict[str, dict[str, Any]] = {}
-        local_failure: str | None = None
+        local_failure: tuple[str, bool] | None = None
         if failure is None:
             try:
                 for name in _dcp_write(tmp, tensors, parallel):
                     digest, size = _file_digest(tmp / name)
                     mine[name] = {"sha256": digest, "bytes": size, "rank": rank}
-            except Exception as exc:  # shared with every rank below, then raised
-                local_failure = f"rank {rank}: {_one_line(exc)}"
+            except BaseException as exc:  # shared with every rank below, then raised
+                if not _is_failure(exc):
+                    raise
+                local_failure = _failure(rank, exc)
         # 4. Rank 0 learns every rank's files (this is also the barrier: every write is done) and commits.
-        reports = _gather(parallel, (mine, local_failure))
+        reports = _gather(parallel, (mine, local_failure, finite))
         if commit is not None:
             try:
-                failure = failure or next((f for _, f in reports if f is not None), None)
+                failure = failure or next((f for _, f, _ in reports if f is not None), None)
                 if failure is None:
-                    files = {name: entry for part, _ in reports for name, entry in part.items()}
+                    files = {name: entry for part, _, _ in reports for name, entry in part.items()}
+                    if unhealthy is None and not all(ok for _, _, ok in reports):
+                        unhealthy = "non-finite weights"
                     _write_state_and_manifest(tmp, files, step, parallel,
                                               {**state, "step": step, "optimizer": optim_meta,
-                                               "tensors": _index(tensors)})
+                                               "tensors": _index(tensors)}, unhealthy)
                     done, commit = commit, None
                     done.__exit__(None, None, None)  # the rename: from here on the checkpoint exists
             except Exception as exc:  # shared with every rank below, then raised
-                failure = failure or f"rank 0: {_one_line(exc)}"
+                failure = failure or _failure(0, exc)
             if failure is None and keep is not None:
                 _prune(root, keep)
     finally:
         if commit is not None:
             # Not committed (a failure, or an interrupt): atomic_dir removes the temporary when told of an error.
-            commit.__exit__(CheckpointError, CheckpointError(failure or "interrupted"), None)
+            reason = failure[0] if failure is not None else "interrupted"
+            commit.__exit__(CheckpointError, CheckpointError(reason), None)
+            # And one it could not remove (it ignores errors there), as the single-file writer does.
+            with contextlib.suppress(OSError):
+                remove_stale_temporaries(root)
     # 5. Every rank learns the outcome, so none goes on as if a failed checkpoint existed.
     failure = _broadcast(parallel, failure)
     if failure is not None:
-        raise CheckpointError(f"cannot write checkpoint {final}: {failure}")
+        text, no_space = failure
+        if no_space:
+            raise CheckpointSpaceError(
+                f"cannot write checkpoint {final}: no space left on the device ({text}); the partial checkpoint was "
+                "removed and the earlier ones are intact (free some space, then resume)"
+            )
+        raise CheckpointError(f"cannot write checkpoint {final}: {text}")
     return final
 
 
 def _write_state_and_manifest(
-    tmp: Path, files: dict[str, dict[str, Any]], step: int, parallel: ExpertParallel | None, state: dict[str, Any]
+    tmp: Path,
+    files: dict[str, dict[str, Any]],
+    step: int,
+    parallel: ExpertParallel | None,
+    state: dict[str, Any],
+    unhealthy: str | None,
 ) -> None:
     """Rank 0's part of a commit: ``state.json``, then (last: a directory with a manifest is complete) the
-    manifest listing every file with its sha256, size and writing rank."""
+    manifest listing every file with its sha256, size and writing rank, and whether the checkpoint is healthy."""
     data = json.dumps(state, indent=1).encode()
     write_synced(tmp / STATE_FILE, data)
     files[STATE_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rank": 0}
@@ -321,17 +415,20 @@ def _write_state_and_manifest(
         "step": step,
         "layout": {"world": 1, "dp": 1, "ep": 1} if parallel is None else
                   {"world": parallel.world, "dp": parallel.dp, "ep": parallel.ep},
+        "healthy": unhealthy is None,
         "files": dict(sorted(files.items())),
     }
+    if unhealthy is not None:
+        manifest["unhealthy"] = unhealthy
     write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (rank 0, after a commit; the new one always stays). A failure
-    to delete is not the new checkpoint's failure: it is left for the next prune."""
+    """Delete all but the newest ``keep`` checkpoints and the newest healthy one, by the single-file rule
+    (:func:`moekit.training.checkpoint.prune_checkpoints`; rank 0, after a commit; the new one always stays). A
+    failure to delete is not the new checkpoint's failure: it is left for the next prune."""
     with contextlib.suppress(OSError):
-        for p in list_checkpoints(root)[max(keep, 1):]:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(root, max(keep, 1))
 
 
 # -- verify ----------------------------------------------------------------------------------------------------------
@@ -358,6 +455,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     m = _STEP_DIR.match(path.name)
     if m is not None and int(m.group(1)) != step:
         raise bad(f"'step' is {step}, but the directory is {path.name}")
+    if "healthy" in manifest and not isinstance(manifest["healthy"], bool):
+        raise bad(f"'healthy' is {manifest['healthy']!r}, not a boolean")
     files = manifest.get("files")
     if not isinstance(files, dict) or STATE_FILE not in files:
         raise bad(f"'files' does not list {STATE_FILE}")
@@ -423,6 +522,21 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
         return json.loads((Path(path) / MANIFEST_FILE).read_bytes()).get("format") == SHARDED_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def shards_finite(path: str | Path) -> bool:
+    """Whether every model weight in the shards of the (verified) checkpoint ``path`` is finite, read chunk by chunk
+    on one process (optimizer state is not a weight). For a checkpoint whose manifest has no health flag."""
+    from safetensors import safe_open
+
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if not key.startswith(OPTIM_PREFIX) and (t.is_floating_point() or t.is_complex()) \
+                        and not bool(torch.isfinite(t).all()):
+                    return False
+    return True
 
 
 # -- load ------------------------------------------------------------------------------------------------------------
@@ -492,10 +606,13 @@ def load_sharded(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     parallel: ExpertParallel | None,
+    *,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load the sharded checkpoint ``path`` into ``model`` (and ``optimizer``) as they are laid out here: expert
     banks sliced over ``parallel``'s ``ep`` group or full, on any ``(dp, ep)`` or on one process (``parallel`` None:
-    no process group needed). Every file is verified first. Returns the JSON state (the caller's values, ``step``,
+    no process group needed). Every file is verified first (``verify=False``: the caller just did, with
+    :func:`verify_sharded`; not reading every shard twice). Returns the JSON state (the caller's values, ``step``,
     ``optimizer``, ``tensors``).
 
     Collective under ``parallel``. Raises :class:`CheckpointError` (one line) when a file is missing or damaged or
@@ -504,7 +621,8 @@ def load_sharded(
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     path = Path(path)
-    verify_sharded(path, parallel)
+    if verify:
+        verify_sharded(path, parallel)
     layout = _layout(model, parallel)
     problem: str | None = None
     try:
@@ -531,8 +649,12 @@ def load_sharded(
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(targets, storage_reader=reader, process_group=None if parallel is None else parallel.group,
                      no_dist=parallel is None)
-    except Exception as exc:  # DCP raises on every rank when one fails: no rank is left waiting
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_one_line(exc)}") from None
+    except BaseException as exc:  # DCP raises on every rank when one fails: no rank is left waiting
+        if not _is_failure(exc):
+            raise
+        who, first = _rank_failures(exc)[0]
+        where = "" if who is None or parallel is None else f" (rank {who})"
+        raise CheckpointError(f"checkpoint {path} cannot be read{where}: {_one_line(first)}") from None
     # Every chunk has been read: only now are the model and the optimizer changed.
     model.load_state_dict({n: _local(targets[n]) for n in model.state_dict()}, strict=True)
     if optimizer is not None:
