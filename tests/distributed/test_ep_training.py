@@ -9,6 +9,7 @@ batch is split over ranks, and ``jitter_eps = 0`` removes the only random draw, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
 
-from moekit.lab.training.run import train_run  # noqa: E402
-from moekit.lab.training.run_config import load_run_config  # noqa: E402
+from moekit.lab.training.run import read_run_config, train_run  # noqa: E402
+from moekit.lab.training.run_config import layout_for_launch, load_run_config  # noqa: E402
 from moekit.training.metrics import read_metrics  # noqa: E402
+from tests.distributed._checkpoints import checkpoint_weights  # noqa: E402
 from tests.distributed._launch import spawn  # noqa: E402
 
 OVERRIDES = ["moe.group_size=16", "moe.jitter_eps=0.0"]
@@ -42,8 +43,15 @@ def _resume(rank: int, world: int, run_dir: str) -> None:
     train_run(None, Path(run_dir), resume=True, log=lambda m: None)
 
 
+def _resume_layout(rank: int, world: int, run_dir: str, dp: int) -> None:
+    saved = read_run_config(Path(run_dir))
+    layout = layout_for_launch(saved, world, data_parallel=dp)
+    train_run(dataclasses.replace(saved, parallel=layout), Path(run_dir), resume=True, log=lambda m: None)
+
+
 def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    """The model weights of checkpoint ``step`` in the single-process layout (an EP run's checkpoints are sharded)."""
+    return checkpoint_weights(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def test_ep2_matches_single_process(runs):
         assert sum(map(sum, r["tokens_per_expert"])) > 0
         for key in keys[1:]:
             assert ep_m[step][key] == pytest.approx(r[key], rel=1e-4, abs=1e-6), (step, key)
-    # The checkpoint holds every expert, in the single-process layout, equal to the single-process weights.
+    # The sharded checkpoint holds every expert, equal to the single-process weights.
     w_ref, w_ep = _weights(ref, 10), _weights(ep2, 10)
     assert w_ref.keys() == w_ep.keys()
     for name in w_ref:
@@ -107,6 +115,22 @@ def test_ep2_checkpoint_resumes_at_another_degree(runs, world):
     assert sorted(losses) == list(range(1, 11))
     for step in range(6, 11):
         assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    w_ref, w = _weights(ref, 10), _weights(run_dir, 10)
+    for name in w_ref:
+        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ep2_checkpoint_resumes_on_a_dp2_ep2_mesh(runs):
+    """The EP = 2 checkpoint of step 5 resumed by 4 processes as 2 data-parallel replicas of 2 expert shards:
+    steps 6..10 and the final weights are those of the single-process run."""
+    tmp, ref, ep2 = runs
+    run_dir = _from_step5(ep2, tmp / "resume_dp2_ep2")
+    spawn(_resume_layout, 4, str(run_dir), 2)
+    ref_losses, losses = _losses(ref), _losses(run_dir)
+    assert sorted(losses) == list(range(1, 11))
+    for step in range(6, 11):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
+    assert read_run_config(run_dir).parallel.data_parallel == 2
     w_ref, w = _weights(ref, 10), _weights(run_dir, 10)
     for name in w_ref:
         torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=1e-5)

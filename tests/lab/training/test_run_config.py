@@ -249,3 +249,31 @@ def test_a_moe_section_the_task_refuses_is_reported_with_the_model_problems():
     assert info.value.problems[0] == "model.n_heads must be a positive integer, got 0"
     assert info.value.problems[1].startswith("moe.router = 'soft': Soft MoE mixes every token")
     assert "refused in the causal TransformerLM" in info.value.problems[1]
+
+
+def test_parallel_layout_for_a_launch():
+    """The [parallel] layout a resume takes: the saved one when it fits the launch, else the saved data_parallel
+    with the rest on the 8 experts, else every process on the experts, else on data; a given degree is kept and
+    the other follows from the number of processes. The global batch must split evenly over all processes."""
+    from moekit.lab.training.run_config import layout_for_launch
+
+    cfg = load_run_config(str(CONFIGS / "switch-tiny.toml"), ["parallel.data_parallel=2", "parallel.expert_parallel=2"])
+    assert cfg.moe.num_experts == 8 and cfg.parallel.world == 4
+
+    def layout(world: int, **given) -> tuple[int, int]:
+        p = layout_for_launch(cfg, world, **given)
+        return p.data_parallel, p.expert_parallel
+
+    assert layout(4) == (2, 2)  # fits: kept
+    assert layout(8) == (2, 4)  # saved dp 2, 4 ranks hold 8 experts
+    assert layout(2) == (2, 1)  # dp 2 fits, ep 1
+    assert layout(6) == (6, 1)  # neither 6 nor 3 divides 8 experts: all data parallel
+    assert layout(1) == (1, 1)
+    assert layout(4, data_parallel=1) == (1, 4)
+    assert layout(4, expert_parallel=1) == (4, 1)
+    with pytest.raises(ConfigError, match="parallel.expert_parallel = 3 does not divide the 4 processes"):
+        layout(4, expert_parallel=3)
+    dense = load_run_config(str(CONFIGS / "dense-tiny.toml"))
+    assert layout_for_launch(dense, 4).data_parallel == 4
+    with pytest.raises(ConfigError, match="must be a multiple of parallel.data_parallel x expert_parallel = 3"):
+        load_run_config(str(CONFIGS / "dense-tiny.toml"), ["parallel.data_parallel=3"])

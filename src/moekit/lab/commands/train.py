@@ -52,15 +52,20 @@ def run(args: argparse.Namespace) -> int:
             if bad:
                 raise MoekitError(f"--resume accepts only train.* and parallel.* overrides, got {bad[0]!r}")
             from moekit.lab.training.run import read_run_config
-            from moekit.lab.training.run_config import build_run_config, parse_overrides
+            from moekit.lab.training.run_config import build_run_config, layout_for_launch, parse_overrides
             from moekit.training.distributed import launch_world_size
 
-            tables = read_run_config(run_dir).resolved()
+            saved = read_run_config(run_dir)
+            tables = saved.resolved()
             parsed = parse_overrides(args.overrides)
             tables["train"].update(parsed.get("train", {}))
-            # The expert-parallel degree is the launch's (a checkpoint reshards to any degree dividing E).
-            tables["parallel"]["expert_parallel"] = launch_world_size()
-            tables["parallel"].update(parsed.get("parallel", {}))
+            given = parsed.get("parallel", {})
+            tables["parallel"].update(given)
+            # The layout is the launch's (a checkpoint reshards to any layout whose ep divides E); a degree given
+            # with --set is kept and the other one follows from the number of processes.
+            layout = layout_for_launch(saved, launch_world_size(), data_parallel=given.get("data_parallel"),
+                                       expert_parallel=given.get("expert_parallel"))
+            tables["parallel"].update(data_parallel=layout.data_parallel, expert_parallel=layout.expert_parallel)
             run_config = build_run_config(tables)
         resume = True
     else:

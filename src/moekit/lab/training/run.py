@@ -41,7 +41,8 @@ import torch
 from moekit.atomic import atomic_write_text
 from moekit.errors import MoekitError
 from moekit.lab.training.lock import hold_run_dir
-from moekit.lab.training.run_config import RunConfig, build_run_config, to_toml, tomllib
+from moekit.lab.training.run_config import RunConfig, build_run_config, layout_for_launch, to_toml, tomllib
+from moekit.lab.training.size import check_memory
 from moekit.lab.training.tasks import Task
 from moekit.training import checkpoint as ckpt
 from moekit.training.trainer import Trainer
@@ -345,7 +346,7 @@ def train_run(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         timeout = run_config.parallel.timeout_s if run_config is not None else "the saved value"
         raise MoekitError(
-            f"expert-parallel rank {torch.distributed.get_rank()}: a collective failed ({first}); another rank "
+            f"rank {torch.distributed.get_rank()}: a collective failed ({first}); another rank "
             f"probably died or hangs (parallel.timeout_s = {timeout})"
         ) from None
 
@@ -374,19 +375,23 @@ def _train_run(
                 loaded_config.train = dataclasses.replace(loaded_config.train, init_from=saved_init)
             loaded_config.parallel = run_config.parallel
             changes = _changes(saved, loaded_config)
-        else:  # the expert-parallel degree is the launch's, not the saved run's: checkpoints reshard
+        else:  # the layout is the launch's, not the saved run's: checkpoints reshard
             from moekit.training.distributed import launch_world_size
 
-            loaded_config.parallel = dataclasses.replace(loaded_config.parallel, expert_parallel=launch_world_size())
+            loaded_config.parallel = layout_for_launch(loaded_config, launch_world_size())
             loaded_config.__post_init__()
         run_config = loaded_config
     elif run_config is None:
         raise ValueError("train_run needs a run_config for a new run")
     elif (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    from moekit.training.distributed import init_expert_parallel
+    # Before any data work or process group: a model that cannot fit in this machine's memory is refused here.
+    check_memory(run_config)
+    from moekit.training.distributed import init_parallel_mesh
 
-    distributed = init_expert_parallel(run_config.parallel.expert_parallel, run_config.parallel.timeout_s)
+    par = run_config.parallel
+    mesh = init_parallel_mesh(par.data_parallel, par.expert_parallel, par.timeout_s)
+    distributed = mesh is not None
     is_main = not distributed or torch.distributed.get_rank() == 0
     if not is_main:  # only rank 0 writes files and user-facing lines
         log = lambda msg: None  # noqa: E731
@@ -403,8 +408,8 @@ def _train_run(
             verify_run_files(run_dir)  # under the lock: the holder may have been rewriting config.toml
         if changes:
             log("resuming with changed values: " + "; ".join(changes))
-        return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, distributed=distributed,
-                             is_main=is_main, stop=stop)
+        return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, mesh=mesh, is_main=is_main,
+                             stop=stop)
 
 
 def _train_locked(
@@ -414,12 +419,14 @@ def _train_locked(
     resume: bool,
     log: Callable[[str], None],
     t0: float,
-    distributed: bool,
+    mesh: Any,
     is_main: bool,
     stop: StopSignals | None,
 ) -> dict[str, Any]:
     """The body of :func:`train_run`, run while rank 0 holds the run directory's lock."""
     from moekit.training.distributed import ExpertParallel
+
+    distributed = mesh is not None
 
     # The thread count is the process's: the caller applies train.threads (moekit train and compare do, with
     # moekit.lab.runtime.set_threads); a library function does not change a process-wide setting.
@@ -453,7 +460,7 @@ def _train_locked(
         run_dir,
         extra_state={"config": run_config.resolved()},
         log=log,
-        parallel=ExpertParallel(model) if distributed else None,
+        parallel=ExpertParallel.from_mesh(model, mesh) if distributed else None,
     )
     if stop is not None:
         stop.attach(trainer)

@@ -73,18 +73,30 @@ _DEFAULT_MOE = {"num_experts": 8, "top_k": 1, "capacity_factor": 1.25, "jitter_e
 
 @dataclass
 class ParallelConfig:
-    """Attributes:
-    expert_parallel: processes the experts are spread over (``torchrun --nproc_per_node N``; must divide the
-        number of experts). 1: one process.
+    """The processes of a run form a ``data_parallel x expert_parallel`` mesh (``torchrun --nproc_per_node`` their
+    product; see docs/TRAINING.md, "Expert and data parallelism").
+
+    Attributes:
+    data_parallel: replicas of each expert shard; every process takes ``1 / (data_parallel x expert_parallel)``
+        of each global batch. 1: none.
+    expert_parallel: processes the experts are spread over (must divide the number of experts). 1: every process
+        holds every expert.
     timeout_s: how long a rank waits in a collective before giving up with an error (a peer died or hangs).
     """
 
+    data_parallel: int = 1
     expert_parallel: int = 1
     timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        check_int("parallel.data_parallel", self.data_parallel, 1)
         check_int("parallel.expert_parallel", self.expert_parallel, 1)
         check_positive_number("parallel.timeout_s", self.timeout_s)
+
+    @property
+    def world(self) -> int:
+        """The number of processes the layout needs."""
+        return self.data_parallel * self.expert_parallel
 
 
 @dataclass
@@ -129,11 +141,12 @@ class RunConfig:
                     f"parallel.expert_parallel = {ep} must divide moe.num_experts = {moe.num_experts}: each rank "
                     "holds num_experts / expert_parallel experts (the experts are not divisible otherwise)"
                 )
-            if self.train.batch_size % ep != 0:
-                raise ConfigError(
-                    f"train.batch_size = {self.train.batch_size} (the global batch) must be a multiple of "
-                    f"parallel.expert_parallel = {ep}: every rank takes an equal share"
-                )
+        world = self.parallel.world
+        if world > 1 and self.train.batch_size % world != 0:
+            raise ConfigError(
+                f"train.batch_size = {self.train.batch_size} (the global batch) must be a multiple of "
+                f"parallel.data_parallel x expert_parallel = {world}: every rank takes an equal share"
+            )
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant, one line each (``moekit validate`` and ``moekit train``
@@ -378,3 +391,38 @@ def to_toml(tables: dict[str, dict[str, Any]]) -> str:
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)
+
+
+def layout_for_launch(
+    run_config: RunConfig, world: int, *, data_parallel: int | None = None, expert_parallel: int | None = None
+) -> ParallelConfig:
+    """The ``[parallel]`` layout a resumed run takes on ``world`` processes (checkpoints reshard to any layout).
+
+    Given both degrees: those. Given one: the other is ``world`` divided by it. Given none: the saved layout when
+    it fits ``world``; else, for an MoE model, the saved ``data_parallel`` when the rest can hold the experts,
+    then all processes on the experts, then all on data; a dense model is all data parallel."""
+    saved = run_config.parallel
+
+    def split(given: int, name: str) -> int:
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1 or world % given != 0:
+            raise ConfigError(f"parallel.{name} = {given} does not divide the {world} processes of this launch")
+        return world // given
+
+    if data_parallel is not None and expert_parallel is not None:
+        dp, ep = data_parallel, expert_parallel
+    elif data_parallel is not None:
+        dp, ep = data_parallel, split(data_parallel, "data_parallel")
+    elif expert_parallel is not None:
+        dp, ep = split(expert_parallel, "expert_parallel"), expert_parallel
+    elif saved.world == world:
+        dp, ep = saved.data_parallel, saved.expert_parallel
+    else:
+        moe = run_config.moe
+        experts = moe.num_experts if moe is not None else 1
+        if moe is not None and world % saved.data_parallel == 0 and experts % (world // saved.data_parallel) == 0:
+            dp, ep = saved.data_parallel, world // saved.data_parallel
+        elif moe is not None and experts % world == 0:
+            dp, ep = 1, world
+        else:
+            dp, ep = world, 1
+    return dataclasses.replace(saved, data_parallel=dp, expert_parallel=ep)
