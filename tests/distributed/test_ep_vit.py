@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("sklearn")
 
 from moekit.lab.training.run import train_run  # noqa: E402
 from moekit.lab.training.run_config import load_run_config  # noqa: E402
 from moekit.training.metrics import read_metrics  # noqa: E402
+from tests.distributed._checkpoints import checkpoint_weights  # noqa: E402
 from tests.distributed._launch import spawn  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -73,7 +73,7 @@ def _records(run_dir: Path) -> dict[int, dict]:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+    return checkpoint_weights(run_dir / "checkpoints" / f"step_{STEPS:08d}")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """The trainer on a ``("dp", "ep")`` device mesh of 4 gloo ranks equals the single-process trainer.
 
 (dp 2, ep 2), (dp 4, ep 1) and (dp 1, ep 4): the same per-step losses, gradient norms and routing counts as one
-process on the same global batches, and the same weights at the end (gathered into the single-process layout by the
-checkpoint). Routing groups of one sequence (``group_size = seq_len``) make capacity and drops independent of how
-the batch is split over ranks, and no jitter removes the only random draw, so the runs can match to rounding.
+process on the same global batches, and the same weights at the end (the mesh's sharded checkpoint read back into
+the single-process layout). Routing groups of one sequence (``group_size = seq_len``) make capacity and drops
+independent of how the batch is split over ranks, and no jitter removes the only random draw, so the runs can match
+to rounding.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moekit import MoEConfig
 from moekit.data.batches import TokenBatches
@@ -23,6 +23,7 @@ from moekit.training.config import TrainConfig
 from moekit.training.distributed import ExpertParallel, init_parallel_mesh
 from moekit.training.metrics import read_metrics
 from moekit.training.trainer import Trainer
+from tests.distributed._checkpoints import checkpoint_weights
 from tests.distributed._launch import spawn
 
 SEQ, BATCH, STEPS, VOCAB = 16, 8, 6, 64
@@ -82,8 +83,7 @@ def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep):
         assert got[step]["tokens_per_expert"] == r["tokens_per_expert"], step
         assert sum(map(sum, r["tokens_per_expert"])) > 0
     name = f"checkpoints/step_{STEPS:08d}"
-    w_ref = load_file(str(reference / name / "model.safetensors"))
-    w = load_file(str(tmp_path / name / "model.safetensors"))
+    w_ref, w = checkpoint_weights(reference / name), checkpoint_weights(tmp_path / name)
     assert w.keys() == w_ref.keys()
     for key in w_ref:
         torch.testing.assert_close(w[key], w_ref[key], rtol=1e-4, atol=1e-5)

@@ -5,6 +5,11 @@ state, the data position, the counters of the non-finite policy and the metrics 
 is a pure function of the step. So a run killed with SIGKILL at any moment and resumed logs the same per-step losses
 as one that was never interrupted.
 
+Checkpoint formats: one process writes the single-file format (:mod:`moekit.training.checkpoint`); under
+``parallel`` every rank writes the chunks it holds (:mod:`moekit.training.sharded_checkpoint`), with nothing gathered
+on rank 0. Resume and roll-back read either format at any layout: a sharded checkpoint of another ``(dp, ep)`` or
+of one process, a single-file checkpoint under a mesh.
+
 A caller that wants to stop a run cleanly (the command line on SIGTERM / SIGINT) calls :meth:`Trainer.request_stop`,
 which only sets a flag: ``fit`` finishes the step in progress, writes a checkpoint at that step and returns with
 ``TrainResult.stopped``. The trainer installs no signal handler itself (the core has no process-wide side effects).
@@ -37,6 +42,7 @@ from moekit.training.distributed import ExpertParallel
 from moekit.training.metrics import MetricsLog, Progress, load_cv, max_violation
 from moekit.training.optim import build_optimizer
 from moekit.training.schedule import lr_at
+from moekit.training.sharded_checkpoint import save_sharded
 
 __all__ = ["Trainer", "TrainResult", "EvalData", "BatchSource", "resolve_threads"]
 
@@ -120,8 +126,9 @@ class Trainer:
         run_dir: where ``metrics.jsonl`` and ``checkpoints/`` go.
         extra_state: JSON-able values saved in every checkpoint (e.g. the run config).
         log: where user-facing messages go (one line each).
-        parallel: expert parallelism (``moekit.training.distributed``): the model is built and checkpointed with
-            every expert, trains with this rank's experts only; None for one process.
+        parallel: data x expert parallelism (``moekit.training.distributed``): the model is built with every
+            expert and trains with this rank's experts only; every rank writes its own shards of each checkpoint.
+            None for one process.
     """
 
     def __init__(
@@ -227,43 +234,47 @@ class Trainer:
             )
             self._saved_step = self.step
             return path
-        # Gather every expert (and its optimizer state) so the checkpoint has the single-process layout; rank 0
-        # writes it; the others wait so none reads a half-written checkpoint on a roll-back.
-        sharded = self._is_sharded()
-        self.parallel.unshard(self.optimizer)
-        state = self._state(self.parallel.broadcast(size))
-        path = self.ckpt_dir / f"step_{self.step:08d}"
-        if self.is_main:
-            path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, self.model, self.optimizer, state, self.config.keep_checkpoints,
-                unhealthy=self._unhealthy(),
-            )
-        self.parallel.barrier()
-        if sharded:
-            self.parallel.shard(self.optimizer)
+        # Every rank writes the chunks it holds (its experts, its share of the replicated tensors) with DCP: nothing
+        # is gathered, so a checkpoint needs no more memory than training. The state is rank 0's (data position,
+        # counters) with every rank's RNG stream; the metrics log length is rank 0's, the only one that writes it.
+        path = save_sharded(
+            self.ckpt_dir, self.step, self.model, self.optimizer, self.parallel,
+            self._state(self.parallel.broadcast(size)), keep=self.config.keep_checkpoints,
+            unhealthy=self._unhealthy(),
+        )
         self._saved_step = self.step
         return path
 
-    def _is_sharded(self) -> bool:
-        return is_expert_parallel(self.model)
-
-    def _load(self, data: dict[str, bytes]) -> dict[str, Any]:
-        """Load a (full, single-process layout) checkpoint; under expert parallelism, reshard afterwards."""
+    def _load(self, data: ckpt.VerifiedCheckpoint) -> dict[str, Any]:
+        """Load a verified checkpoint of either format into the model and optimizer as they run here."""
         if self.parallel is None:
             return ckpt.load_checkpoint(data, self.model, self.optimizer)
-        sharded = self._is_sharded()
+        if data.sharded:
+            # Slice the experts first (a no-op once they are): each rank then reads only the chunks it holds,
+            # whatever layout the checkpoint was saved at.
+            self.parallel.shard(self.optimizer)
+            return ckpt.load_checkpoint(data, self.model, self.optimizer, parallel=self.parallel)
+        # A single-file checkpoint (saved by one process, or by an older moekit under expert parallelism) holds the
+        # single-process layout: gather the experts, load, and slice them again where they were sliced.
+        sliced = is_expert_parallel(self.model)
         self.parallel.unshard(self.optimizer)
         state = ckpt.load_checkpoint(data, self.model, self.optimizer)
-        if sharded:
+        if sliced:
             self.parallel.shard(self.optimizer)
         return state
 
+    def _checkpoints(self) -> list[Path]:
+        """The checkpoints, newest first: rank 0's listing on every rank, so that all walk the same list."""
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        return found if self.parallel is None else self.parallel.broadcast(found)
+
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies (reporting any that do not). False when there is none."""
-        removed = ckpt.clean_partial(self.ckpt_dir)
+        # Rank 0 only (it alone writes checkpoints); the listing below is broadcast after it.
+        removed = ckpt.clean_partial(self.ckpt_dir) if self.is_main else []
         for p in removed:
             self.log(f"removed a partial checkpoint left by an interrupted write: {p}")
-        found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log)
+        found = ckpt.latest_valid_checkpoint(self.ckpt_dir, report=self.log, parallel=self.parallel)
         if found is None:
             if ckpt.list_checkpoints(self.ckpt_dir):
                 raise MoekitError(f"no checkpoint in {self.ckpt_dir} passes its checksum; cannot resume")
@@ -294,14 +305,14 @@ class Trainer:
         self.last_val_accuracy = state.get("last_val_accuracy")
         self._val_step = None
 
-    def _rollback_target(self, reason: str) -> tuple[Path, dict[str, bytes]]:
+    def _rollback_target(self, reason: str) -> tuple[Path, ckpt.VerifiedCheckpoint]:
         """The newest checkpoint that verifies and is healthy (finite weights, and a finite validation loss where
         one was computed at its step); each one passed over is logged. A checkpoint whose weights are already
         non-finite would only fail again at once, until MAX_ROLLBACKS, while an older good one is there."""
         unhealthy = 0
-        for path in ckpt.list_checkpoints(self.ckpt_dir):
+        for path in self._checkpoints():
             try:
-                data = ckpt.verify_checkpoint(path)
+                data = ckpt.verify_checkpoint(path, self.parallel)
             except ckpt.CheckpointError as exc:
                 self.log(f"{exc}; trying the previous checkpoint")
                 continue
