@@ -139,7 +139,10 @@ def run_one(job: dict) -> dict:
         return json.loads((out / "summary.json").read_text())
     if out.exists():
         shutil.rmtree(out)  # an interrupted run: finetune-seq2seq does not resume, start it again
-    update, dropout, expert_dropout = ARMS[job["arm"]]
+    if "update" in job:  # explicit settings (seq2seq_finetune_sensitivity.py's jobs); otherwise the arm's
+        update, dropout, expert_dropout = job["update"], job["dropout"], job["expert_dropout"]
+    else:
+        update, dropout, expert_dropout = ARMS[job["arm"]]
     cfg = Seq2SeqFinetuneConfig(
         tasks=[job["task"]], update=update, steps=job["steps"], batch_size=job["batch_size"], lr=job["lr"],
         seed=job["seed"], dropout=dropout, expert_dropout=expert_dropout, n_train=job["n_train"],
