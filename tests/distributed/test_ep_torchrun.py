@@ -1,13 +1,16 @@
-"""``torchrun -m moekit train --set parallel.expert_parallel=2`` end to end, then ``--resume`` in one process."""
+"""``torchrun -m moekit train --set parallel.expert_parallel=2`` end to end, then ``moekit eval`` and ``--resume`` in
+one process, both reading the run's sharded checkpoint."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import pytest  # noqa: E402
 from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
 
 from moekit.lab.cli import main  # noqa: E402
@@ -19,13 +22,23 @@ def test_torchrun_train_then_resume_with_one_process(tmp_path, capsys):
     cfg.write_text(tiny_config_text(corpus, max_steps=3, batch_size=4, checkpoint_every=3, eval_every=3))
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # Routing groups of one sequence: the ranks' evaluation then equals one process's (capacity per sequence).
     cmd = [*torchrun, "-m", "moekit", "train", "--config", str(cfg), "--set", "parallel.expert_parallel=2",
-           "--run-dir", str(run_dir)]
+           "--set", "moe.group_size=16", "--run-dir", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports, rank 1 is silent
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    # Each rank wrote its own shards; one process evaluates them (load_trained_run, as generate / export-hf do) to the
+    # validation loss the two ranks computed at step 3 with the same batches.
+    assert not (run_dir / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--batches", "2"]) == 0
+    line = capsys.readouterr().out
+    assert "checkpoint step_00000003 (step 3)" in line, line
+    evaluated = float(re.search(r"validation loss ([0-9.]+) nats/token", line).group(1))
+    assert evaluated == pytest.approx(records[-1]["val_loss"], abs=1e-4)
     # The saved run resumes in one process (the degree is the launch's): experts regathered, two more steps.
     assert main(["train", "--resume", str(run_dir), "--set", "train.max_steps=5"]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
