@@ -8,7 +8,8 @@ The tiny model and data of test_mesh_trainer.py, 6 steps, a checkpoint every 3; 
 - (dp 1, ep 4) resumes a copy of that run whose newest checkpoint has a damaged shard: the damage is reported by
   name, the run falls back to step 3 and steps 4..6 and the final weights equal the uninterrupted single-process
   run. Then a full disk on one rank while the step-6 checkpoint is rewritten: ``CheckpointSpaceError`` on every
-  rank, one line, no temporary left, the existing step 6 intact.
+  rank, one line, no temporary left, the existing step 6 intact. And a roll-back at that layout: a NaN loss at step
+  3 goes back past the unhealthy sharded step 2 to the healthy step 1.
 - One process (no spawn) resumes another copy from step 3: it reads the shards of 4 ranks and goes on as well,
   writing single-file checkpoints.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from moekit.data.batches import TokenBatches
 from moekit.training import checkpoint as ckpt
@@ -45,6 +47,35 @@ def _trainer(run_dir: Path, log, parallel_of=None) -> Trainer:
                          checkpoint_every=EVERY, threads=1, progress="off", seed=0)
     return Trainer(config, model, TokenBatches(_tokens(), BATCH, SEQ, 0), None, run_dir, extra_state=EXTRA,
                    log=log, parallel=parallel_of(model) if parallel_of else None)
+
+
+class _NaNAt(nn.Module):
+    """Wraps the LM; its loss is NaN at the given training call (1-based)."""
+
+    def __init__(self, model: nn.Module, call: int) -> None:
+        super().__init__()
+        self.model, self.call, self.calls = model, call, 0
+
+    def forward(self, inputs, targets):
+        out = self.model(inputs, targets)
+        self.calls += 1
+        if self.calls == self.call:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def _rollback_run(run_dir: Path, mesh, log) -> dict:
+    """3 steps with a checkpoint each, step 2's marked unhealthy (as a non-finite validation loss would) and a NaN
+    loss at step 3 under ``nonfinite = "rollback"``: the roll-back must pass over step 2 to step 1."""
+    model = _NaNAt(_model(), 3)
+    config = TrainConfig(max_steps=3, batch_size=BATCH, lr=3e-3, warmup_steps=0, log_every=1, eval_every=0,
+                         checkpoint_every=1, keep_checkpoints=5, nonfinite="rollback", threads=1, progress="off")
+    trainer = Trainer(config, model, TokenBatches(_tokens(), BATCH, SEQ, 0), None, run_dir, log=log,
+                      parallel=ExpertParallel.from_mesh(model, mesh))
+    healthy = trainer._unhealthy
+    trainer._unhealthy = lambda: "marked by the test" if trainer.step == 2 else healthy()
+    result = trainer.fit()
+    return {"rollbacks": result.rollbacks, "step": result.step}
 
 
 def _worker(rank: int, world: int, dp: int, ep: int, run_dir: str, out: str, resume: bool) -> None:
@@ -71,6 +102,7 @@ def _worker(rank: int, world: int, dp: int, ep: int, run_dir: str, out: str, res
                 real_save(None)
             except ckpt.CheckpointError as exc:
                 report["full_disk"] = [type(exc).__name__, str(exc)]
+        report["rollback"] = _rollback_run(Path(run_dir).parent / "rollback1x4", mesh, lines.append)
     report["log"] = lines
     (Path(out) / f"{dp}x{ep}_rank{rank}.json").write_text(json.dumps(report))
 
@@ -194,3 +226,15 @@ def test_a_full_disk_on_one_rank_is_one_line_on_every_rank_and_leaves_the_checkp
     assert runs["listing"] == ["step_00000000", "step_00000003", "step_00000006"]  # no temporary left
     # The existing step 6 is the one the run wrote, intact.
     assert ckpt.verify_checkpoint(root / "step_00000006").sharded
+
+
+def test_a_rollback_at_1x4_goes_to_the_newest_healthy_sharded_checkpoint(runs):
+    reports = runs["reports"]["1x4"]
+    assert all(r["rollback"] == {"rollbacks": 1, "step": 3} for r in reports)  # every rank rolled back together
+    root = runs["resumed"].parent / "rollback1x4" / "checkpoints"
+    log = reports[0]["log"]
+    assert f"not rolling back to {root / 'step_00000002'}: it is unhealthy (marked by the test); trying the " \
+           "previous checkpoint" in log
+    assert any(line.endswith("rolled back to step_00000001 (step 1), going on with the next data") for line in log)
+    manifest = json.loads((root / "step_00000002" / "manifest.json").read_text())
+    assert manifest["format"] == "moekit-sharded-checkpoint-1" and manifest["healthy"] is False
