@@ -42,7 +42,6 @@ import io
 import json
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -57,7 +56,8 @@ from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.training.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seq2seq_pretraining import interval, verdict  # noqa: E402  (the shared t interval and verdict rule)
+from _report import interval, replace_section, wrap_markdown  # noqa: E402  (shared with the other scripts)
+from seq2seq_pretraining import verdict  # noqa: E402
 
 ARMS = ("distilled", "labels_only", "dense_continued")
 SECTION = "## Distilling the sparse encoder-decoder (Switch section 4.2)"
@@ -293,13 +293,7 @@ def render_section(result: dict, out: str) -> str:
         + " ".join(sentences),
         "",
     ]
-    wrapped = []
-    for line in lines:
-        if line.startswith(("|", "```", "!", "#", "python")) or len(line) <= 118:
-            wrapped.append(line)
-        else:
-            wrapped.extend(textwrap.wrap(line, 118, break_long_words=False, break_on_hyphens=False))
-    return "\n".join(wrapped)
+    return wrap_markdown(lines)
 
 
 def write_section(results_md: Path, out: Path, notes: Path | None) -> None:
@@ -308,14 +302,7 @@ def write_section(results_md: Path, out: Path, notes: Path | None) -> None:
     section = render_section(result, str(out))
     if notes is not None:
         section = section.rstrip("\n") + "\n\n" + notes.read_text(encoding="utf-8").strip("\n") + "\n"
-    text = results_md.read_text(encoding="utf-8")
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    atomic_write_text(results_md, text)
+    replace_section(results_md, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import replace_section  # noqa: E402
 from seq2seq_finetuning import answer_shares, interval, log, run_one, verdict  # noqa: E402
 
 from moekit.atomic import atomic_write_text  # noqa: E402
@@ -490,15 +491,7 @@ def _wrap(text: str, width: int = 118) -> list[str]:
 def write_section(results_md: Path, out: Path, notes: Path | None) -> None:
     result = json.loads((out / "results.json").read_text())
     section = render_section(result, str(out), notes.read_text() if notes else "")
-    text = results_md.read_text(encoding="utf-8") if results_md.is_file() else ""
-    start = text.find("\n" + SECTION + "\n")
-    start = start + 1 if start >= 0 else (0 if text.startswith(SECTION + "\n") else -1)
-    if start < 0:  # a new section at the end (or the whole file)
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    else:  # the section ends where the next "## " heading starts
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    atomic_write_text(results_md, text)
+    replace_section(results_md, SECTION, section)
 
 
 def _floats(text: str) -> list[float]:

@@ -50,11 +50,13 @@ import random
 import shutil
 import statistics
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 from moekit.atomic import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import interval, replace_section, wrap_markdown  # noqa: E402  (the shared t interval and RESULTS.md writing)
 
 ROOT = Path(__file__).resolve().parents[2]
 # arm -> (update, dropout, expert_dropout)
@@ -71,20 +73,12 @@ PAPER = {
     "moe - all": "ST-MoE: updating only the MoE parameters is much worse than updating all",
     "all_ed04 - all": "Switch: expert dropout 0.4 (0.1 elsewhere) fine-tunes better than 0.1 everywhere",
 }
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 SCORES = ("rank", "exact_match")
 SECTION = "## Fine-tuning the sparse encoder-decoder (ST-MoE, Switch)"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def verdict(mean: float, half: float, side: str, margin: float) -> str:
@@ -398,26 +392,13 @@ def render_section(result: dict, out: str, notes: str = "") -> str:
     lines += ["**Verdicts.** " + " ".join(sentences), ""]
     if notes:
         lines += [notes.strip(), ""]
-    wrapped = []
-    for line in lines:
-        if line.startswith(("|", "```", "!", "#", "python")) or len(line) <= 118:
-            wrapped.append(line)
-        else:
-            wrapped.extend(textwrap.wrap(line, 118, break_long_words=False, break_on_hyphens=False))
-    return "\n".join(wrapped)
+    return wrap_markdown(lines)
 
 
 def write_section(results_md: Path, out: Path, notes: Path | None) -> None:
     result = json.loads((out / "results.json").read_text())
     section = render_section(result, str(out), notes.read_text() if notes else "")
-    text = results_md.read_text(encoding="utf-8")
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    atomic_write_text(results_md, text)
+    replace_section(results_md, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -61,6 +60,9 @@ from moekit.lab.training.run_config import RunConfig, load_run_config
 from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.models import seq2seq_flop_matched_dense
 from moekit.training.metrics import read_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import interval, replace_section, wrap_markdown  # noqa: E402  (the shared t interval and RESULTS.md writing)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {
@@ -77,17 +79,7 @@ NAMES = {
     "stmoe": "stmoe-t5-tiny (top-2 of 8, every fourth FFN, sparse-dense)",
     "stmoe_dense": "stmoe-t5-dense-tiny (ST-MoE's FLOP-matched dense)",
 }
-# Two-sided 95 % Student t quantiles by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 SECTION = "## Encoder-decoder pre-training at matched FLOPs (Switch, ST-MoE)"
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t interval (nan for a single value: no interval)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def verdict(mean: float, half: float, null: float = 0.0) -> str:
@@ -514,13 +506,7 @@ def render_section(result: dict, out: str) -> str:
         else:
             sentences.append(f"{name}: {num}, not resolved at this scale (the papers: {what}).")
     lines += ["**What this says.** " + " ".join(sentences), ""]
-    wrapped = []
-    for line in lines:
-        if line.startswith(("|", "```", "!", "#", "python")) or len(line) <= 118:
-            wrapped.append(line)
-        else:
-            wrapped.extend(textwrap.wrap(line, 118, break_long_words=False, break_on_hyphens=False))
-    return "\n".join(wrapped)
+    return wrap_markdown(lines)
 
 
 def write_section(results_md: Path, out: Path, notes: Path | None = None) -> None:
@@ -530,14 +516,7 @@ def write_section(results_md: Path, out: Path, notes: Path | None = None) -> Non
     section = render_section(result, str(out))
     if notes is not None:
         section = section.rstrip("\n") + "\n\n" + notes.read_text(encoding="utf-8").strip("\n") + "\n"
-    text = results_md.read_text(encoding="utf-8")
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    atomic_write_text(results_md, text)
+    replace_section(results_md, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

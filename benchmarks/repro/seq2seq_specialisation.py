@@ -28,21 +28,14 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import interval  # noqa: E402  (the shared t interval)
+
 ARMS = ("switch", "stmoe")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t interval (nan for a single value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def verdict(mean: float, half: float, paper_sign: int) -> str:

@@ -44,9 +44,7 @@ import io
 import json
 import math
 import shutil
-import statistics
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -58,21 +56,14 @@ from moekit.lab.training.run_config import RunConfig, load_run_config
 from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
 from moekit.upcycle import upcycle, upcycle_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import interval, replace_section, wrap_markdown  # noqa: E402  (the shared t interval and RESULTS.md writing)
+
 ROOT = Path(__file__).resolve().parents[2]
 ARMS = ("dense", "continue", "upcycled", "scratch", "scratch_total", "dense_total")
-# Two-sided 95 % Student t quantiles by degrees of freedom.
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 DIFFS = (("upcycled", "continue"), ("upcycled", "scratch"), ("upcycled", "scratch_total"))
 # Not a claim of the paper: what restarting the schedule costs the dense model (continued vs one schedule).
 REFERENCE_DIFFS = (("continue", "dense_total"),)
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t interval (nan for a single value: no interval)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def verdict(mean: float, half: float) -> str:
@@ -408,14 +399,7 @@ def render_section(result: dict, out: str) -> str:
             sentences.append(f"{name}: {v['mean']:+.3f} ± {v['half']:.3f}, not resolved at this scale (the paper: "
                              f"{what}).")
     lines += ["**What this says.** " + " ".join(sentences), ""]
-    # Paragraphs wrapped at 118 columns like the rest of RESULTS.md; tables, code and images stay one line each.
-    wrapped = []
-    for line in lines:
-        if line.startswith(("|", "```", "!", "#", "python")) or len(line) <= 118:
-            wrapped.append(line)
-        else:
-            wrapped.extend(textwrap.wrap(line, 118, break_long_words=False, break_on_hyphens=False))
-    return "\n".join(wrapped)
+    return wrap_markdown(lines)
 
 
 def write_section(results_md: Path, out: Path) -> None:
@@ -423,14 +407,7 @@ def write_section(results_md: Path, out: Path) -> None:
     ``out/results.json``; the next ``## `` heading ends it."""
     result = json.loads((out / "results.json").read_text())
     section = render_section(result, str(out))
-    text = results_md.read_text(encoding="utf-8")
-    start = text.find("\n" + SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + (text[end:] if end >= 0 else "")
-    atomic_write_text(results_md, text)
+    replace_section(results_md, SECTION, section)
 
 
 def plot(by: dict, done: list[int], path: Path) -> None:

@@ -1,0 +1,54 @@
+"""What every reproduction script in ``benchmarks/repro`` shares: the 95 % t interval of a mean over seeds, and
+writing its section of docs/RESULTS.md (paragraphs wrapped like the rest of the file, the section replaced in
+place or appended).
+
+Imported by the scripts as ``from _report import ...`` (a script's own folder is first on ``sys.path`` when it is
+run; scripts loaded another way put it there first).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import textwrap
+from pathlib import Path
+
+from moekit.atomic import atomic_write_text
+
+# Two-sided 95 % Student t quantiles by degrees of freedom.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+WIDTH = 118
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t interval (nan for a single value: no interval)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, math.nan
+    return m, T975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def wrap_markdown(lines: list[str]) -> str:
+    """``lines`` joined, paragraphs wrapped at RESULTS.md's width; tables, code, images, headings and command lines
+    stay one line each."""
+    wrapped: list[str] = []
+    for line in lines:
+        if line.startswith(("|", "```", "!", "#", "python")) or len(line) <= WIDTH:
+            wrapped.append(line)
+        else:
+            wrapped.extend(textwrap.wrap(line, WIDTH, break_long_words=False, break_on_hyphens=False))
+    return "\n".join(wrapped)
+
+
+def replace_section(results_md: Path, heading: str, section: str) -> None:
+    """Put ``section`` (starting with its ``heading`` line) into ``results_md``: in place of the section with that
+    heading (which the next ``## `` heading ends), or at the end; a missing file is created."""
+    text = results_md.read_text(encoding="utf-8") if results_md.is_file() else ""
+    start = text.find("\n" + heading + "\n")
+    start = start + 1 if start >= 0 else (0 if text.startswith(heading + "\n") else -1)
+    if start < 0:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    atomic_write_text(results_md, text)
