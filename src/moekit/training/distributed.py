@@ -32,40 +32,12 @@ from torch import Tensor, nn
 from moekit.errors import MoekitError
 from moekit.layers.expert_parallel import expert_parameters, is_expert_parallel, shard_experts_, unshard_experts_
 
-__all__ = ["ExpertParallel", "init_expert_parallel", "init_parallel_mesh", "launch_world_size"]
+__all__ = ["ExpertParallel", "init_parallel_mesh", "launch_world_size"]
 
 
 def launch_world_size() -> int:
     """The number of processes torchrun started (``WORLD_SIZE``), 1 outside torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_expert_parallel(expert_parallel: int, timeout_s: float) -> bool:
-    """Join (or check) the default process group for ``expert_parallel`` ranks. Returns whether it is distributed.
-
-    A collective that waits longer than ``timeout_s`` (a rank died or hangs) raises instead of blocking forever.
-    """
-    if expert_parallel == 1:
-        if launch_world_size() > 1:
-            raise MoekitError(
-                f"started with {launch_world_size()} processes but parallel.expert_parallel = 1; "
-                f"pass --set parallel.expert_parallel={launch_world_size()}"
-            )
-        return False
-    if not dist.is_initialized():
-        if launch_world_size() != expert_parallel:
-            raise MoekitError(
-                f"parallel.expert_parallel = {expert_parallel} needs {expert_parallel} processes: launch with "
-                f"torchrun --nproc_per_node {expert_parallel} -m moekit train ... (got WORLD_SIZE="
-                f"{launch_world_size()})"
-            )
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    if dist.get_world_size() != expert_parallel:
-        raise MoekitError(
-            f"parallel.expert_parallel = {expert_parallel} but the process group has {dist.get_world_size()} ranks"
-        )
-    return True
 
 
 def init_parallel_mesh(data_parallel: int, expert_parallel: int, timeout_s: float):
