@@ -408,8 +408,27 @@ def _train_run(
             verify_run_files(run_dir)  # under the lock: the holder may have been rewriting config.toml
         if changes:
             log("resuming with changed values: " + "; ".join(changes))
-        return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, mesh=mesh, is_main=is_main,
-                             stop=stop)
+        try:
+            return _train_locked(run_config, run_dir, resume=resume, log=log, t0=t0, mesh=mesh, is_main=is_main,
+                                 stop=stop)
+        except BaseException:
+            if is_main and not resume:
+                _forget_failed_start(run_dir)
+            raise
+
+
+# What a new run writes before its first checkpoint that would make a retry take the directory for a started run
+# (its data files stay: they record the [data] section they were made from, so a retry rebuilds or reuses them).
+_START_FILES = (CONFIG_FILE, MANIFEST_FILE, "metrics.jsonl")
+
+
+def _forget_failed_start(run_dir: Path) -> None:
+    """After a new run failed before its first checkpoint: remove its config, manifest and metrics log, so that a
+    retry (with the same or another config) starts afresh instead of being refused as an existing run."""
+    if ckpt.list_checkpoints(run_dir / "checkpoints"):
+        return
+    for name in _START_FILES:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _train_locked(
