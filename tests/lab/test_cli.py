@@ -28,3 +28,13 @@ def test_an_internal_value_error_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(train_command, "run", broken)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         cli.main(["train", "--run-dir", str(tmp_path / "unused")])
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys):
+    import moekit
+    from moekit.lab.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moekit {moekit.__version__}"

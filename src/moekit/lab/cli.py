@@ -42,7 +42,10 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moekit import __version__
+
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
