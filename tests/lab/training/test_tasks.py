@@ -50,3 +50,10 @@ def test_unsupported_commands_are_refused_in_one_line(tmp_path):
             f"{tmp_path} is an image classifier (model.arch = 'vit') run; moekit {command} works on "
             "language-model and encoder-decoder runs"
         )
+
+
+def test_a_command_no_task_knows_is_a_bug_not_a_user_error(tmp_path):
+    """Only code can ask for a command outside RUN_COMMANDS: a ValueError (traceback), not a one-line refusal with
+    an empty list of the runs it works on."""
+    with pytest.raises(ValueError, match="no task supports the command 'distillation study'"):
+        TASKS["lm"].require("distillation study", tmp_path)

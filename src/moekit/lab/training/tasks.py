@@ -256,6 +256,8 @@ def _refuse(task: Task, command: str, run_dir: Path) -> None:
     if command not in task.commands:
         kinds = {"lm": "language-model", "vit": "image-classifier", "seq2seq": "encoder-decoder"}
         works_on = [kinds.get(t.arch, t.arch) for t in TASKS.values() if command in t.commands]
+        if not works_on:  # a caller's mistake, not the user's: keep the traceback
+            raise ValueError(f"no task supports the command {command!r} (see RUN_COMMANDS)")
         raise MoekitError(
             f"{run_dir} is {task.title} (model.arch = {task.arch!r}) run; moekit {command} works on "
             f"{' and '.join(works_on)} runs"
