@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from moekit.errors import MoekitError
@@ -68,5 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The process entry point (the ``moekit`` script, ``python -m moekit``, ``torchrun -m moekit``): run
+    :func:`main` and exit with its status.
+
+    A process that torchrun started (``WORLD_SIZE`` > 1) leaves with ``os._exit`` once its output is flushed: the
+    command has closed every file it wrote and destroyed its process group, and the normal exit path through
+    interpreter finalisation tears gloo's C++ threads down in no fixed order, which has aborted (SIGABRT) a rank
+    whose work was done. In-process callers of :func:`main` (tests) are unaffected."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
