@@ -178,6 +178,9 @@ class Trainer:
         # The step whose complete state (data position and RNG included) is in a checkpoint; None when unknown.
         self._saved_step: int | None = None
         self._stop_requested = False
+        # Under parallelism, whether any rank had asked to stop by the last step's loss all-reduce (which carries
+        # the flag): every rank reads the same value, so all stop after the same step.
+        self._stop_agreed = False
 
     def request_stop(self) -> None:
         """Ask :meth:`fit` to stop at the next step boundary: the step in progress finishes, a checkpoint of that
@@ -418,7 +421,10 @@ class Trainer:
         values = [float(loss.detach()), float(out.ce_loss.detach()), float(out.load_balancing_loss.detach()),
                   float(out.z_loss.detach())]
         if par is not None:
-            values = par.mean(values)  # the global mean (every rank holds the same number of tokens)
+            # The global mean (every rank holds the same number of tokens), with the stop flag riding along: its
+            # mean is above 0 when any rank asked to stop, at no extra collective per step.
+            values = par.mean([*values, 1.0 if self._stop_requested else 0.0])
+            self._stop_agreed = values.pop() > 0
         finite = math.isfinite(values[0])  # the same decision on every rank
         grad_norm = float("nan")
         if finite:
@@ -623,14 +629,9 @@ class Trainer:
         )
 
     def _stop_now(self) -> bool:
-        """Whether to stop before the next step: a request on this rank, or under expert parallelism on any rank
-        (one all-reduce of the flag per step, so that every rank stops at the same step and writes the same
-        checkpoint together). One process: only the flag."""
-        if self.parallel is None:
-            return self._stop_requested
-        if self.parallel.max([1.0 if self._stop_requested else 0.0])[0] > 0:
-            self._stop_requested = True
-        return self._stop_requested
+        """Whether to stop before the next step: a request on this rank, or under parallelism one on any rank by the
+        last step's all-reduce (so every rank stops at the same step and writes the same checkpoint together)."""
+        return self._stop_requested if self.parallel is None else self._stop_agreed
 
     def _tensorboard(self, record: dict[str, Any]) -> None:
         if self._tb is None:
