@@ -4,24 +4,10 @@ the gap is reported in one line, and the next records follow whole lines."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
-from tiny_lm import tiny_config_text
 
 from moekit.lab.training.run import train_run
 from moekit.lab.training.run_config import load_run_config
 from moekit.training.metrics import read_metrics
-
-
-@pytest.fixture
-def trained(tmp_path: Path, tiny_corpus: Path) -> tuple[Path, Path]:
-    """A finished 8-step run (checkpoints at 4 and 8) and its config file."""
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(tiny_config_text(tiny_corpus, max_steps=8))
-    run_dir = tmp_path / "run"
-    train_run(load_run_config(cfg), run_dir, log=lambda m: None)
-    return run_dir, cfg
 
 
 def test_a_shortened_metrics_log_is_reported_never_nul_padded(trained):

@@ -16,8 +16,6 @@ from tiny_lm import tiny_config_text
 
 from moekit.lab.cli import main
 from moekit.lab.training.lock import LOCK_FILE
-from moekit.lab.training.run import train_run
-from moekit.lab.training.run_config import load_run_config
 from moekit.training.metrics import read_metrics
 
 
@@ -29,15 +27,6 @@ def _snapshot(run_dir: Path) -> dict[str, str]:
         if p.is_file() and p.name != LOCK_FILE
     }
 
-
-@pytest.fixture
-def trained(tmp_path: Path, tiny_corpus: Path) -> tuple[Path, Path]:
-    """A finished 8-step run (checkpoints at 4 and 8) and its config file."""
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(tiny_config_text(tiny_corpus, max_steps=8))
-    run_dir = tmp_path / "run"
-    train_run(load_run_config(cfg), run_dir, log=lambda m: None)
-    return run_dir, cfg
 
 
 def test_a_locked_run_dir_is_refused_in_one_line_and_left_untouched(trained, capsys):

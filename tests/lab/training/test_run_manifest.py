@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
-from tiny_lm import tiny_config_text
 
 from moekit.lab.cli import main
 from moekit.lab.training.run import MANIFEST_FILE, train_run
-from moekit.lab.training.run_config import load_run_config
 from moekit.training.metrics import read_metrics
 
 FILES = ("config.toml", "tokenizer.json", "data/tokens.safetensors")
 
-
-@pytest.fixture
-def trained(tmp_path: Path, tiny_corpus: Path) -> tuple[Path, Path]:
-    """A finished 8-step run and its config file."""
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(tiny_config_text(tiny_corpus, max_steps=8))
-    run_dir = tmp_path / "run"
-    train_run(load_run_config(cfg), run_dir, log=lambda m: None)
-    return run_dir, cfg
 
 
 def _error(capsys) -> str:
