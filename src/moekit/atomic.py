@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from moekit.errors import MoekitError
 
@@ -105,6 +106,14 @@ def _as_write_error(exc: BaseException, path: Path, tmp: Path) -> BaseException:
     if name is not None and not (str(name).startswith(str(tmp)) or Path(os.fsdecode(name)) == path):
         return exc
     return WriteError(path, exc if isinstance(exc, OSError) else OSError(code, os.strerror(code)))
+
+
+def _raise_as_write_error(exc: BaseException, path: Path, tmp: Path) -> NoReturn:
+    """Raise ``exc`` again, as a :class:`WriteError` naming ``path`` where :func:`_as_write_error` makes it one."""
+    converted = _as_write_error(exc, path, tmp)
+    if converted is exc:
+        raise exc
+    raise converted from exc
 
 
 def _remove(path: Path) -> None:
@@ -211,10 +220,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
         os.replace(tmp, path)
     except BaseException as exc:
         _remove(tmp)
-        converted = _as_write_error(exc, path, tmp)
-        if converted is exc:
-            raise
-        raise converted from exc
+        _raise_as_write_error(exc, path, tmp)
     if fsync:
         fsync_dir(path.parent)
 
@@ -250,10 +256,7 @@ def atomic_dir(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path
     try:
         tmp.mkdir()
     except OSError as exc:
-        converted = _as_write_error(exc, path, tmp)
-        if converted is exc:
-            raise
-        raise converted from exc
+        _raise_as_write_error(exc, path, tmp)
     try:
         yield tmp
         if fsync:
@@ -271,9 +274,6 @@ def atomic_dir(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path
             os.rename(tmp, path)
     except BaseException as exc:
         _remove(tmp)
-        converted = _as_write_error(exc, path, tmp)
-        if converted is exc:
-            raise
-        raise converted from exc
+        _raise_as_write_error(exc, path, tmp)
     if fsync:
         fsync_dir(path.parent)
