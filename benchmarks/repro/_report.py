@@ -40,9 +40,12 @@ def wrap_markdown(lines: list[str]) -> str:
     return "\n".join(wrapped)
 
 
-def replace_section(results_md: Path, heading: str, section: str) -> None:
+def replace_section(results_md: Path, heading: str, section: str, notes: Path | None = None) -> None:
     """Put ``section`` (starting with its ``heading`` line) into ``results_md``: in place of the section with that
-    heading (which the next ``## `` heading ends), or at the end; a missing file is created."""
+    heading (which the next ``## `` heading ends), or at the end; a missing file is created. ``notes``: a
+    hand-written markdown file appended to the section."""
+    if notes is not None:
+        section = section.rstrip("\n") + "\n\n" + notes.read_text(encoding="utf-8").strip("\n") + "\n"
     text = results_md.read_text(encoding="utf-8") if results_md.is_file() else ""
     start = text.find("\n" + heading + "\n")
     start = start + 1 if start >= 0 else (0 if text.startswith(heading + "\n") else -1)

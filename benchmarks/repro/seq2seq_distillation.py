@@ -300,9 +300,7 @@ def write_section(results_md: Path, out: Path, notes: Path | None) -> None:
     """Replace (or append) this study's section of ``results_md`` from ``out/results.json`` (+ ``notes``)."""
     result = json.loads((out / "results.json").read_text())
     section = render_section(result, str(out))
-    if notes is not None:
-        section = section.rstrip("\n") + "\n\n" + notes.read_text(encoding="utf-8").strip("\n") + "\n"
-    replace_section(results_md, SECTION, section)
+    replace_section(results_md, SECTION, section, notes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -514,9 +514,7 @@ def write_section(results_md: Path, out: Path, notes: Path | None = None) -> Non
     hand-written ``notes`` markdown, if given, at its end); the next ``## `` heading ends it."""
     result = json.loads((out / "results.json").read_text())
     section = render_section(result, str(out))
-    if notes is not None:
-        section = section.rstrip("\n") + "\n\n" + notes.read_text(encoding="utf-8").strip("\n") + "\n"
-    replace_section(results_md, SECTION, section)
+    replace_section(results_md, SECTION, section, notes)
 
 
 def main(argv: list[str] | None = None) -> int:
