@@ -267,16 +267,22 @@ def clean_partial(root: str | Path) -> list[Path]:
 _KIND_NAMES = {bool: "a boolean", int: "an integer", str: "a string", dict: "an object"}
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(
+    path: Path, *, fmt: str = FORMAT, required: tuple[str, ...] = (MODEL_FILE, OPTIM_FILE, STATE_FILE),
+    every_file: bool = False,
+) -> dict[str, Any]:
     """The checkpoint's manifest, every key it must have present with the right type; else a one-line
     :class:`CheckpointError` naming the file and the key (valid JSON is not enough: a manifest missing a size
-    would otherwise end in a ``KeyError`` traceback, a size given as text in a misleading checksum failure)."""
+    would otherwise end in a ``KeyError`` traceback, a size given as text in a misleading checksum failure).
+
+    ``fmt`` is the format it must declare and ``required`` the files it must list; with ``every_file`` each listed
+    file's entry is checked, not only the required ones' (a sharded checkpoint lists one file per writing rank)."""
     mpath = path / MANIFEST_FILE
     try:
         manifest = json.loads(mpath.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {mpath} is missing") from None
-    except ValueError as exc:  # not JSON, or not UTF-8
+    except (OSError, ValueError) as exc:  # unreadable, not JSON, or not UTF-8
         raise CheckpointError(f"checkpoint {path}: manifest {mpath} is unreadable ({exc})") from None
 
     def bad(what: str) -> CheckpointError:
@@ -293,7 +299,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
     if not isinstance(manifest, dict):
         raise bad(f"a JSON {type(manifest).__name__}, not an object")
-    if field(manifest, "format", str, "") != FORMAT:
+    if field(manifest, "format", str, "") != fmt:
         raise bad(f"unknown format {manifest['format']!r}")
     step = field(manifest, "step", int, "")
     m = _STEP_DIR.match(path.name)
@@ -302,9 +308,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if "healthy" in manifest:
         field(manifest, "healthy", bool, "")
     files = field(manifest, "files", dict, "")
-    for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
+    for name in required:
         if name not in files:
             raise CheckpointError(f"checkpoint {path}: manifest {mpath} does not list {name}")
+    for name in files if every_file else required:
         entry = field(files, name, dict, "files ")
         field(entry, "bytes", int, f"files {name!r} ")
         digest = field(entry, "sha256", str, f"files {name!r} ")
@@ -337,7 +344,7 @@ def _is_sharded(path: Path, parallel: ExpertParallel | None) -> bool:
 
 
 def _verify_single_file(path: Path) -> VerifiedCheckpoint:
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     files = manifest["files"]
     data: dict[str, bytes] = {}
     for name in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
@@ -392,7 +399,7 @@ def unhealthy_reason(path: str | Path, data: dict[str, bytes]) -> str | None:
     weights are finite."""
     path = Path(path)
     sharded = isinstance(data, VerifiedCheckpoint) and data.sharded
-    manifest = data.manifest if isinstance(data, VerifiedCheckpoint) else _read_manifest(path)
+    manifest = data.manifest if isinstance(data, VerifiedCheckpoint) else read_manifest(path)
     healthy = manifest.get("healthy")
     if healthy is None:
         if sharded:

@@ -77,6 +77,7 @@ from moekit.training.checkpoint import (
     CheckpointError,
     CheckpointSpaceError,
     prune_checkpoints,
+    read_manifest,
     remove_stale_temporaries,
 )
 
@@ -91,7 +92,6 @@ __all__ = ["SHARDED_FORMAT", "save_sharded", "load_sharded", "verify_sharded", "
 SHARDED_FORMAT = "moekit-sharded-checkpoint-1"
 STATE_FILE, MANIFEST_FILE = "state.json", "manifest.json"
 OPTIM_PREFIX = "optim/"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # The disk is full (or the user's quota is): the one write failure the user fixes by freeing space.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # safetensors' writer (Rust) reports an I/O failure as its own error, with the errno only in the message.
@@ -433,40 +433,13 @@ def _prune(root: Path, keep: int) -> None:
 
 # -- verify ----------------------------------------------------------------------------------------------------------
 def _read_manifest(path: Path) -> dict[str, Any]:
-    """The checkpoint's manifest, checked for the keys and types this module reads; else a one-line
-    :class:`CheckpointError` naming it."""
-    mpath = path / MANIFEST_FILE
-    try:
-        manifest = json.loads(mpath.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {mpath} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: manifest {mpath} is unreadable ({_one_line(exc)})") from None
-
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path}: manifest {mpath} is damaged ({what})")
-
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
-        what = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise bad(f"format {what!r}, not {SHARDED_FORMAT!r}")
-    step = manifest.get("step")
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise bad(f"'step' is {step!r}")
-    m = _STEP_DIR.match(path.name)
-    if m is not None and int(m.group(1)) != step:
-        raise bad(f"'step' is {step}, but the directory is {path.name}")
-    if "healthy" in manifest and not isinstance(manifest["healthy"], bool):
-        raise bad(f"'healthy' is {manifest['healthy']!r}, not a boolean")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        raise bad(f"'files' does not list {STATE_FILE}")
-    for name, entry in files.items():
+    """The checkpoint's manifest, checked key by key as a single-file one is (:func:`read_manifest`), every
+    listed file's entry included; else a one-line :class:`CheckpointError` naming it."""
+    manifest = read_manifest(path, fmt=SHARDED_FORMAT, required=(STATE_FILE,), every_file=True)
+    for name in manifest["files"]:
         # Plain names only: the manifest must not point DCP (or a check) outside the directory.
         if "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_FILE:
-            raise bad(f"file name {name!r}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) \
-                or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256"))):
-            raise bad(f"files {name!r}: needs 'bytes' (an integer) and 'sha256' (64 hexadecimal digits)")
+            raise CheckpointError(f"checkpoint {path}: manifest {path / MANIFEST_FILE} is damaged (file name {name!r})")
     return manifest
 
 
