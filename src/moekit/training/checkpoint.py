@@ -163,7 +163,7 @@ def save_checkpoint(
     remove_stale_temporaries(root)
     opt_tensors, opt_meta = _optimizer_split(optimizer)
     model_sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if unhealthy is None and not _all_finite(model_sd):
+    if unhealthy is None and not all_finite(model_sd):
         unhealthy = "non-finite weights"
     payload = {
         MODEL_FILE: st_save(model_sd),
@@ -193,7 +193,8 @@ def save_checkpoint(
     return final
 
 
-def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point (or complex) tensor of ``tensors`` is finite."""
     return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point() or t.is_complex())
 
 
@@ -407,7 +408,7 @@ def unhealthy_reason(path: str | Path, data: dict[str, bytes]) -> str | None:
 
             finite = shards_finite(path)
         else:
-            finite = _all_finite(st_load(data[MODEL_FILE]))
+            finite = all_finite(st_load(data[MODEL_FILE]))
         return None if finite else "non-finite weights"
     if healthy:
         return None

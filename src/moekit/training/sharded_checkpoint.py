@@ -76,6 +76,7 @@ from moekit.layers.expert_parallel import expert_parameters, is_expert_parallel
 from moekit.training.checkpoint import (
     CheckpointError,
     CheckpointSpaceError,
+    all_finite,
     prune_checkpoints,
     read_manifest,
     remove_stale_temporaries,
@@ -254,12 +255,6 @@ def _collect(
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _weights_finite(model: nn.Module) -> bool:
-    """Whether every floating-point weight and buffer this rank holds is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
-               if t.is_floating_point() or t.is_complex())
-
-
 def _index(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
     """Full shape and dtype of every saved tensor (a DTensor's ``shape`` is its full shape)."""
     return {name: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)} for name, t in tensors.items()}
@@ -326,7 +321,8 @@ def save_sharded(
     final = root / f"step_{step:08d}"
     layout = _layout(model, parallel)
     tensors, optim_meta = _collect(model, optimizer, layout)
-    finite = _weights_finite(model)  # this rank's slices and replicas; rank 0 learns every rank's with the reports
+    # This rank's slices and replicas; rank 0 learns every rank's verdict with the reports.
+    finite = all_finite(model.state_dict())
     main = parallel is None or parallel.is_main
     rank = 0 if parallel is None else parallel.rank
 
