@@ -1,6 +1,7 @@
 """The trainer on a ``("dp", "ep")`` device mesh of 4 gloo ranks equals the single-process trainer.
 
-(dp 2, ep 2), (dp 4, ep 1) and (dp 1, ep 4): the same per-step losses, gradient norms and routing counts as one
+(dp 2, ep 2), (dp 4, ep 1) and (dp 1, ep 4), with the non-expert weights replicated or FSDP2-sharded: the same
+per-step losses, gradient norms and routing counts as one
 process on the same global batches, and the same weights at the end (the mesh's sharded checkpoint read back into
 the single-process layout). Routing groups of one sequence (``group_size = seq_len``) make capacity and drops
 independent of how the batch is split over ranks, and no jitter removes the only random draw, so the runs can match
@@ -53,10 +54,20 @@ def _train(run_dir: Path, parallel_of=None) -> None:
     trainer.fit()
 
 
-def _mesh_run(rank: int, world: int, dp: int, ep: int, run_dir: str) -> None:
+def _mesh_run(rank: int, world: int, dp: int, ep: int, fsdp: bool, run_dir: str) -> None:
     mesh = init_parallel_mesh(dp, ep, timeout_s=60)
     assert mesh.mesh_dim_names == ("dp", "ep") and tuple(mesh.shape) == (dp, ep)
-    _train(Path(run_dir), lambda model: ExpertParallel.from_mesh(model, mesh))
+    held = {}
+
+    def parallel_of(model):
+        held["model"] = model
+        return ExpertParallel.from_mesh(model, mesh, fsdp=fsdp)
+
+    _train(Path(run_dir), parallel_of)
+    # What this rank holds at the end: each parameter's local element count and whether it is an FSDP shard.
+    local = {n: [p.to_local().numel() if hasattr(p, "to_local") else p.numel(), hasattr(p, "to_local")]
+             for n, p in held["model"].named_parameters()}
+    (Path(run_dir) / f"held_rank{rank}.json").write_text(json.dumps(local))
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +82,10 @@ def _records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
 @pytest.mark.parametrize("dp,ep", [(2, 2), (4, 1), (1, 4)])
-def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep):
-    spawn(_mesh_run, dp * ep, dp, ep, str(tmp_path))
+def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep, fsdp):
+    spawn(_mesh_run, dp * ep, dp, ep, fsdp, str(tmp_path))
     ref, got = _records(reference), _records(tmp_path)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, r in ref.items():
@@ -89,3 +101,15 @@ def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep):
         torch.testing.assert_close(w[key], w_ref[key], rtol=1e-4, atol=1e-5)
     state = json.loads((tmp_path / name / "state.json").read_text())
     assert len(state["rng_per_rank"]) == dp * ep
+    # What each rank held: the experts' E / ep rows; with FSDP every other weight as a DTensor shard, the 4 shards
+    # adding up to the whole parameter; without it, whole replicas.
+    full = {n: p.numel() for n, p in _model().named_parameters()}
+    held = [json.loads((tmp_path / f"held_rank{r}.json").read_text()) for r in range(dp * ep)]
+    for n, numel in full.items():
+        if ".experts." in n:
+            assert all(h[n] == [numel // ep, False] for h in held), n
+        elif fsdp:
+            assert all(h[n][1] for h in held) and sum(h[n][0] for h in held) == numel, n
+            assert max(h[n][0] for h in held) <= -(-numel // 4) * 2, n  # about 1 / world each (dim-0 chunks)
+        else:
+            assert all(h[n] == [numel, False] for h in held), n

@@ -446,18 +446,25 @@ def load_checkpoint(
     A sharded checkpoint loads into the model as it is laid out: on one process (``parallel`` None, no process
     group needed) with full expert banks, under ``parallel`` (collective) with the banks sliced over its ``ep``
     group or full, whatever layout it was saved at. A single-file checkpoint holds the single-process layout: under
-    expert parallelism, gather the experts first (``ExpertParallel.unshard``)."""
+    expert parallelism, gather the experts first (``ExpertParallel.unshard``); under FSDP each rank keeps its shard
+    of every full tensor."""
     if isinstance(data, VerifiedCheckpoint) and data.sharded:
         from moekit.training.sharded_checkpoint import load_sharded
 
         return load_sharded(data.path, model, optimizer, parallel, verify=False)
     state = json.loads(data[STATE_FILE])
+    weights = st_load(data[MODEL_FILE])
+    if parallel is not None:  # FSDP's shards (if cut) take their part of each full tensor
+        weights = parallel.distribute_full(weights, model.state_dict(keep_vars=True))
     try:
-        model.load_state_dict(st_load(data[MODEL_FILE]), strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint does not match the model built from its config: {exc}") from None
     if optimizer is not None:
-        optimizer.load_state_dict(_optimizer_join(st_load(data[OPTIM_FILE]), state["optimizer"]))
+        optim_state = _optimizer_join(st_load(data[OPTIM_FILE]), state["optimizer"])
+        if parallel is not None:
+            optim_state = parallel.distribute_optimizer_state(optim_state, optimizer)
+        optimizer.load_state_dict(optim_state)
     return state
 
 

@@ -322,7 +322,7 @@ def save_sharded(
     layout = _layout(model, parallel)
     tensors, optim_meta = _collect(model, optimizer, layout)
     # This rank's slices and replicas; rank 0 learns every rank's verdict with the reports.
-    finite = all_finite(model.state_dict())
+    finite = all_finite({n: _local(t) for n, t in model.state_dict().items()})
     main = parallel is None or parallel.is_main
     rank = 0 if parallel is None else parallel.rank
 
@@ -546,9 +546,15 @@ def _targets(
         p = params[pname]
         shape, dtype = _entry(index, name, path)
         sliced = id(p) in layout.sliced and len(shape) >= 2 and shape[0] == p.shape[0] * layout.ep
-        local_shape = [p.shape[0], *shape[1:]] if sliced else shape
-        local = torch.empty(local_shape, dtype=dtype, device=p.device)
-        targets[name] = layout.logical(local, sliced)
+        if _is_dtensor(p) and shape == list(p.shape):
+            # An FSDP parameter's per-element state: a DTensor sharded as the parameter is (DCP reads its chunk).
+            from torch.distributed.tensor import empty as dtensor_empty
+
+            targets[name] = dtensor_empty(shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
+        else:
+            local_shape = [p.shape[0], *shape[1:]] if sliced else shape
+            local = torch.empty(local_shape, dtype=dtype, device=p.device)
+            targets[name] = layout.logical(local, sliced)
         optim_keys[name] = (p, key)
     return targets, optim_keys
 
@@ -564,10 +570,23 @@ def _entry(index: dict[str, Any], name: str, path: Path) -> tuple[list[int], tor
     return shape, dtype
 
 
-def _local(t: Tensor) -> Tensor:
-    from torch.distributed.tensor import DTensor
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP shard, or an expert slice as DCP sees it), without importing DTensor
+    when nothing made one."""
+    import sys
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _as_held(t: Tensor, held: Tensor) -> Tensor:
+    """A loaded tensor ``t`` in the form the model or optimizer holds it: a DTensor where it holds one (FSDP's
+    shards), else this rank's local tensor (an expert slice was wrapped for DCP only)."""
+    return t if _is_dtensor(held) else _local(t)
 
 
 def load_sharded(
@@ -625,14 +644,16 @@ def load_sharded(
         where = "" if who is None or parallel is None else f" (rank {who})"
         raise CheckpointError(f"checkpoint {path} cannot be read{where}: {_one_line(first)}") from None
     # Every chunk has been read: only now are the model and the optimizer changed.
-    model.load_state_dict({n: _local(targets[n]) for n in model.state_dict()}, strict=True)
+    held = model.state_dict(keep_vars=True)
+    model.load_state_dict({n: _as_held(targets[n], t) for n, t in held.items()}, strict=True)
     if optimizer is not None:
         index_of = {n: i for i, n in enumerate(order)}
         names = {id(p): n for n, p in model.named_parameters()}
         meta = state["optimizer"]
         opt_state: dict[int, dict[str, Any]] = {}
         for name, (param, key) in optim_keys.items():
-            opt_state.setdefault(index_of[names[id(param)]], {})[key] = _local(targets[name])
+            opt_state.setdefault(index_of[names[id(param)]], {})[key] = _as_held(targets[name], param) \
+                if targets[name].shape == param.shape else _local(targets[name])
         for pname, values in meta["scalars"].items():
             opt_state.setdefault(index_of[pname], {}).update(values)
         groups = [{**g, "params": [index_of[n] for n in g["params"]]} for g in meta["param_groups"]]

@@ -255,16 +255,23 @@ class Trainer:
         if data.sharded:
             # Slice the experts first (a no-op once they are): each rank then reads only the chunks it holds,
             # whatever layout the checkpoint was saved at.
-            self.parallel.shard(self.optimizer)
+            self._shard()
             return ckpt.load_checkpoint(data, self.model, self.optimizer, parallel=self.parallel)
         # A single-file checkpoint (saved by one process, or by an older moekit under expert parallelism) holds the
         # single-process layout: gather the experts, load, and slice them again where they were sliced.
         sliced = is_expert_parallel(self.model)
         self.parallel.unshard(self.optimizer)
-        state = ckpt.load_checkpoint(data, self.model, self.optimizer)
+        # (FSDP's shards, when already cut, take their part of each full tensor.)
+        state = ckpt.load_checkpoint(data, self.model, self.optimizer, parallel=self.parallel)
         if sliced:
-            self.parallel.shard(self.optimizer)
+            self._shard()
         return state
+
+    def _shard(self) -> None:
+        """Lay the model out for the parallel run (experts sliced, FSDP's shards cut: each once); FSDP replaces
+        parameters, so the list the step clips is taken again."""
+        self.parallel.shard(self.optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _checkpoints(self) -> list[Path]:
         """The checkpoints, newest first: rank 0's listing on every rank, so that all walk the same list."""
@@ -521,7 +528,7 @@ class Trainer:
             ckpt.load_initial_weights(self.run_dir / c.init_from, self.model)
             self.log(f"starting from the weights in {self.run_dir / c.init_from}")
         if self.parallel is not None:
-            self.parallel.shard(self.optimizer)
+            self._shard()
         if fresh:
             self.save(metrics)  # step 0: something to roll back to from the very first step
         t_start = time.perf_counter()

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             layout = layout_for_launch(saved, launch_world_size(), data_parallel=given.get("data_parallel"),
                                        expert_parallel=given.get("expert_parallel"))
             tables["parallel"].update(data_parallel=layout.data_parallel, expert_parallel=layout.expert_parallel)
+            if "fsdp" not in given:  # a run trained with FSDP resumes on one process without it
+                tables["parallel"]["fsdp"] = layout.fsdp
             run_config = build_run_config(tables)
         resume = True
     else:

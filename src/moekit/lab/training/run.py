@@ -479,7 +479,7 @@ def _train_locked(
         run_dir,
         extra_state={"config": run_config.resolved()},
         log=log,
-        parallel=ExpertParallel.from_mesh(model, mesh) if distributed else None,
+        parallel=ExpertParallel.from_mesh(model, mesh, fsdp=run_config.parallel.fsdp) if distributed else None,
     )
     if stop is not None:
         stop.attach(trainer)

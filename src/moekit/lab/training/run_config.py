@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import ConfigProblems, check_int, check_positive_number, collect_config, suggest
+from moekit.config import ConfigProblems, check_bool, check_int, check_positive_number, collect_config, suggest
 from moekit.errors import ConfigError, MoekitError
 from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.lab.training.tasks import ARCHS, Task, moe_table, parse_moe, task_for_arch, task_of
@@ -82,16 +82,20 @@ class ParallelConfig:
     expert_parallel: processes the experts are spread over (must divide the number of experts). 1: every process
         holds every expert.
     timeout_s: how long a rank waits in a collective before giving up with an error (a peer died or hangs).
+    fsdp: shard every weight except the experts (with its gradient and optimizer state) over all processes with
+        FSDP2 instead of replicating it; needs more than one process and AdamW.
     """
 
     data_parallel: int = 1
     expert_parallel: int = 1
     timeout_s: float = 300.0
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         check_int("parallel.data_parallel", self.data_parallel, 1)
         check_int("parallel.expert_parallel", self.expert_parallel, 1)
         check_positive_number("parallel.timeout_s", self.timeout_s)
+        check_bool("parallel.fsdp", self.fsdp)
 
     @property
     def world(self) -> int:
@@ -142,6 +146,16 @@ class RunConfig:
                     "holds num_experts / expert_parallel experts (the experts are not divisible otherwise)"
                 )
         world = self.parallel.world
+        if self.parallel.fsdp and world == 1:
+            raise ConfigError(
+                "parallel.fsdp = true shards weights over the processes of a run: it needs parallel.data_parallel x "
+                "expert_parallel > 1 (launched with torchrun)"
+            )
+        if self.parallel.fsdp and self.train.optimizer != "adamw":
+            raise ConfigError(
+                f"parallel.fsdp = true needs train.optimizer = 'adamw', not {self.train.optimizer!r}: Adafactor "
+                "factors each whole weight matrix, which FSDP splits over the processes"
+            )
         if world > 1 and self.train.batch_size % world != 0:
             raise ConfigError(
                 f"train.batch_size = {self.train.batch_size} (the global batch) must be a multiple of "
@@ -400,7 +414,8 @@ def layout_for_launch(
 
     Given both degrees: those. Given one: the other is ``world`` divided by it. Given none: the saved layout when
     it fits ``world``; else, for an MoE model, the saved ``data_parallel`` when the rest can hold the experts,
-    then all processes on the experts, then all on data; a dense model is all data parallel."""
+    then all processes on the experts, then all on data; a dense model is all data parallel. ``fsdp`` is kept,
+    except on one process."""
     saved = run_config.parallel
 
     def split(given: int, name: str) -> int:
@@ -425,4 +440,5 @@ def layout_for_launch(
             dp, ep = 1, world
         else:
             dp, ep = world, 1
-    return dataclasses.replace(saved, data_parallel=dp, expert_parallel=ep)
+    # FSDP stays as it was, except on one process, where there is nothing to shard over.
+    return dataclasses.replace(saved, data_parallel=dp, expert_parallel=ep, fsdp=saved.fsdp and dp * ep > 1)
