@@ -22,7 +22,7 @@ from tests.distributed._launch import free_port  # noqa: E402
 TIMEOUT_S = 3
 
 
-def _worker(rank: int, port: int, mode: str, cfg: str, run_dir: str, report: str) -> None:
+def _worker(rank: int, port: int, mode: str, layout: list[str], cfg: str, run_dir: str, report: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group(
@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, mode: str, cfg: str, run_dir: str, report: str
     from moekit.lab.training.run import train_run
     from moekit.lab.training.run_config import load_run_config
 
-    config = load_run_config(cfg, ["parallel.expert_parallel=2", f"parallel.timeout_s={TIMEOUT_S}"])
+    config = load_run_config(cfg, [*layout, f"parallel.timeout_s={TIMEOUT_S}"])
     try:
         train_run(config, Path(run_dir), log=lambda m: None)
         Path(report).write_text("finished")
@@ -44,8 +44,12 @@ def _worker(rank: int, port: int, mode: str, cfg: str, run_dir: str, report: str
         Path(report).write_text(str(exc))
 
 
-@pytest.mark.parametrize("mode", ["dies", "hangs"])
-def test_rank_failure_is_a_clear_error_within_the_timeout(tmp_path, mode):
+@pytest.mark.parametrize("mode,layout", [
+    ("dies", ["parallel.expert_parallel=2"]),
+    ("hangs", ["parallel.expert_parallel=2"]),
+    ("dies", ["parallel.data_parallel=2", "parallel.fsdp=true"]),
+], ids=["ep2-dies", "ep2-hangs", "dp2-fsdp-dies"])
+def test_rank_failure_is_a_clear_error_within_the_timeout(tmp_path, mode, layout):
     corpus = write_tiny_corpus(tmp_path / "corpus.txt", sentences=300)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(tiny_config_text(corpus, max_steps=4, batch_size=4))
@@ -53,7 +57,7 @@ def test_rank_failure_is_a_clear_error_within_the_timeout(tmp_path, mode):
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, port, mode, str(cfg), str(tmp_path / "run"), str(report)))
+        ctx.Process(target=_worker, args=(r, port, mode, layout, str(cfg), str(tmp_path / "run"), str(report)))
         for r in range(2)
     ]
     t0 = time.perf_counter()

@@ -76,6 +76,10 @@ def test_named_config_layouts():
         (["parallel.expert_parallel=0"], r"parallel.expert_parallel must be an integer >= 1, got 0"),
         (["parallel.timeout_s=0"], r"parallel.timeout_s must be a number > 0, got 0"),
         (["parallel.expert_parallel=2", "train.batch_size=3"], r"train.batch_size = 3 \(the global batch\) must be"),
+        (["parallel.fsdp=true"], r"parallel.fsdp = true shards weights over the processes of a run: it needs"),
+        (["parallel.fsdp=1"], r"parallel.fsdp must be true or false"),
+        (["parallel.data_parallel=2", "parallel.fsdp=true", "train.optimizer='adafactor'"],
+         r"parallel.fsdp = true needs train.optimizer = 'adamw', not 'adafactor'"),
         (["train.max_steps"], r"--set expects section.key=value"),
     ],
 )
@@ -275,5 +279,8 @@ def test_parallel_layout_for_a_launch():
         layout(4, expert_parallel=3)
     dense = load_run_config(str(CONFIGS / "dense-tiny.toml"))
     assert layout_for_launch(dense, 4).data_parallel == 4
+    # FSDP is kept at any layout of several processes, and dropped on one (nothing to shard over).
+    sharded = load_run_config(str(CONFIGS / "switch-tiny.toml"), ["parallel.data_parallel=2", "parallel.fsdp=true"])
+    assert layout_for_launch(sharded, 4).fsdp is True and layout_for_launch(sharded, 1).fsdp is False
     with pytest.raises(ConfigError, match="must be a multiple of parallel.data_parallel x expert_parallel = 3"):
         load_run_config(str(CONFIGS / "dense-tiny.toml"), ["parallel.data_parallel=3"])
