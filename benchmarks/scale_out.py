@@ -2,18 +2,19 @@
 docs/SCALING.md.
 
 **Measured (default).** Trains a small MoE LM (d_model 128, 4 blocks, every other FFN an MoE of 8 experts, top-2,
-dropless) for a few steps at the layouts (dp, ep) = (1,1), (2,1), (1,2), (4,1), (2,2), (1,4) with a FIXED batch per
-process (weak scaling), on gloo ranks started by ``torch.multiprocessing.spawn``, one torch thread each. The step
-is driven here with the library's pieces so each part can be timed: ``init_parallel_mesh`` /
-``ExpertParallel.from_mesh``, the model's forward on this rank's rows (``local_rows``), backward of loss / world,
-``sync_gradients``, ``clip_gradients``, ``optimizer.step`` (``build_optimizer``, AdamW). (1,1) is the one-process
-step (no process group; ``clip_grad_norm_``), also in a spawned process. Inside the benchmark processes only,
-``torch.distributed.all_to_all_single`` and ``all_reduce`` are wrapped (monkeypatched) to sum the time spent in them
+dropless) for a few steps at the layouts (dp, ep) = (1,1), (2,1), (1,2), (4,1), (2,2), (1,4), then (2,1), (4,1),
+(2,2), (1,4) with the non-expert weights FSDP2-sharded, with a FIXED batch per process (weak scaling), on gloo ranks
+started by ``torch.multiprocessing.spawn``, one torch thread each. The step is driven here with the library's pieces
+so each part can be timed: ``init_parallel_mesh`` / ``ExpertParallel.from_mesh``, the model's forward on this rank's
+rows (``local_rows``), backward of loss / world, ``sync_gradients``, ``clip_gradients``, ``optimizer.step``
+(``build_optimizer``, AdamW). (1,1) is the one-process step (no process group; ``clip_grad_norm_``), also in a
+spawned process. Inside the benchmark processes only, ``torch.distributed.all_to_all_single``, ``all_reduce`` and
+FSDP's ``all_gather_single`` / ``reduce_scatter_single`` are wrapped (monkeypatched) to sum the time spent in them
 and the bytes they are handed; the library is untouched. Per step it records compute (forward + backward minus the
-time inside all-to-all), all-to-all, gradient sync, clip, optimizer step and the rest (zeroing, the closing
-barrier: waiting for the slowest rank). Warm-up steps are dropped; medians and IQRs over steps. Every layout runs
-once per round; ratios are against (1,1) of the same invocation. The bytes counted in the wrappers must equal the
-scale model's formulas (:func:`collective_bytes`) for this config: the run fails otherwise.
+time inside all-to-all), all-to-all, gradient sync, clip, optimizer step and the rest (zeroing, the closing barrier:
+waiting for the slowest rank). Warm-up steps are dropped; medians and IQRs over steps. Every layout runs once per
+round; ratios are against (1,1) of the same invocation. The bytes counted in the wrappers must equal the scale
+model's formulas (:func:`collective_bytes`) for this config: the run fails otherwise.
 
 **Model (``--model``).** Prints the tables of docs/SCALING.md: step time and memory per GPU for a 0.95 B-active /
 16.6 B-total moekit MoE on 8 to 1,024 H100-class GPUs (assumptions in :data:`HW` and :func:`big_config`). No
@@ -22,7 +23,7 @@ processes, no measurement.
 Why: issue 17 asks how far data x expert parallelism goes, and where the all-to-all starts to dominate; this
 machine (2 cores, shared) can only check the byte counts and the mechanics, the scale model does the rest.
 
-    nice -n 5 .venv/bin/python benchmarks/scale_out.py      # ~3-4 min; writes benchmarks/results/scale_out.{md,json}
+    nice -n 5 .venv/bin/python benchmarks/scale_out.py      # ~5-10 min; writes benchmarks/results/scale_out.{md,json}
     .venv/bin/python benchmarks/scale_out.py --model        # the SCALING.md tables, to stdout
 """
 
@@ -53,8 +54,20 @@ from moekit.models.config import LMConfig  # noqa: E402
 from moekit.models.flops import flops_per_token, parameter_counts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4))
-PHASES = ("compute", "all_to_all", "grad_sync", "clip", "optimizer", "other")
+# (dp, ep, fsdp): the replicated layouts, then the same meshes with the non-expert weights FSDP2-sharded.
+LAYOUTS: tuple[tuple[int, int, bool], ...] = (
+    (1, 1, False), (2, 1, False), (1, 2, False), (4, 1, False), (2, 2, False), (1, 4, False),
+    (2, 1, True), (4, 1, True), (2, 2, True), (1, 4, True),
+)
+PHASES = ("compute", "all_to_all", "fsdp_comm", "grad_sync", "clip", "optimizer", "other")
+
+
+def layout_key(dp: int, ep: int, fsdp: bool) -> str:
+    return f"{dp}x{ep}" + ("+fsdp" if fsdp else "")
+
+
+def layout_label(dp: int, ep: int, fsdp: bool) -> str:
+    return f"({dp},{ep})" + (" FSDP" if fsdp else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +76,29 @@ def n_moe_layers(cfg: LMConfig) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
 
 
-def collective_bytes(cfg: LMConfig, dp: int, ep: int, tokens_per_rank: int, act_bytes: int, grad_bytes: int) -> dict:
+def fsdp_units(cfg: LMConfig) -> list[tuple[list[tuple[int, ...]], int]]:
+    """FSDP's units as moekit cuts them (``ExpertParallel._apply_fsdp``): each block, then the model's remaining
+    parameters (embedding, final norm); per unit the shapes of its non-expert parameters and how many times a step
+    all-gathers it (a block twice: it is freed after the forward and gathered again for the backward; the root
+    once: FSDP2 keeps the root's weights gathered until the backward)."""
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    experts = {id(p) for n, p in model.named_parameters() if ".experts." in n}
+    in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
+    units = [([tuple(p.shape) for p in b.parameters() if id(p) not in experts], 2) for b in model.blocks]
+    root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks]
+    return [*units, (root, 1)]
+
+
+def _padded(shape: tuple[int, ...], world: int) -> int:
+    """Elements FSDP2 holds for a parameter of ``shape`` over ``world`` ranks: dim 0 padded to a multiple."""
+    return math.ceil(shape[0] / world) * world * math.prod(shape[1:]) if shape else world
+
+
+def collective_bytes(
+    cfg: LMConfig, dp: int, ep: int, tokens_per_rank: int, act_bytes: int, grad_bytes: int, fsdp: bool = False,
+    weight_bytes: int = 4,
+) -> dict:
     """Bytes each rank hands to each collective in one training step (mean over ranks), by moekit's scheme.
 
     - all-to-all rows: per MoE layer 4 exchanges (forward dispatch and combine, their reverse in the backward), each
@@ -72,6 +107,9 @@ def collective_bytes(cfg: LMConfig, dp: int, ep: int, tokens_per_rank: int, act_
     - all-to-all counts: one ``[ep, E/ep]`` int64 exchange per MoE layer in the forward.
     - gradient all-reduce: every non-expert gradient over all ranks, this rank's expert gradients over ``dp``.
     - clip: one float64 (the expert squares) over ``ep``.
+    - with ``fsdp``: no all-reduce of the non-expert gradients; instead every unit of :func:`fsdp_units` all-gathers
+      this rank's shard of its weights (``weight_bytes`` per element, dim 0 padded to a multiple of the world size)
+      once or twice and reduce-scatters its whole padded gradient once; one more float64 all-reduce for the clip.
     """
     world = dp * ep
     counts = parameter_counts(cfg)
@@ -82,9 +120,13 @@ def collective_bytes(cfg: LMConfig, dp: int, ep: int, tokens_per_rank: int, act_
     return {
         "a2a_rows": layers * 4 * tokens_per_rank * m.top_k * cfg.d_model * act_bytes if ep > 1 else 0,
         "a2a_counts": layers * m.num_experts * 8 if ep > 1 else 0,
-        "grad_world": replicated * grad_bytes if world > 1 else 0,
+        "grad_world": replicated * grad_bytes if world > 1 and not fsdp else 0,
         "grad_dp": expert // ep * grad_bytes if dp > 1 else 0,
-        "clip": 8 if world > 1 else 0,
+        "clip": (16 if fsdp else 8) if world > 1 else 0,
+        "fsdp_allgather": sum(n * sum(_padded(s, world) for s in shapes) // world for shapes, n in fsdp_units(cfg))
+        * weight_bytes if fsdp else 0,
+        "fsdp_reducescatter": sum(_padded(s, world) for shapes, _ in fsdp_units(cfg) for s in shapes) * grad_bytes
+        if fsdp else 0,
     }
 
 
@@ -105,12 +147,31 @@ class _Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.s: dict[str, float] = {"a2a": 0.0, "allreduce": 0.0}
+        self.s: dict[str, float] = {"a2a": 0.0, "allreduce": 0.0, "fsdp": 0.0}
         self.bytes: dict[str, int] = {"a2a_rows": 0, "a2a_rows_off_rank": 0, "a2a_counts": 0, "grad": 0,
-                                      "clip": 0, "other": 0}
+                                      "clip": 0, "other": 0, "fsdp_allgather": 0, "fsdp_reducescatter": 0}
 
     def install(self) -> None:
         raw_a2a, raw_ar = dist.all_to_all_single, dist.all_reduce
+        raw_ag, raw_rs = dist.all_gather_single, dist.reduce_scatter_single
+
+        # FSDP2's collectives (torch 2.13 calls these two; synchronous on CPU, so the time inside is the exchange).
+        def all_gather_single(output_tensor, input_tensor, *a, **kw):
+            t = time.perf_counter()
+            r = raw_ag(output_tensor, input_tensor, *a, **kw)
+            self.s["fsdp"] += time.perf_counter() - t
+            self.bytes["fsdp_allgather"] += input_tensor.numel() * input_tensor.element_size()
+            return r
+
+        def reduce_scatter_single(output, input, *a, **kw):
+            t = time.perf_counter()
+            r = raw_rs(output, input, *a, **kw)
+            self.s["fsdp"] += time.perf_counter() - t
+            self.bytes["fsdp_reducescatter"] += input.numel() * input.element_size()
+            return r
+
+        dist.all_gather_single = all_gather_single
+        dist.reduce_scatter_single = reduce_scatter_single
 
         def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
             t = time.perf_counter()
@@ -139,7 +200,9 @@ class _Meter:
         dist.all_reduce = all_reduce
 
 
-def _worker(rank: int, world: int, dp: int, ep: int, args: argparse.Namespace, port: int, out_dir: str) -> None:
+def _worker(
+    rank: int, world: int, dp: int, ep: int, fsdp: bool, args: argparse.Namespace, port: int, out_dir: str
+) -> None:
     """Time ``args.warmup + args.steps`` training steps on this rank; write this rank's per-step figures."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -159,8 +222,9 @@ def _worker(rank: int, world: int, dp: int, ep: int, args: argparse.Namespace, p
     params = [p for p in model.parameters() if p.requires_grad]
     if world > 1:
         mesh = init_parallel_mesh(dp, ep, timeout_s=300)
-        par = ExpertParallel.from_mesh(model, mesh)
+        par = ExpertParallel.from_mesh(model, mesh, fsdp=fsdp)
         par.shard(opt)
+        params = [p for p in model.parameters() if p.requires_grad]  # FSDP swapped in its DTensor shards
     gen = torch.Generator().manual_seed(1)
     rows: list[dict[str, Any]] = []
     for step in range(args.warmup + args.steps):
@@ -178,7 +242,7 @@ def _worker(rank: int, world: int, dp: int, ep: int, args: argparse.Namespace, p
         else:
             (out.loss / world).backward()  # this rank's share of the global mean
         t1 = time.perf_counter()
-        a2a_s = meter.s["a2a"]
+        a2a_s, fsdp_s = meter.s["a2a"], meter.s["fsdp"]
         if par is None:
             t2 = t1
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,11 +263,22 @@ def _worker(rank: int, world: int, dp: int, ep: int, args: argparse.Namespace, p
         if step >= args.warmup:
             rows.append({
                 "step_s": t5 - t0, "cpu_s": c5 - c0,
-                "compute": t1 - t0 - a2a_s, "all_to_all": a2a_s, "grad_sync": t2 - t1, "clip": t3 - t2,
+                "compute": t1 - t0 - a2a_s - fsdp_s, "all_to_all": a2a_s, "fsdp_comm": fsdp_s,
+                "grad_sync": t2 - t1, "clip": t3 - t2,
                 "optimizer": t4 - t3, "other": t5 - t4,
                 "tokens": inputs.numel(), "bytes": dict(meter.bytes),
             })
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(rows))
+    # What this rank holds for training: weights, gradients and AdamW's state (its shards and slices only).
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    held = {
+        "weights": sum(nbytes(p) for p in params),
+        "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+        "adam": sum(nbytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)),
+    }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rows": rows, "held_bytes": held}))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -221,15 +296,17 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def run_layout(args: argparse.Namespace, dp: int, ep: int) -> dict:
+def run_layout(args: argparse.Namespace, dp: int, ep: int, fsdp: bool) -> dict:
     """One layout: spawn dp x ep ranks (one process for (1,1)); per step the max over ranks of the step time and
     the mean over ranks of each phase; medians and quartiles over the steps."""
     world = dp * ep
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        mp.spawn(_worker, args=(world, dp, ep, args, _free_port(), tmp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, dp, ep, fsdp, args, _free_port(), tmp), nprocs=world, join=True)
         wall = time.perf_counter() - t
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+        reports = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = [rep["rows"] for rep in reports]
+    held = {k: max(rep["held_bytes"][k] for rep in reports) for k in reports[0]["held_bytes"]}
     steps = len(ranks[0])
     step_s = [max(rk[i]["step_s"] for rk in ranks) for i in range(steps)]
     phases = {p: [statistics.fmean(rk[i][p] for rk in ranks) for i in range(steps)] for p in PHASES}
@@ -244,7 +321,8 @@ def run_layout(args: argparse.Namespace, dp: int, ep: int) -> dict:
     bytes_sum = {**fixed[0], "a2a_rows_off_rank": statistics.fmean(b["a2a_rows_off_rank"] for b in per_step_sum)}
     q = _quartiles(step_s)
     return {
-        "dp": dp, "ep": ep, "world": world, "global_tokens_per_step": tokens, "wall_s": wall,
+        "dp": dp, "ep": ep, "fsdp": fsdp, "world": world, "global_tokens_per_step": tokens, "wall_s": wall,
+        "held_bytes_max_rank": held,
         "step_s": {"median": q[1], "q1": q[0], "q3": q[2]},
         "tokens_per_s": tokens / q[1],
         "cpu_s_per_rank": statistics.median(cpu),
@@ -257,16 +335,19 @@ def run_layout(args: argparse.Namespace, dp: int, ep: int) -> dict:
 def check_bytes(cfg: LMConfig, r: dict, tokens_per_rank: int) -> dict:
     """The bytes the wrappers counted (sum over ranks) against ``world x`` the model's per-rank formula."""
     world = r["world"]
-    model = collective_bytes(cfg, r["dp"], r["ep"], tokens_per_rank, act_bytes=4, grad_bytes=4)
+    model = collective_bytes(cfg, r["dp"], r["ep"], tokens_per_rank, act_bytes=4, grad_bytes=4, fsdp=r["fsdp"])
     got = r["bytes_sum_over_ranks"]
     pairs = {
         "a2a_rows": (got["a2a_rows"], world * model["a2a_rows"]),
         "a2a_counts": (got["a2a_counts"], world * model["a2a_counts"]),
         "grad_allreduce": (got["grad"], world * (model["grad_world"] + model["grad_dp"])),
         "clip_allreduce": (got["clip"], world * model["clip"]),
+        "fsdp_allgather": (got["fsdp_allgather"], world * model["fsdp_allgather"]),
+        "fsdp_reducescatter": (got["fsdp_reducescatter"], world * model["fsdp_reducescatter"]),
     }
     for name, (measured, expected) in pairs.items():
-        assert measured == expected, f"({r['dp']},{r['ep']}) {name}: counted {measured} bytes, model {expected}"
+        label = layout_label(r["dp"], r["ep"], r["fsdp"])
+        assert measured == expected, f"{label} {name}: counted {measured} bytes, model {expected}"
     ep = r["ep"]
     return {
         **{k: {"counted_sum_over_ranks": a, "model_sum_over_ranks": b} for k, (a, b) in pairs.items()},
@@ -290,11 +371,11 @@ def measure(args: argparse.Namespace, argv: list[str]) -> int:
     rounds: list[dict[str, dict]] = []
     for rnd in range(args.rounds):
         res = {}
-        for dp, ep in LAYOUTS:
-            r = run_layout(args, dp, ep)
+        for dp, ep, fsdp in LAYOUTS:
+            r = run_layout(args, dp, ep, fsdp)
             r["bytes_check"] = check_bytes(cfg, r, args.batch_per_proc * args.seq_len)
-            res[f"{dp}x{ep}"] = r
-            print(f"round {rnd + 1} (dp {dp}, ep {ep}): step {1e3 * r['step_s']['median']:.1f} ms, "
+            res[layout_key(dp, ep, fsdp)] = r
+            print(f"round {rnd + 1} {layout_label(dp, ep, fsdp)}: step {1e3 * r['step_s']['median']:.1f} ms, "
                   f"{r['tokens_per_s']:.0f} tokens/s, a2a {1e3 * r['phases']['all_to_all']['median']:.1f} ms, "
                   f"grad sync {1e3 * r['phases']['grad_sync']['median']:.1f} ms ({r['wall_s']:.0f} s wall)",
                   flush=True)
@@ -334,7 +415,8 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
         phases = {p: statistics.median([rd[key]["phases"][p]["median"] for rd in rounds]) for p in PHASES}
         r0 = rounds[0][key]
         out[key] = {
-            "dp": r0["dp"], "ep": r0["ep"], "world": r0["world"],
+            "dp": r0["dp"], "ep": r0["ep"], "fsdp": r0["fsdp"], "world": r0["world"],
+            "held_mb_max_rank": sum(r0["held_bytes_max_rank"].values()) / 2**20,
             "throughput_ratio": statistics.median(thr), "throughput_ratio_per_round": thr,
             "step_time_ratio": statistics.median(stp), "step_time_ratio_per_round": stp,
             "step_ms_median_pooled": 1e3 * med_step,
@@ -370,16 +452,18 @@ def render_md(rep: dict) -> str:
         "## Throughput and step time, against (1,1) of the same round",
         "",
         "| (dp, ep) | processes | global tokens / step | throughput ratio (rounds) | step-time ratio (rounds) | "
-        "step ms (median, all rounds) | CPU s / rank / step | CPU per rank vs (1,1) |",
-        "|---|---|---|---|---|---|---|---|",
+        "step ms (median, all rounds) | CPU s / rank / step | CPU per rank vs (1,1) | weights + gradients + Adam "
+        "held per rank (MiB, largest rank) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s.values():
         thr = ", ".join(f"{x:.2f}" for x in r["throughput_ratio_per_round"])
         stp = ", ".join(f"{x:.2f}" for x in r["step_time_ratio_per_round"])
         lines.append(
-            f"| ({r['dp']},{r['ep']}) | {r['world']} | {per_proc * r['world']} | **{r['throughput_ratio']:.2f}x** "
-            f"({thr}) | {r['step_time_ratio']:.2f} ({stp}) | {r['step_ms_median_pooled']:.1f} | "
-            f"{r['cpu_s_per_rank_per_step']:.3f} | {r['cpu_per_rank_ratio']:.2f} |"
+            f"| {layout_label(r['dp'], r['ep'], r['fsdp'])} | {r['world']} | {per_proc * r['world']} | "
+            f"**{r['throughput_ratio']:.2f}x** ({thr}) | {r['step_time_ratio']:.2f} ({stp}) | "
+            f"{r['step_ms_median_pooled']:.1f} | {r['cpu_s_per_rank_per_step']:.3f} | {r['cpu_per_rank_ratio']:.2f} | "
+            f"{r['held_mb_max_rank']:.1f} |"
         )
     lines += [
         "",
@@ -387,40 +471,46 @@ def render_md(rep: dict) -> str:
         "with a barrier). The headline ratio is the median over rounds of the per-round ratio. CPU s / rank / step is "
         "the process CPU time of a rank over the step (gloo's threads included; a rank blocked in a collective uses "
         "none): every rank handles the same tokens, so its ratio to (1,1) is the extra work per token that the "
-        "layout costs, which the oversubscription does not inflate the way it inflates wall time.",
+        "layout costs, which the oversubscription does not inflate the way it inflates wall time. The memory column "
+        "counts the tensors a rank holds after a step (its expert slices, its FSDP shards or replicas, their "
+        "gradients and AdamW's two moments), measured, not modelled.",
         "",
         "## Where the step goes (median ms per step, mean over ranks; share of the step)",
         "",
-        "| (dp, ep) | compute | all-to-all | gradient all-reduce | clip | optimizer | other (zeroing, waiting at the "
-        "closing barrier) |",
-        "|---|---|---|---|---|---|---|",
+        "| (dp, ep) | compute | all-to-all | FSDP all-gather + reduce-scatter | gradient all-reduce | clip | "
+        "optimizer | other (zeroing, waiting at the closing barrier) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in s.values():
         cells = [f"{r['phase_ms'][p]:.1f} ({100 * r['phase_share'][p]:.0f}%)" for p in PHASES]
-        lines.append(f"| ({r['dp']},{r['ep']}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {layout_label(r['dp'], r['ep'], r['fsdp'])} | " + " | ".join(cells) + " |")
     first = rep["rounds"][0]
     lines += [
         "",
-        "Compute is forward + backward minus the time inside `all_to_all_single`; the all-to-all time includes "
+        "Compute is forward + backward minus the time inside `all_to_all_single` and FSDP's collectives "
+        "(`all_gather_single` of each unit's weights before it runs, `reduce_scatter_single` of its gradients in "
+        "the backward; both synchronous on CPU); the all-to-all time includes "
         "waiting for the other ranks of the `ep` group to reach the exchange (uneven expert loads, and here above "
         "all ranks descheduled on the oversubscribed cores), not only copying. The gradient all-reduce is "
-        "`sync_gradients` (zero-filling, flattening, the all-reduces). Per-layout quartiles are in the JSON.",
+        "`sync_gradients` (zero-filling, flattening, the all-reduces; under FSDP only the experts' over dp). "
+        "Per-layout quartiles are in the JSON.",
         "",
         "## Bytes per step, counted in the wrappers = the scale model's formulas (asserted)",
         "",
         "Sums over all ranks of the bytes handed to each collective in one step; the run fails if any differs from "
         "`world x collective_bytes(...)` (docs/SCALING.md, float32 here: 4 bytes per element).",
         "",
-        "| (dp, ep) | all-to-all rows | all-to-all counts | gradient all-reduce | clip all-reduce | off-rank share of "
-        "the rows: counted / uniform-routing model |",
-        "|---|---|---|---|---|---|",
+        "| (dp, ep) | all-to-all rows | all-to-all counts | gradient all-reduce | clip all-reduce | FSDP all-gather | "
+        "FSDP reduce-scatter | off-rank share of the rows: counted / uniform-routing model |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in first.values():
         b = r["bytes_check"]
         lines.append(
-            f"| ({r['dp']},{r['ep']}) | {b['a2a_rows']['counted_sum_over_ranks']:,} | "
+            f"| {layout_label(r['dp'], r['ep'], r['fsdp'])} | {b['a2a_rows']['counted_sum_over_ranks']:,} | "
             f"{b['a2a_counts']['counted_sum_over_ranks']:,} | {b['grad_allreduce']['counted_sum_over_ranks']:,} | "
-            f"{b['clip_allreduce']['counted_sum_over_ranks']:,} | {b['a2a_off_rank_share']['counted']:.3f} / "
+            f"{b['clip_allreduce']['counted_sum_over_ranks']:,} | {b['fsdp_allgather']['counted_sum_over_ranks']:,} | "
+            f"{b['fsdp_reducescatter']['counted_sum_over_ranks']:,} | {b['a2a_off_rank_share']['counted']:.3f} / "
             f"{b['a2a_off_rank_share']['model_uniform_routing']:.3f} |"
         )
     lines += [
@@ -429,7 +519,9 @@ def render_md(rep: dict) -> str:
         "routing (mean over the timed steps of round 1 shown); the scale model assumes uniform routing.",
         "",
         "Not measured here: the loss / routing-metric all-reduces of `Trainer._train_step` (a few floats), "
-        "checkpointing, data loading. FSDP is not implemented in moekit, so no FSDP layout is measured.",
+        "checkpointing, data loading. FSDP gathers float32 weights here (moekit applies no mixed-precision policy: "
+        "the router must stay float32), so its all-gather moves 4 bytes per element; the scale model's GPU rows "
+        "assume bf16 weights gathered (docs/SCALING.md).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,9 +1,10 @@
 """Expert-parallel training of the ViT on gloo equals the single-process run, for expert choice and Soft MoE.
 
-10 steps at expert_parallel = 2 give the same per-step losses, routing metrics, evaluation (loss and accuracy over
-the whole evaluation set) and final weights as one process on the same global batches: each rank trains on its
-contiguous share of every batch of images, as the language model does with its token windows. The same runs at
-degree 4 are checked for losses, loads and final weights.
+10 steps at expert_parallel = 2, with the non-expert weights FSDP2-sharded over the two ranks, give the same per-step
+losses, routing metrics, evaluation (loss and accuracy over the whole evaluation set) and final weights as one process
+on the same global batches: each rank trains on its contiguous share of every batch of images, as the language
+model does with its token windows. The same runs at degree 4, non-expert weights replicated, are checked for
+losses, loads and final weights.
 
 Routing per image makes the runs comparable exactly: Soft MoE always mixes one image's tokens (each image is its
 own group), and expert choice routes groups of ``moe.group_size`` tokens, set here to the 16 tokens of one image
@@ -57,15 +58,16 @@ ROUTERS = {
 }
 
 
-def _config(router: str, world: int):
+def _config(router: str, world: int, fsdp: bool = False):
     name, extra = ROUTERS[router]
-    return load_run_config(CONFIGS / f"{name}.toml", [*TINY, *extra, f"parallel.expert_parallel={world}"])
+    return load_run_config(CONFIGS / f"{name}.toml", [*TINY, *extra, f"parallel.expert_parallel={world}",
+                                                      f"parallel.fsdp={str(fsdp).lower()}"])
 
 
-def _train_all(rank: int, world: int, out: str) -> None:
+def _train_all(rank: int, world: int, out: str, fsdp: bool) -> None:
     # Both routers in one launch: starting the processes costs more than their 10 steps.
     for router in ROUTERS:
-        train_run(_config(router, world), Path(out) / router, log=lambda m: None)
+        train_run(_config(router, world, fsdp), Path(out) / router, log=lambda m: None)
 
 
 def _records(run_dir: Path) -> dict[int, dict]:
@@ -82,12 +84,12 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     for router in ROUTERS:
         train_run(_config(router, 1), tmp / "ref" / router, log=lambda m: None)
-    spawn(_train_all, WORLD, str(tmp / "ep"))
+    spawn(_train_all, WORLD, str(tmp / "ep"), True)
     return tmp
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
-def test_vit_under_expert_parallelism_matches_one_process(runs, router):
+def test_vit_under_expert_parallelism_and_fsdp_matches_one_process(runs, router):
     ref_dir, run_dir = runs / "ref" / router, runs / "ep" / router
     ref, got = _records(ref_dir), _records(run_dir)
     assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
@@ -113,7 +115,7 @@ def test_vit_under_expert_parallelism_matches_one_process(runs, router):
 
 def test_vit_under_four_expert_parallel_ranks_matches_one_process(runs, tmp_path):
     # Degree 4 of the same training runs: one expert per rank, 4 images per rank per step.
-    spawn(_train_all, 4, str(tmp_path))
+    spawn(_train_all, 4, str(tmp_path), False)
     for router in ROUTERS:
         ref, got = _records(runs / "ref" / router), _records(tmp_path / router)
         assert sorted(got) == list(range(1, STEPS + 1))

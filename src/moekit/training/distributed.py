@@ -159,7 +159,10 @@ class ExpertParallel:
         device = next(iter(model.parameters())).device.type
         mesh = DeviceMesh.from_group(self.group if self.group is not None else dist.group.WORLD, device,
                                      mesh_dim_names=("fsdp",))
+        # Not FSDP's: the expert banks (sliced over ep) and 0-dim parameters (Soft MoE's scale), which FSDP2 cannot
+        # shard and which stay replicated, their gradients all-reduced as before.
         experts = set(expert_parameters(model))
+        ignored = experts | {p for p in model.parameters() if p.dim() == 0}
         before = dict(model.named_parameters())
         units: list[str] = []
         for name, module in model.named_modules():
@@ -167,8 +170,8 @@ class ExpertParallel:
             if isinstance(module, nn.ModuleList) and not inside:
                 units += [f"{name}.{i}" if name else str(i) for i in range(len(module))]
         for unit in units:
-            fully_shard(model.get_submodule(unit), mesh=mesh, ignored_params=experts)
-        fully_shard(model, mesh=mesh, ignored_params=experts)
+            fully_shard(model.get_submodule(unit), mesh=mesh, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, ignored_params=ignored)
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
                 # SUM, not FSDP's mean: each rank already back-propagates loss / world. Forcing plain SUM collectives

@@ -9,9 +9,11 @@ as ``optim/<parameter name>/<key>`` (AdamW's ``exp_avg`` / ``exp_avg_sq`` / ``st
 single-process (full) shapes. An expert bank sliced over the ``ep`` group (``[E / ep, ...]`` on each rank) is a
 ``DTensor`` on the ``("dp", "ep")`` mesh with placements ``[Replicate(), Shard(0)]`` (on the 1-D ``("ep",)`` mesh
 with ``[Shard(0)]`` when there is no ``dp`` group), so its ``E`` rows are written once, each chunk by one of the
-ranks holding it; every other tensor is a plain (replicated) tensor. DCP's planner drops the duplicates and gives
-each chunk to the holder with the least to write so far, so the ``dp`` replicas share the writing. The optimizer's
-hyper-parameters and non-tensor state go to ``state.json`` with the caller's JSON state.
+ranks holding it; under FSDP a non-expert weight and its per-element optimizer state are FSDP's own DTensors (dim-0
+chunks over all ranks), written and read as they are; every other tensor is a plain (replicated) tensor. DCP's
+planner drops the duplicates and gives each chunk to the holder with the least to write so far, so the ``dp``
+replicas share the writing. The optimizer's hyper-parameters and non-tensor state go to ``state.json`` with the
+caller's JSON state.
 
 Format: safetensors, never pickle. DCP's default ``FileSystemWriter`` writes its ``.metadata`` file in Python's object
 serialisation format, which loading would have to execute; this

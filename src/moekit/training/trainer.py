@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,18 @@ class Trainer:
             self._shard()
         return state
 
+    @contextlib.contextmanager
+    def _fsdp_quiet(self) -> Iterator[None]:
+        """Around a training forward under FSDP: FSDP2 warns, at every call, of each output tensor that is a view
+        (an in-place op on it would skip its backward hook); the routing statistics in ``MoEAux`` are such views and
+        nothing writes to them in place, so the warning says nothing here."""
+        if self.parallel is None or not self.parallel.fsdp_applied:
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+            yield
+
     def _shard(self) -> None:
         """Lay the model out for the parallel run (experts sliced, FSDP's shards cut: each once); FSDP replaces
         parameters, so the list the step clips is taken again."""
@@ -422,7 +435,7 @@ class Trainer:
         par = self.parallel
         if par is not None:
             inputs, targets = par.local_rows(inputs), par.local_rows(targets)
-        with self._autocast():
+        with self._autocast(), self._fsdp_quiet():
             out = self.model(inputs, targets)
         loss = out.loss
         values = [float(loss.detach()), float(out.ce_loss.detach()), float(out.load_balancing_loss.detach()),
