@@ -81,11 +81,14 @@ def fsdp_units(cfg: LMConfig) -> list[tuple[list[tuple[int, ...]], int]]:
     parameters (embedding, final norm); per unit the shapes of its non-expert parameters and how many times a step
     all-gathers it (a block twice: it is freed after the forward and gathered again for the backward; the root
     once: FSDP2 keeps the root's weights gathered until the backward)."""
+    from moekit.training.distributed import fsdp_units as units_of
+
     with torch.device("meta"):
         model = TransformerLM(cfg)
     experts = {id(p) for n, p in model.named_parameters() if ".experts." in n}
-    in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
-    units = [([tuple(p.shape) for p in b.parameters() if id(p) not in experts], 2) for b in model.blocks]
+    blocks = units_of(model)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    units = [([tuple(p.shape) for p in b.parameters() if id(p) not in experts], 2) for b in blocks]
     root = [tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks]
     return [*units, (root, 1)]
 

@@ -384,6 +384,12 @@ class Seq2SeqLM(nn.Module):
         """The MoE layers, encoder first, in block order (the order of ``Seq2SeqOutput.aux``)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP shards as units, innermost first (``moekit.training.distributed``): each stack's relative
+        position bias (owned by its first block but called by the stack before any block runs, so it needs its own
+        all-gather), then every block."""
+        return [self.encoder.relative_bias, self.decoder.relative_bias, *self.encoder.blocks, *self.decoder.blocks]
+
     def shift_right(self, labels_BT: Tensor) -> Tensor:
         """Decoder inputs for teacher forcing: ``decoder_start_token_id`` then the labels but the last, with ignored
         labels (-100) replaced by ``pad_token_id`` (as T5 does)."""

@@ -43,12 +43,27 @@ from torch import Tensor, nn
 from moekit.errors import MoekitError
 from moekit.layers.expert_parallel import expert_parameters, is_expert_parallel, shard_experts_, unshard_experts_
 
-__all__ = ["ExpertParallel", "init_parallel_mesh", "launch_world_size"]
+__all__ = ["ExpertParallel", "fsdp_units", "init_parallel_mesh", "launch_world_size"]
 
 
 def launch_world_size() -> int:
     """The number of processes torchrun started (``WORLD_SIZE``), 1 outside torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards as units before the model itself, innermost first: the model's own
+    ``fsdp_units()`` when it has one (a module called from outside its parent's forward needs a unit of its own),
+    else every child of each outermost ``ModuleList`` (the blocks)."""
+    own = getattr(model, "fsdp_units", None)
+    if callable(own):
+        return list(own())
+    units: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(u + ".") for u in units)
+        if isinstance(module, nn.ModuleList) and not inside:
+            units += [f"{name}.{i}" if name else str(i) for i in range(len(module))]
+    return [model.get_submodule(u) for u in units]
 
 
 def init_parallel_mesh(data_parallel: int, expert_parallel: int, timeout_s: float):
@@ -143,7 +158,7 @@ class ExpertParallel:
         return bool(self._fsdp_ids)
 
     def _apply_fsdp(self, optimizer: torch.optim.Optimizer) -> None:
-        """``fully_shard`` every block (each child of a ``ModuleList``: one all-gather per block, freed after it
+        """``fully_shard`` every unit of :func:`fsdp_units` (the blocks: one all-gather per block, freed after it
         runs) and then the model, with the expert banks ignored; swap the new DTensor parameters into
         ``optimizer`` with their state cut the same way."""
         if hasattr(optimizer, "sharded"):
@@ -164,13 +179,8 @@ class ExpertParallel:
         experts = set(expert_parameters(model))
         ignored = experts | {p for p in model.parameters() if p.dim() == 0}
         before = dict(model.named_parameters())
-        units: list[str] = []
-        for name, module in model.named_modules():
-            inside = any(name.startswith(u + ".") for u in units)
-            if isinstance(module, nn.ModuleList) and not inside:
-                units += [f"{name}.{i}" if name else str(i) for i in range(len(module))]
-        for unit in units:
-            fully_shard(model.get_submodule(unit), mesh=mesh, ignored_params=ignored)
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=mesh, ignored_params=ignored)
         fully_shard(model, mesh=mesh, ignored_params=ignored)
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
