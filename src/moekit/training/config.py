@@ -39,6 +39,10 @@ class TrainConfig:
     weight_decay: decoupled weight decay (AdamW; Adafactor multiplies it by the lr as well).
     beta1, beta2, eps: AdamW moments (beta1 is Adafactor's momentum when > 0).
     update_clip_d: Adafactor update clipping ``U / max(1, RMS(U) / d)`` (ST-MoE: d = 1).
+    scale_parameter: Adafactor's step times ``max(1e-3, RMS(parameter))`` (T5's parameter scale; the learning rate
+        is then a fraction of each weight's size: T5 and ST-MoE used 1e-2).
+    relative_step: Adafactor's step size ``min(1e-2, 1 / sqrt(t))`` (the paper's and T5's), ignoring ``lr``,
+        ``warmup_steps`` and ``schedule``.
     warmup_steps: linear warm-up from 0.
     schedule: "cosine" (to ``min_lr_ratio * lr`` at ``max_steps``), "inverse_sqrt" or "constant" after warm-up.
     min_lr_ratio: floor of the cosine decay.
@@ -76,6 +80,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     update_clip_d: float = 1.0
+    scale_parameter: bool = False
+    relative_step: bool = False
     warmup_steps: int = 50
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
@@ -105,6 +111,12 @@ class TrainConfig:
         check_number("train.beta2", self.beta2, low=0.0, high=0.999999)
         check_number("train.eps", self.eps, low=0.0, low_open=True)
         check_number("train.update_clip_d", self.update_clip_d, low=0.0, low_open=True)
+        check_bool("train.scale_parameter", self.scale_parameter)
+        check_bool("train.relative_step", self.relative_step)
+        if (self.scale_parameter or self.relative_step) and self.optimizer != "adafactor":
+            on = "scale_parameter" if self.scale_parameter else "relative_step"
+            raise ConfigError(f"train.{on} = true is an Adafactor setting: it needs train.optimizer = 'adafactor', "
+                              f"not {self.optimizer!r}")
         check_int("train.warmup_steps", self.warmup_steps, 0)
         check_choice("train.schedule", self.schedule, SCHEDULES)
         check_number("train.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)

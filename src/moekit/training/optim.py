@@ -24,5 +24,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     if config.optimizer == "adafactor":
-        return Adafactor(groups, lr=config.lr, update_clip_d=config.update_clip_d, beta1=config.beta1)
+        return Adafactor(groups, lr=config.lr, update_clip_d=config.update_clip_d, beta1=config.beta1,
+                         scale_parameter=config.scale_parameter, relative_step=config.relative_step)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")

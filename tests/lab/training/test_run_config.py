@@ -76,6 +76,8 @@ def test_named_config_layouts():
         (["parallel.expert_parallel=0"], r"parallel.expert_parallel must be an integer >= 1, got 0"),
         (["parallel.timeout_s=0"], r"parallel.timeout_s must be a number > 0, got 0"),
         (["parallel.expert_parallel=2", "train.batch_size=3"], r"train.batch_size = 3 \(the global batch\) must be"),
+        (["train.scale_parameter=true"], r"train.scale_parameter = true is an Adafactor setting: it needs train"),
+        (["train.relative_step=true"], r"train.relative_step = true is an Adafactor setting"),
         (["parallel.fsdp=true"], r"parallel.fsdp = true shards weights over the processes of a run: it needs"),
         (["parallel.fsdp=1"], r"parallel.fsdp must be true or false"),
         (["parallel.data_parallel=2", "parallel.fsdp=true", "train.optimizer='adafactor'"],
