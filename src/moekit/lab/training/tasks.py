@@ -599,7 +599,9 @@ class LanguageModelTask:
 
     def final_metrics(self, result: TrainResult) -> dict[str, Any]:
         loss = result.final_val_loss
-        return {"final_val_perplexity": float(np.exp(loss)) if loss is not None else None}
+        # A diverged run's loss can pass ln(float max) = 709.78: its perplexity is inf, without numpy's warning.
+        perplexity = None if loss is None else math.inf if loss > 709.0 else math.exp(loss)
+        return {"final_val_perplexity": perplexity}
 
     def cost_figures(self, cost: ModelCost) -> dict[str, Any]:
         return {}
