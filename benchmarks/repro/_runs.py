@@ -1,0 +1,55 @@
+"""Running the arms of a reproduction study: one training run per (config, overrides) in its own directory, in
+worker processes of one thread each, the first run's tokenizer and token arrays copied into every other run.
+
+Finished runs (``summary.json``) are skipped, so a study that was interrupted continues where it stopped; an
+unfinished run starts again from nothing (runs are minutes long). Imported by the scripts of ``benchmarks/repro``
+as ``from _runs import ...``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_one(run_dir: str, config: str, overrides: list[str], data_src: str | None) -> dict:
+    """Train ``config`` with ``overrides`` in ``run_dir`` (in this process, one thread) unless it finished before;
+    return its summary, its per-step training records and the directory."""
+    import torch
+
+    from moekit.lab.training.run import train_run
+    from moekit.lab.training.run_config import load_run_config
+    from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
+    from moekit.training.metrics import read_metrics
+
+    torch.set_num_threads(1)
+    path = Path(run_dir)
+    if not (path / "summary.json").is_file():
+        if path.exists():
+            shutil.rmtree(path)
+        if data_src is not None:
+            for name in (TOKENS_FILE, TOKENIZER_FILE):
+                (path / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(data_src) / name, path / name)
+        train_run(load_run_config(config, overrides), path, log=lambda m: None)
+    return {
+        "run_dir": run_dir,
+        "summary": json.loads((path / "summary.json").read_text()),
+        "records": [r for r in read_metrics(path / "metrics.jsonl") if "loss" in r],
+    }
+
+
+def run_all(jobs: list[tuple[str, str, list[str]]], data_src: str | Path | None, workers: int) -> list[dict]:
+    """``run_one`` for every ``(run_dir, config, overrides)`` of ``jobs``, ``workers`` at a time, in order."""
+    ctx = multiprocessing.get_context("spawn")
+    src = None if data_src is None else str(data_src)
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(run_one, *zip(*jobs, strict=True), [src] * len(jobs)))
