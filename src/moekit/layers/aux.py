@@ -17,7 +17,7 @@ from moekit.routing.decision import AnyDecision
 __all__ = ["MoEAux", "model_loss"]
 
 # The repr lists the load of each expert up to this many experts, and min / mean / max beyond.
-_LIST_AT_MOST = 16
+_LIST_AT_MOST = 8
 
 
 @dataclass(repr=False)
