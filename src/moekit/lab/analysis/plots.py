@@ -100,7 +100,10 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
     ax.set_yticks(range(len(layer["experts"])),
                   [f"e{ex['expert']} (p{_p(ex['p_value'])})" for ex in layer["experts"]], fontsize=8)
     ax.set_title(f"{layer_label(layer)}: log2(expert share / corpus share); numbers are counts", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_xlabel("token category")
+    ax.set_ylabel("expert (p: chi-squared test vs the corpus mix)")
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("log2(expert share / corpus share)", fontsize=8)
     return _png(fig)
 
 
@@ -119,5 +122,6 @@ def agreement_figure(summary: dict[str, Any], index: int) -> bytes:
     ax.set_xlabel(f"expert in {to_name}")
     ax.set_ylabel(f"expert in {from_name}")
     ax.set_title(f"P(next expert | expert); MI {a['mutual_information_bits']:.3f} bits", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("probability", fontsize=8)
     return _png(fig)

@@ -50,13 +50,14 @@ def moe_layer_names(run_dir: str | Path, count: int) -> list[str]:
     names: list[str] = []
     try:
         from moekit.lab.training.run import read_run_config
+        from moekit.models import LMConfig, Seq2SeqConfig, ViTConfig
 
         model = read_run_config(Path(run_dir)).model
-        if hasattr(model, "moe_block_indices"):  # ViT
+        if isinstance(model, ViTConfig):
             names = [f"block {b}" for b in model.moe_block_indices()]
-        elif hasattr(model, "moe_layers"):  # encoder-decoder: encoder first
+        elif isinstance(model, Seq2SeqConfig):  # encoder first, as the metrics list them
             names = [f"{stack} block {b}" for stack in ("encoder", "decoder") for b in model.moe_layers(stack)]
-        else:
+        elif isinstance(model, LMConfig):
             names = [f"block {b}" for b in range(model.n_layers) if model.is_moe_layer(b)]
     except Exception:  # noqa: BLE001 - a plot of an unreadable or foreign run still draws, with plain names
         names = []
@@ -80,7 +81,7 @@ def loss_figure(
     ce = [(r["step"], _float(r["ce_loss"])) for r in records if "ce_loss" in r]
     total = [(r["step"], _float(r["loss"])) for r in records if "loss" in r]
     val = [(r["step"], _float(r["val_loss"])) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 5))
     ax = fig.subplots()
     if ce:
         ax.plot(*zip(*ce, strict=True), lw=1, color="tab:blue", label="training cross-entropy (labels)")
@@ -97,7 +98,8 @@ def loss_figure(
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"cross-entropy (nats per {per})")
     ax.set_title(f"{title}: loss" if title else "loss")
-    ax.legend(fontsize=8)
+    # Below the axes, never over the curves.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
