@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["set_threads", "train_run_with_threads", "trim_heap_every", "tune_malloc", "TRIM_INTERVAL_S"]
+__all__ = ["TRIM_INTERVAL_S", "set_threads", "stop_heap_trimmer", "train_run_with_threads", "trim_heap_every",
+           "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -68,7 +70,8 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) -
 def trim_heap_every(interval_s: float = TRIM_INTERVAL_S) -> bool:
     """Start (once per process) a daemon thread that calls glibc's ``malloc_trim(0)`` every ``interval_s`` seconds:
     the pages of free heap blocks go back to the kernel, so resident memory stays flat however long the process
-    trains (see the module docstring). Returns True if the thread runs (Linux/glibc only)."""
+    trains (see the module docstring). Returns True if the thread runs (Linux/glibc only);
+    :func:`stop_heap_trimmer` ends it."""
     global _trimmer
     if _trimmer is not None:
         return True
@@ -78,35 +81,56 @@ def trim_heap_every(interval_s: float = TRIM_INTERVAL_S) -> bool:
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
+    stop = threading.Event()
 
     def loop() -> None:
-        while True:
-            time.sleep(interval_s)
+        while not stop.wait(interval_s):
             trim(0)  # takes glibc's arena locks itself: safe while other threads allocate
 
     _trimmer = threading.Thread(target=loop, name="moekit-malloc-trim", daemon=True)
+    _trimmer.stop = stop  # type: ignore[attr-defined]
     _trimmer.start()
     return True
 
 
-def set_threads(requested: int) -> int:
+def stop_heap_trimmer() -> None:
+    """End the thread of :func:`trim_heap_every`, if one runs (tests; a process that stops training)."""
+    global _trimmer
+    if _trimmer is not None:
+        _trimmer.stop.set()  # type: ignore[attr-defined]
+        _trimmer.join()
+        _trimmer = None
+
+
+def set_threads(requested: int, log: Callable[[str], None] | None = None) -> int:
     """Set torch's intra-op thread count for this process: ``requested`` when > 0, else the automatic choice of
-    :func:`~moekit.training.trainer.resolve_threads`. Returns the count now in effect."""
+    :func:`~moekit.training.trainer.resolve_threads`. Returns the count now in effect. When the automatic choice
+    takes fewer threads than the machine has cores, ``log`` is told why (one line)."""
     import torch
 
     from moekit.training.trainer import resolve_threads
 
+    default = torch.get_num_threads()
     threads = resolve_threads(requested)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+    cores = os.cpu_count() or default
+    if requested == 0 and log is not None and threads < cores:
+        try:
+            load = f"the 1-minute load average is {os.getloadavg()[0]:.1f}, so other processes hold the rest"
+        except (OSError, AttributeError):
+            load = "torch's default for this process"
+        log(f"threads: {threads} of {cores} cores (train.threads = 0, automatic: {load}; threads waiting on busy "
+            f"cores run slower than fewer threads); --set train.threads=N chooses")
     return threads
 
 
 def train_run_with_threads(run_config: Any, run_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
     """:func:`moekit.lab.training.run.train_run` after :func:`set_threads` of the run's ``train.threads`` (what
-    ``moekit train`` and ``moekit compare`` do for each run; ``compare(..., train=train_run_with_threads)``)."""
+    ``moekit train`` and ``moekit compare`` do for each run; ``compare(..., train=train_run_with_threads)``); the
+    thread count's reason goes to ``kwargs["log"]``."""
     from moekit.lab.training.run import read_run_config, train_run
 
     config = run_config if run_config is not None else read_run_config(Path(run_dir))
-    set_threads(config.train.threads)
+    set_threads(config.train.threads, kwargs.get("log"))
     return train_run(run_config, run_dir, **kwargs)
