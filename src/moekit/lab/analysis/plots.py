@@ -101,7 +101,7 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
                   [f"e{ex['expert']} (p{_p(ex['p_value'])})" for ex in layer["experts"]], fontsize=8)
     ax.set_title(f"{layer_label(layer)}: log2(expert share / corpus share); numbers are counts", fontsize=9)
     ax.set_xlabel("token category")
-    ax.set_ylabel("expert (p: chi-squared test vs the corpus mix)")
+    ax.set_ylabel("expert (p: chi-squared test)", fontsize=8)
     bar = fig.colorbar(im, ax=ax, shrink=0.8)
     bar.set_label("log2(expert share / corpus share)", fontsize=8)
     return _png(fig)
