@@ -45,11 +45,11 @@ def test_trimmer_is_one_daemon_thread_and_stops(monkeypatch):
     with pytest.raises(ValueError, match=r"^interval_s must be > 0, got 0$"):
         runtime.trim_heap_every(0)
     assert runtime.trim_heap_every(0.01) is True
-    assert runtime.trim_heap_every(0.01) is True  # once per process
-    threads = [t for t in threading.enumerate() if t.name == "moekit-malloc-trim"]
-    assert len(threads) == 1 and threads[0].daemon
+    thread = runtime._trimmer
+    assert runtime.trim_heap_every(0.01) is True and runtime._trimmer is thread  # once per process
+    assert thread in threading.enumerate() and thread.daemon and thread.name == "moekit-malloc-trim"
     runtime.stop_heap_trimmer()
-    assert not threads[0].is_alive() and runtime._trimmer is None
+    assert not thread.is_alive() and runtime._trimmer is None
 
 
 def test_automatic_threads_say_why_they_are_fewer_than_cores(monkeypatch):

@@ -132,5 +132,18 @@ def train_run_with_threads(run_config: Any, run_dir: str | Path, **kwargs: Any) 
     from moekit.lab.training.run import read_run_config, train_run
 
     config = run_config if run_config is not None else read_run_config(Path(run_dir))
-    set_threads(config.train.threads, kwargs.get("log"))
-    return train_run(run_config, run_dir, **kwargs)
+    log = kwargs.get("log")
+    if log is None:
+        set_threads(config.train.threads)
+        return train_run(run_config, run_dir, **kwargs)
+    # The thread count's reason is said with the run's first line, not before: a run refused at once (a bad path)
+    # keeps its one-line error.
+    pending: list[str] = []
+    set_threads(config.train.threads, pending.append)
+
+    def log_after_threads(msg: str) -> None:
+        while pending:
+            log(pending.pop(0))
+        log(msg)
+
+    return train_run(run_config, run_dir, **{**kwargs, "log": log_after_threads})
