@@ -37,6 +37,7 @@ __all__ = [
     "MAX_SEQ_LEN",
     "collect_config",
     "config_from_dict",
+    "config_repr",
     "config_to_dict",
     "is_finite_number",
     "problem_key",
@@ -296,6 +297,35 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # value checks
+
+
+def config_repr(config: Any) -> str:
+    """``Name(field=value, ...)`` with only the fields that differ from their defaults (required fields always):
+    what a person set, readable in a log line, instead of every one of 30 fields. A field whose default is None and
+    whose value ``__post_init__`` derived from the others (``head_dim``, ``topk_groups``) is left out when setting it
+    back to None derives the same value. The result still evaluates to an equal config."""
+    fields = dataclasses.fields(config)
+    shown: dict[str, Any] = {}
+    derived: list[str] = []
+    for f in fields:
+        value = getattr(config, f.name)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            shown[f.name] = value
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value == default and type(value) is type(default):
+            continue
+        shown[f.name] = value
+        if default is None:
+            derived.append(f.name)
+    for name in derived:
+        try:  # the config again with this field None: when it derives the same value, the value was not set
+            again = dataclasses.replace(config, **{name: None})
+        except (ValueError, TypeError):
+            continue
+        if getattr(again, name) == shown[name]:
+            del shown[name]
+    return f"{type(config).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def _is_int(value: object) -> bool:

@@ -4,7 +4,8 @@ its :class:`~moekit.errors.ConfigError`, and the operating system's refusals to 
 with status 2 and one line; any other exception is a bug and keeps its traceback.
 
 Process-wide settings are applied here and in the command entries, never by a library function: glibc's malloc
-tuning once, below, for the commands that offer ``--no-tune-malloc`` (train, compare, finetune, bench); the thread
+tuning once, below, for the commands that offer ``--no-tune-malloc`` (train, compare, finetune, bench), with a
+thread that trims the heap's free pages every few seconds (not under bench); the thread
 count of the config by the commands that train (``moekit.lab.runtime.set_threads``). Plots use matplotlib's object
 API, so no backend is selected anywhere."""
 
@@ -16,7 +17,7 @@ import os
 import sys
 
 from moekit.errors import MoekitError
-from moekit.lab.runtime import tune_malloc
+from moekit.lab.runtime import trim_heap_every, tune_malloc
 
 # What a user can cause: a bad config or argument (ConfigError is a MoekitError), a missing or unreadable file.
 # A plain ValueError is not here: library code raises it for programming errors, which must keep their traceback.
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "tune_malloc"):  # a command that registered --no-tune-malloc
             args.malloc_tuned = tune_malloc() if args.tune_malloc else False
+            if args.malloc_tuned and args.command != "bench":
+                # Tuned, glibc's heap fragments and grows step after step; trimming its free pages now and then
+                # keeps resident memory flat (moekit.lab.runtime). Not under bench: a trim inside a timed loop
+                # would be measured.
+                trim_heap_every()
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         print(f"moekit {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,9 @@ from moekit.routing.decision import AnyDecision
 
 __all__ = ["MoEAux", "model_loss"]
 
+# The repr lists the load of each expert up to this many experts, and min / mean / max beyond.
+_LIST_AT_MOST = 8
+
 
 @dataclass(repr=False)
 class MoEAux:
@@ -80,10 +83,14 @@ class MoEAux:
         }
 
     def __repr__(self) -> str:
+        # Summary numbers, never tensors: one line even for a 128-expert layer or a Soft MoE decision.
         m = self.metrics()
+        load = m["tokens_per_expert"]
+        if len(load) > _LIST_AT_MOST:
+            load = f"[{len(load)} experts: min {min(load)}, mean {sum(load) / len(load):.4g}, max {max(load)}]"
         return (
             f"MoEAux(load_balancing_loss={m['load_balancing_loss']:.4g}, z_loss={m['z_loss']:.4g}, "
-            f"tokens_per_expert={m['tokens_per_expert']}, drop_fraction={m['drop_fraction']:.4g}, "
+            f"tokens_per_expert={load}, drop_fraction={m['drop_fraction']:.4g}, "
             f"router_entropy={m['router_entropy']:.4g}, max_logit={m['max_logit']:.4g}, routing={self.routing!r})"
         )
 

@@ -13,6 +13,7 @@ from moekit.config import (
     check_number,
     check_positive_int,
     check_unit_interval,
+    config_repr,
     is_finite_number,
 )
 from moekit.errors import ConfigError
@@ -101,6 +102,9 @@ class MoEConfig:
     shared_expert_gate: bool = False
     balance_loss: str = "switch"
     eval_capacity_factor: float | None = None
+
+    def __repr__(self) -> str:
+        return config_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -225,6 +229,9 @@ class SoftMoEConfig:
     activation: str = "gelu"
     init_scale: float = 0.1
     expert_dropout: float = 0.0
+
+    def __repr__(self) -> str:
+        return config_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "slots_per_expert"):

@@ -18,6 +18,7 @@ from moekit.config import (
     check_positive_int,
     check_positive_number,
     check_unit_interval,
+    config_repr,
 )
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
@@ -87,6 +88,9 @@ class LMConfig:
     norm_eps: float = 1e-6
     load_balance_coef: float = 1e-2
     z_loss_coef: float = 1e-3
+
+    def __repr__(self) -> str:
+        return config_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):

@@ -1,13 +1,16 @@
 """Parameter counts (total and active per token), FLOPs per token, and the FLOP-matched dense model.
 
 Counted analytically from the config so ``moekit validate`` can report them without building the model; tests check
-the totals against a built model's ``numel``. FLOPs count a multiply-add as 2 (Kaplan et al. 2020): forward =
-2 * active matmul parameters + attention's 2 * n_layers * seq_len * d_model, training = 3 * forward.
+the totals against a built model's ``numel``. ``parameter_counts`` and ``flops_per_token`` take a config or a model
+built from one (its ``.config``): ``parameter_counts(model) == parameter_counts(model.config)``. FLOPs count a
+multiply-add as 2 (Kaplan et al. 2020): forward = 2 * active matmul parameters + attention's
+2 * n_layers * seq_len * d_model, training = 3 * forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from moekit.experts.activations import GATED
 from moekit.models.config import LMConfig
@@ -37,10 +40,37 @@ def _attention_params(c: LMConfig) -> tuple[int, int]:
     return matmul, other
 
 
-def parameter_counts(config: LMConfig) -> dict[str, int]:
+def _config_of(config_or_model: Any, function: str) -> Any:
+    """The config of ``config_or_model``: the value itself when it is a config, else the model's ``.config``."""
+    config = getattr(config_or_model, "config", config_or_model)
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(
+            f"{function} takes a model config (LMConfig, ViTConfig, Seq2SeqConfig) or a model built from one, "
+            f"got {type(config_or_model).__name__}"
+        )
+    return config
+
+
+def parameter_counts(config: Any) -> dict[str, int]:
     """``{"total", "active", "embedding", "expert"}``: parameters in all, used per token, in the (tied or not)
-    embeddings, and in all expert banks. Active counts k experts per MoE layer plus the router."""
-    c = config
+    embeddings, and in all expert banks. Active counts k experts per MoE layer plus the router.
+
+    ``config``: an :class:`LMConfig` or a model built from one (``TransformerLM``); a ViT or encoder-decoder
+    config or model is counted by :func:`~moekit.models.vit_parameter_counts` or
+    :func:`~moekit.models.seq2seq_parameter_counts` (their keys)."""
+    c = _config_of(config, "parameter_counts")
+    if not isinstance(c, LMConfig):
+        # Imported here: both modules import this one.
+        from moekit.models.seq2seq_config import Seq2SeqConfig
+        from moekit.models.seq2seq_flops import seq2seq_parameter_counts
+        from moekit.models.vit import ViTConfig, vit_parameter_counts
+
+        if isinstance(c, ViTConfig):
+            return vit_parameter_counts(c)
+        if isinstance(c, Seq2SeqConfig):
+            return seq2seq_parameter_counts(c)
+        raise TypeError(f"parameter_counts takes an LMConfig, ViTConfig or Seq2SeqConfig (or a model built from "
+                        f"one), got {type(c).__name__}")
     D = c.d_model
     embedding = c.vocab_size * D * (1 if c.tie_embeddings else 2)
     attn_matmul, attn_other = _attention_params(c)
@@ -64,13 +94,19 @@ def parameter_counts(config: LMConfig) -> dict[str, int]:
     return {"total": total, "active": active, "embedding": embedding, "expert": expert}
 
 
-def flops_per_token(config: LMConfig, seq_len: int | None = None) -> dict[str, int]:
-    """``{"forward", "train"}`` FLOPs per token at context ``seq_len`` (default ``max_seq_len``).
+def flops_per_token(config: Any, seq_len: int | None = None) -> dict[str, int]:
+    """``{"forward", "train"}`` FLOPs per token at context ``seq_len`` (default ``max_seq_len``) of an
+    :class:`LMConfig` or a ``TransformerLM`` (a ViT: :func:`~moekit.models.vit_flops_per_image`; an
+    encoder-decoder: :func:`~moekit.models.seq2seq_flops_per_token`).
 
     The embedding lookup costs nothing; the output projection counts V * D. Routing bookkeeping (sort, gather) is
     not a matmul and is not counted; the router matmul is.
     """
-    c = config
+    c = _config_of(config, "flops_per_token")
+    if not isinstance(c, LMConfig):
+        other = {"ViTConfig": "vit_flops_per_image", "Seq2SeqConfig": "seq2seq_flops_per_token"}.get(type(c).__name__)
+        hint = f"; use moekit.models.{other}" if other else ""
+        raise TypeError(f"flops_per_token takes an LMConfig or a TransformerLM, got {type(c).__name__}{hint}")
     T = c.max_seq_len if seq_len is None else seq_len
     counts = parameter_counts(c)
     # Active matmul parameters: everything active except the norm weights and attention biases; the embedding

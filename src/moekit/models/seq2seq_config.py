@@ -26,6 +26,7 @@ from moekit.config import (
     check_positive_int,
     check_positive_number,
     check_unit_interval,
+    config_repr,
 )
 from moekit.errors import ConfigError
 from moekit.experts.activations import ACTIVATIONS
@@ -106,6 +107,9 @@ class Seq2SeqConfig:
     eos_token_id: int | None = None
     load_balance_coef: float = 1e-2
     z_loss_coef: float = 1e-3
+
+    def __repr__(self) -> str:
+        return config_repr(self)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_encoder_layers", "moe_every",

@@ -141,3 +141,25 @@ def test_only_the_requested_tasks_are_fetched_and_each_is_cached(tmp_path, monke
     assert cached == ["sentiment.json", "subjectivity.json"]
     again = tasks.build_tasks(8, 4, seed=0, seen=("subjectivity",), heldout=())  # from the cache: no new parse
     assert calls == ["rotten_tomatoes"] and len(again[0]["subjectivity"]) == 8
+
+
+def test_bigbench_keeps_the_task_files_and_deletes_the_archive(tmp_path, monkeypatch):
+    import io
+    import json
+    import tarfile
+
+    from moekit.lab.adapters import tasks
+
+    sdist = tmp_path / "pip" / "bigbench-1.0.0.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name in ("intent_recognition", "some_other_task"):
+            data = json.dumps({"name": name}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(tasks, "default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(tasks, "pip_archive", lambda *a, **k: sdist)
+    assert tasks._bigbench_json("intent_recognition") == {"name": "intent_recognition"}
+    assert not sdist.exists()
+    assert sorted(p.name for p in (tmp_path / "bigbench" / "tasks").iterdir()) == ["intent_recognition.json"]

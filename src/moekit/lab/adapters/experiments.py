@@ -7,6 +7,7 @@ interrupted grid resumes where it stopped and nothing finished is lost.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,18 @@ def results_table(results: list[dict[str, Any]], majority: dict[str, float] | No
     return "\n".join(lines)
 
 
-def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | None = None) -> Path:
-    """Heatmaps of the mean routing probability per expert (columns) per task (rows), one panel per site."""
+def _site_title(site: str) -> str:
+    """A Hugging Face site name as the plots name layers: "encoder.layer.3.output.dense" -> "block 3: output.dense"
+    (0-based, as ``moekit analyze`` names blocks)."""
+    m = re.match(r"^(?:.*\.)?(?:layer|layers|block|h)\.(\d+)\.(.*)$", site)
+    if m is None:
+        return site
+    return f"block {m[1]}: {m[2].replace('attention.self.', 'attention.')}"
+
+
+def routing_figure(result: dict[str, Any], sites: list[str] | None = None) -> Any:
+    """Heatmaps of the mean routing probability per expert (columns) per task (rows), one panel per site; the
+    matplotlib Figure."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -130,20 +141,29 @@ def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | No
             sites.append(values[-1])
     held = set(result["config"]["heldout_tasks"])
     labels = [f"{t} (held out)" if t in held else t for t in tasks]
-    size = (4.2 * len(sites), 0.42 * len(tasks) + 1.6)
+    size = (4.2 * len(sites), 0.42 * len(tasks) + 1.8)
     fig = Figure(figsize=size)
     axes = fig.subplots(1, len(sites), squeeze=False)
     for ax, site in zip(axes[0], sites, strict=True):
         m_TE = np.array([routing[t][site] for t in tasks])
         im = ax.imshow(m_TE, aspect="auto", cmap="viridis")
-        ax.set_title(site.replace("encoder.layer.", "layer ").replace(".attention.self", ""), fontsize=9)
+        ax.set_title(_site_title(site), fontsize=9)
         ax.set_xlabel("expert")
         ax.set_xticks(range(m_TE.shape[1]))
         ax.set_yticks(range(len(tasks)))
         ax.set_yticklabels(labels if ax is axes[0][0] else [], fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        if ax is axes[0][0]:
+            ax.set_ylabel("task")
+        bar = fig.colorbar(im, ax=ax, fraction=0.046)
+        bar.set_label("mean routing probability", fontsize=8)
     fig.suptitle(f"Mean routing probability per expert per task: {_describe(result)}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_routing(result: dict[str, Any], path: str | Path, sites: list[str] | None = None) -> Path:
+    """:func:`routing_figure` saved as a PNG at ``path``."""
+    fig = routing_figure(result, sites)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -143,8 +143,11 @@ def _bigbench_json(task: str) -> dict:
                 parts = m.name.split("/")
                 if len(parts) == 5 and parts[-1] == "task.json" and parts[3] in wanted:
                     atomic_write_bytes(tasks_dir / f"{parts[3]}.json", tf.extractfile(m).read())
+        # The six task files are what is kept (docs/DATA.md): the 358 MB archive goes once they are out.
+        sdist.unlink(missing_ok=True)
         if not path.is_file():
-            raise MoekitError(f"BIG-bench task {task!r} not found in {sdist}")
+            raise MoekitError(f"BIG-bench task {task!r} not found in {sdist.name} (the archive was removed; the next "
+                              f"run fetches it again)")
     return json.loads(path.read_text())
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_figure", "specialisation_figure", "agreement_figure", "layer_label"]
+__all__ = ["load_figure", "load_figure_object", "specialisation_figure", "agreement_figure", "layer_label"]
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
@@ -38,8 +38,13 @@ def layer_label(layer: dict[str, Any]) -> str:
 
 
 def load_figure(summary: dict[str, Any]) -> bytes:
-    """Per MoE layer: each expert's share of routed assignments (kept and dropped stacked), then router entropy
-    and dropped share per layer."""
+    """:func:`load_figure_object` as PNG bytes."""
+    return _png(load_figure_object(summary))
+
+
+def load_figure_object(summary: dict[str, Any]) -> Any:
+    """Per MoE layer: each expert's share of routed assignments (kept, and dropped stacked on top when the layer
+    dropped any), then router entropy and dropped share per layer. Returns the matplotlib Figure."""
     layers = summary["layers"]
     E = summary["num_experts"]
     fig = _figure((4 * (len(layers) + 1), 3.4))
@@ -47,25 +52,33 @@ def load_figure(summary: dict[str, Any]) -> bytes:
     for ax, layer in zip(axes[0], layers, strict=False):
         load = layer["load"]
         total = max(sum(load["chosen_per_expert"]), 1)
-        kept = np.array(load["kept_per_expert"]) / total
-        dropped = (np.array(load["chosen_per_expert"]) - np.array(load["kept_per_expert"])) / total
+        kept = 100 * np.array(load["kept_per_expert"]) / total
+        dropped = 100 * (np.array(load["chosen_per_expert"]) - np.array(load["kept_per_expert"])) / total
         x = np.arange(E)
         ax.bar(x, kept, label="kept")
-        ax.bar(x, dropped, bottom=kept, color="tab:red", label="dropped")
-        ax.axhline(1 / E, color="grey", ls="--", lw=1, label="uniform")
-        ax.set_xticks(x, [f"e{e}" for e in range(E)])
-        ax.set_title(f"{layer_label(layer)}: load (dropped {load['dropped_share']:.1%})", fontsize=9)
-        ax.set_ylabel("share of assignments")
+        if dropped.sum() > 0:  # only what applies: expert choice and Soft MoE drop nothing
+            ax.bar(x, dropped, bottom=kept, color="tab:red", label="dropped (over capacity)")
+        ax.axhline(100 / E, color="grey", ls="--", lw=1, label="even split")
+        ticks = range(0, E, max(1, E // 16))
+        ax.set_xticks(list(ticks), [f"e{e}" for e in ticks], fontsize=8 if E > 8 else 10)
+        ax.set_xlabel("expert")
+        dropped_text = f" (dropped {load['dropped_share']:.1%})" if dropped.sum() > 0 else ""
+        ax.set_title(f"{layer_label(layer)}: load{dropped_text}", fontsize=9)
+        ax.set_ylabel("% of routed assignments")
         ax.legend(fontsize=7)
     ax = axes[0][-1]
     x = np.arange(len(layers))
-    ax.bar(x - 0.2, [la["load"]["entropy_normalised"] for la in layers], 0.4, label="entropy / log E")
-    ax.bar(x + 0.2, [la["load"]["dropped_share"] for la in layers], 0.4, color="tab:red", label="dropped share")
+    ax.bar(x - 0.2, [la["load"]["entropy_normalised"] for la in layers], 0.4,
+           label="router entropy / log E (1 = uniform)")
+    ax.bar(x + 0.2, [la["load"]["dropped_share"] for la in layers], 0.4, color="tab:red",
+           label="share of assignments dropped")
     ax.set_xticks(x, [layer_label(la) for la in layers])
-    ax.set_ylim(0, 1)
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("fraction (0 to 1)")
+    ax.set_ylim(0, 1.15)
     ax.set_title("router entropy and drops per layer", fontsize=9)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
 
 
 def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
@@ -87,7 +100,10 @@ def specialisation_figure(summary: dict[str, Any], layer_index: int) -> bytes:
     ax.set_yticks(range(len(layer["experts"])),
                   [f"e{ex['expert']} (p{_p(ex['p_value'])})" for ex in layer["experts"]], fontsize=8)
     ax.set_title(f"{layer_label(layer)}: log2(expert share / corpus share); numbers are counts", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_xlabel("token category")
+    ax.set_ylabel("expert (p: chi-squared test)", fontsize=8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("log2(expert share / corpus share)", fontsize=8)
     return _png(fig)
 
 
@@ -106,5 +122,6 @@ def agreement_figure(summary: dict[str, Any], index: int) -> bytes:
     ax.set_xlabel(f"expert in {to_name}")
     ax.set_ylabel(f"expert in {from_name}")
     ax.set_title(f"P(next expert | expert); MI {a['mutual_information_bits']:.3f} bits", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label("probability", fontsize=8)
     return _png(fig)

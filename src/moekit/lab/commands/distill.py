@@ -9,10 +9,12 @@ import sys
 
 from moekit.lab.commands import add_overrides
 
+# moekit.distill.student.INIT_METHODS, spelled out so that building the parser (--help) does not import torch;
+# tests/lab/commands/test_help_speed.py checks that the two agree.
+INIT_METHODS = ("mean", "top", "random")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moekit.distill.student import INIT_METHODS
-
     p = sub.add_parser("distill", help="distil a trained MoE run into its FLOP-matched dense model")
     p.add_argument("run_dir", help="the teacher: a run directory of an MoE model written by moekit train")
     p.add_argument("--init", default="mean", choices=INIT_METHODS,

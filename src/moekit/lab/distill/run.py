@@ -94,6 +94,11 @@ def evaluate_data(model: torch.nn.Module, eval_data: EvalData, batch_size: int, 
     return total / count
 
 
+def distill_objective(hard_weight: float) -> str:
+    """How the loss plot names the student's training loss (Switch 4.2's mix of the two cross-entropies)."""
+    return f"{hard_weight:g} x label CE + {1 - hard_weight:g} x CE against the teacher"
+
+
 def gain_kept(dense_loss: float, teacher_loss: float, student_loss: float) -> float | None:
     """``(L_dense - L_student) / (L_dense - L_teacher)``; None when the teacher is no better than the dense model."""
     gain = dense_loss - teacher_loss
@@ -220,7 +225,7 @@ def distill_run(
         None if tc.eval_batches is None else tc.eval_batches * tc.batch_size,
     )
     try:
-        plot_run(run_dir, unigram)
+        plot_run(run_dir, unigram, teacher_loss=teacher_loss, objective=distill_objective(hard_weight))
     except Exception as exc:  # a plotting failure must not lose a finished run
         log(f"plotting failed: {exc}")
     info.update(
@@ -338,7 +343,7 @@ def _distill_seq2seq(
     result = trainer.fit()
     student_loss = result.final_val_loss if result.final_val_loss is not None else val(student)
     try:
-        plot_run(run_dir)
+        plot_run(run_dir, teacher_loss=teacher_loss, objective=distill_objective(hard_weight))
     except Exception as exc:  # a plotting failure must not lose a finished run
         log(f"plotting failed: {exc}")
     t_counts, s_counts = seq2seq_parameter_counts(t_cfg), seq2seq_parameter_counts(s_cfg)

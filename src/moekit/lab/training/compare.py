@@ -530,10 +530,22 @@ def _band(
 
 
 def plot_compare(
-    arm_runs: dict[str, list[dict[str, Any]]], target: float | None, path: Path, metric: str = "val_loss"
+    arm_runs: dict[str, list[dict[str, Any]]], target: float | None, path: Path, metric: str = "val_loss",
+    *, per: str = "token",
 ) -> Path:
-    """Validation loss (or, ``metric = "val_accuracy"``, a classifier's accuracy) vs step and vs training seconds:
-    mean over seeds, min-max band. ``target`` (a loss) is drawn on the loss plot only."""
+    """:func:`compare_figure` saved as a PNG at ``path``."""
+    fig = compare_figure(arm_runs, target, metric, per=per)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return path
+
+
+def compare_figure(
+    arm_runs: dict[str, list[dict[str, Any]]], target: float | None, metric: str = "val_loss", *, per: str = "token"
+) -> Any:
+    """Validation loss (nats per ``per``; or, ``metric = "val_accuracy"``, a classifier's accuracy) vs step and vs
+    training seconds: mean over seeds, min-max band. ``target`` (a loss) is drawn on the loss plot only. Returns the
+    matplotlib Figure."""
     is_loss = metric == "val_loss"
     from matplotlib.figure import Figure  # the object API: no pyplot, no backend switch
 
@@ -548,12 +560,13 @@ def plot_compare(
             (line,) = ax.plot(x, mean, "o-", ms=2.5, lw=1.5, label=name)
             if len(runs) > 1:
                 ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-    for ax, label in zip(axes, ("step", "training seconds (evaluation excluded)"), strict=True):
+    for ax, label in zip(axes, ("optimizer step", "training time (s, evaluation excluded)"), strict=True):
         if target is not None and is_loss:
-            ax.axhline(target, color="grey", ls="--", lw=1, label=f"baseline final {target:.3f}")
+            ax.axhline(target, color="grey", ls="--", lw=1, label=f"baseline's final loss {target:.3f}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation loss (nats / token)" if is_loss else "validation accuracy")
+    axes[0].set_ylabel(f"validation cross-entropy (nats per {per})" if is_loss
+                       else f"validation accuracy (fraction of {per}s)")
     finite = [v for runs in arm_runs.values() for r in runs for v in r["curve"][metric] if math.isfinite(v)]
     if finite and is_loss:
         # Zoom on the informative range: the first evaluations of a fresh model are far above the rest.
@@ -564,9 +577,7 @@ def plot_compare(
     what = "validation loss" if is_loss else "validation accuracy"
     fig.suptitle(f"{what}, mean over {seeds} seed(s)" + (", band = min-max" if seeds > 1 else ""))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return path
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -659,7 +670,8 @@ def compare(
             "runs": arm_runs,
         },
     )
-    plot_compare(arm_runs, target, files[3])
-    if any(r["curve"]["val_accuracy"] for runs in arm_runs.values() for r in runs):  # classifiers
-        files.append(plot_compare(arm_runs, None, out / "val_accuracy.png", metric="val_accuracy"))
+    classifier = any(r["curve"]["val_accuracy"] for runs in arm_runs.values() for r in runs)
+    plot_compare(arm_runs, target, files[3], per="image" if classifier else "token")
+    if classifier:
+        files.append(plot_compare(arm_runs, None, out / "val_accuracy.png", metric="val_accuracy", per="image"))
     return CompareResult(out, rows, baseline, target, trained, skipped, files)
