@@ -39,6 +39,9 @@ class ImageBatches(ShuffledOrder):
     (:class:`moekit.data.batches.ShuffledOrder`, as the token batches).
     """
 
+    # What the trainer counts per example in its progress line (its metric stays ``tokens_per_s``).
+    unit = "images"
+
     def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor, batch_size: int, seed: int) -> None:
         self.images = _as_numpy(images)
         self.labels = _as_numpy(labels)

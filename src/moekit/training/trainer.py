@@ -617,7 +617,9 @@ class Trainer:
                     text = f"loss {record['loss']:.3f}"
                     if "val_loss" in record:
                         text += f" val {record['val_loss']:.3f}"
-                    progress.update(self.step, text + f" {record['tokens_per_s']:.0f} tok/s")
+                    # tokens_per_s counts the targets: tokens for a language model, images for a classifier.
+                    unit = getattr(self.batches, "unit", "tok")
+                    progress.update(self.step, text + f" {record['tokens_per_s']:.0f} {unit}/s")
                 if (
                     c.checkpoint_every > 0 and self.step % c.checkpoint_every == 0
                 ) or self.step == c.max_steps:

@@ -106,8 +106,12 @@ def test_soft_moe_is_refused_in_the_language_model():
 
 
 def test_digits_vit_run_end_to_end_and_eval_agrees(tmp_path, capsys):
-    cfg = _digits_config("vit-top1", "train.max_steps=40", "train.eval_every=20", "train.lr=3e-3")
+    cfg = _digits_config("vit-top1", "train.max_steps=40", "train.eval_every=20", "train.lr=3e-3",
+                         "train.progress=plain")
     summary = train_run(cfg, tmp_path / "run", log=_silent)
+    # The progress line counts images, not tokens.
+    progress = capsys.readouterr().err
+    assert " images/s" in progress and "tok/s" not in progress
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 41))
     evals = [r for r in records if "val_loss" in r]
