@@ -2,7 +2,8 @@
 
 Every adapted bank is checked against a per-expert reference written here as a plain Python loop over experts (one
 ``x @ w[e]`` per expert with that expert's adapter tensors), in outputs and in gradients w.r.t. the input and every
-adapter parameter; identity at init holds to float rounding (the frozen bank fuses gate and up); merging is checked against the adapted output.
+adapter parameter; identity at init holds to float rounding (the frozen bank fuses gate and up); merging is checked
+against the adapted output.
 
 Shape legend: S tokens, K choices per token, D model width, F expert hidden width, E bank experts, N rows per expert.
 """
