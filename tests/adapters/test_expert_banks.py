@@ -2,7 +2,8 @@
 
 Every adapted bank is checked against a per-expert reference written here as a plain Python loop over experts (one
 ``x @ w[e]`` per expert with that expert's adapter tensors), in outputs and in gradients w.r.t. the input and every
-adapter parameter; identity at init is exact (``torch.equal``); merging is checked against the adapted output.
+adapter parameter; identity at init holds to float rounding (the frozen bank fuses gate and up); merging is checked
+against the adapted output.
 
 Shape legend: S tokens, K choices per token, D model width, F expert hidden width, E bank experts, N rows per expert.
 """
@@ -205,7 +206,9 @@ def test_bank_identity_at_init(config, kind):
     y0, _ = layer(x)
     apply_adapters(layer, config, ["experts"])
     y1, _ = layer(x)
-    assert torch.equal(y1, y0)  # exact: B = 0 and vectors = 1 leave every product unchanged
+    # B = 0 and vectors = 1 leave every product unchanged; the frozen bank runs gate and up as one fused GEMM
+    # (experts/fused.py) and the adapted one as two, so the outputs agree to float rounding, not bit for bit.
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["topk", "expert_choice", "soft"])

@@ -14,33 +14,107 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _table_rows(md: str) -> list[list[str]]:
-    """The data rows of the Markdown table, as stripped cells."""
-    return [[c.strip() for c in line.split("|")[1:-1]] for line in md.splitlines() if line.startswith("| ")
-            and line.split("|")[1].strip().isdigit()]
+    """The data rows of the first Markdown table (the times), as stripped cells."""
+    rows = []
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| allocator") and not line.startswith("| act"):
+            rows.append([c.strip() for c in line.split("|")[1:-1]])
+        elif rows and not line.startswith("|"):
+            break
+    return rows
 
 
-def test_layer_benchmark_tiny(tmp_path):
+_COLS = ("moe", "dense", "hf_grouped", "hf_eager", "loop", "einsum", "moe_cf1.25")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_benchmark_tiny(tmp_path, activation):
     cases = run_benchmark([4], [1, 2], tokens=64, d_model=16, d_ff=32, rounds=3, threads=1, out_dir=tmp_path,
-                          command="test", measure_memory=False)
+                          command="test", measure_memory=False, activations=(activation,))
     assert [(c.num_experts, c.top_k) for c in cases] == [(4, 1), (4, 2)]
+    hf = importlib.util.find_spec("transformers") is not None and activation == "swiglu"
+    expected = {"moe", "moe_cf1.25", "dense", "einsum", "loop"} | ({"hf_eager", "hf_grouped"} if hf else set())
     for c in cases:
-        assert set(c.times_ms) == {"moe", "moe_cf1.25", "dense", "einsum", "loop"}
+        assert set(c.times_ms) == expected
         assert all(len(v) == 3 and min(v) > 0 for v in c.times_ms.values())
+        # Every dropless peer was checked equal to moekit before it was timed.
+        assert set(c.max_abs_diff) == expected & {"loop", "hf_eager", "hf_grouped"}
+        assert all(d < 1e-5 for d in c.max_abs_diff.values())
     data = json.loads((tmp_path / "layer_throughput.json").read_text())
     assert data["meta"]["tokens"] == 64 and data["meta"]["rounds"] == 3 and len(data["cases"]) == 2
-    # Every number of the Markdown table, recomputed from the raw per-round times in the JSON: the median of the
-    # three rounds (the middle value after sorting) and the ratios of those medians, to the printed precision.
+    # Every number of the Markdown table, recomputed from the raw per-round times in the JSON: median (min-max) of
+    # the three rounds and the ratios of the medians, to the printed precision.
     rows = _table_rows((tmp_path / "layer_throughput.md").read_text())
     assert len(rows) == 2
     for row, case in zip(rows, data["cases"], strict=True):
-        assert (int(row[0]), int(row[1])) == (case["num_experts"], case["top_k"])
+        assert (row[1], int(row[2]), int(row[3])) == (activation, case["num_experts"], case["top_k"])
         med = {v: sorted(t)[1] for v, t in case["times_ms"].items()}
-        for col, v in zip(range(2, 7), ["moe", "moe_cf1.25", "dense", "einsum", "loop"], strict=True):
-            assert float(row[col]) == pytest.approx(med[v], abs=0.051), v
-        for col, (num, den) in zip(range(7, 11), [("moe", "dense"), ("moe_cf1.25", "dense"), ("loop", "moe"),
-                                                  ("einsum", "moe")], strict=True):
-            assert float(row[col]) == pytest.approx(med[num] / med[den], abs=0.0051), (num, den)
-        assert row[11:] == ["nan"] * 5  # memory not measured in this run: said, not invented
+        for col, v in enumerate(_COLS, start=4):
+            if v not in med:
+                assert row[col] == "-"
+                continue
+            median, spread = row[col].split(" ", 1)
+            lo, hi = spread.strip("()").split("-")
+            assert float(median) == pytest.approx(med[v], abs=0.051), v
+            assert float(lo) == pytest.approx(min(case["times_ms"][v]), abs=0.51)
+            assert float(hi) == pytest.approx(max(case["times_ms"][v]), abs=0.51)
+        assert float(row[11]) == pytest.approx(med["moe"] / med["dense"], abs=0.0051)
+        if hf:
+            best = min(med["hf_eager"], med["hf_grouped"])
+            assert float(row[12]) == pytest.approx(best / med["moe"], abs=0.0051)
+        else:
+            assert row[12] == "-"
+    assert "Peak memory" not in (tmp_path / "layer_throughput.md").read_text()  # not measured: not invented
+
+
+def test_bench_writes_a_new_run_folder_never_the_committed_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--experts", "2", "--top-k", "1", "--tokens", "16", "--d-model", "8", "--d-ff", "16",
+            "--rounds", "2", "--warmup", "1", "--allocators", "default", "--activations", "gelu",
+            "--variants", "moe", "dense", "--no-memory", "--threads", "1", "--no-tune-malloc"]
+    assert main(argv) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("bench-")
+    assert {p.name for p in runs[0].iterdir()} == {"layer_throughput.json", "layer_throughput.md"}
+    assert not (tmp_path / "benchmarks").exists()
+    out = capsys.readouterr().out
+    assert "16 tokens, d_model 8, d_ff 16" in out and "median (min-max)" in out and "ms" in out
+    data = json.loads((runs[0] / "layer_throughput.json").read_text())
+    assert [c["malloc"] for c in data["cases"]] == ["default"] and data["meta"]["warmup"] == 1
+
+
+def test_new_run_dir_never_reuses_a_folder(tmp_path):
+    from moekit.lab.bench.layer import new_run_dir
+
+    first, second = new_run_dir(tmp_path / "runs"), new_run_dir(tmp_path / "runs")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_quick_says_it_is_a_smoke_test(tmp_path, monkeypatch, capsys):
+    import moekit.lab.bench.layer as layer
+
+    calls = {}
+
+    def fake_run_allocators(*args, **kwargs):  # the quick sizes and warm-up reach the timing, nothing is timed
+        calls.update(kwargs, args=args)
+        return []
+
+    monkeypatch.setattr(layer, "run_allocators", fake_run_allocators)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick", "--no-tune-malloc"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke test" in out and "median (min-max)" in out
+    assert calls["warmup"] >= 1 and calls["args"][:5] == ([4], [1, 2], 512, 64, 128)
+    md = next((tmp_path / "runs").iterdir()) / "layer_throughput.md"
+    assert "smoke test" in md.read_text()
+
+
+def test_bench_parser_names_match_the_module():
+    from moekit.experts.activations import ACTIVATIONS
+    from moekit.lab.bench.layer import VARIANTS
+    from moekit.lab.commands import bench
+
+    assert bench.VARIANTS == VARIANTS and set(bench.ACTIVATION_NAMES) == set(ACTIVATIONS)
 
 
 def test_bench_command_rejects_bad_sizes(capsys):

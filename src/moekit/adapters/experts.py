@@ -164,7 +164,8 @@ class BankAdapter(nn.Module):
 
 def _moekit_ffn(bank: ExpertBank, x: Tensor, rows: BankRows) -> Tensor:
     """moekit's expert FFN (``experts/ffn.py: feed_forward``) with the adapters in it, in the same operation order,
-    so it is bit-identical to the frozen bank while the adapters are at their init."""
+    so it equals the frozen bank while the adapters are at their init (to float rounding: the frozen bank's fused
+    path, ``experts/fused.py``, runs gate and up as one GEMM)."""
     adapter: BankAdapter = getattr(bank, ADAPTER_ATTR)
     w_in, w_gate, w_out = bank.w_in, bank.w_gate, bank.w_out
     if x.dtype != w_in.dtype:  # the grouped and batched products are not on autocast's lists (see feed_forward)

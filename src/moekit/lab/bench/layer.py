@@ -1,4 +1,5 @@
-"""Layer throughput benchmark: moekit's MoE layer against a FLOP-matched dense FFN and two peer formulations.
+"""Layer throughput benchmark: moekit's MoE layer against a FLOP-matched dense FFN, two peer formulations and
+Hugging Face transformers' Mixtral block.
 
 Forward + backward time of one layer call on S tokens, measured interleaved (each round runs every variant once,
 in a rotating order) so that this machine's intermittent slow-downs hit all variants alike; we report medians and
@@ -11,7 +12,16 @@ after building the layer.
 
 Variants: ``moe`` (moekit, dropless), ``moe_cf1.25`` (moekit with capacity factor 1.25), ``dense`` (hidden
 k * d_ff: the same active FLOPs), ``einsum`` (GShard/Switch one-hot dispatch at CF 1.25), ``loop`` (HF Mixtral
-per-expert loop).
+per-expert loop, written here), ``hf_eager`` and ``hf_grouped`` (transformers' ``MixtralSparseMoeBlock`` itself with
+its "eager" and "grouped_mm" experts implementations; gated activations only, skipped with a note when transformers
+is not importable). Every peer holds the moekit layer's weights and is checked equal to it before timing.
+
+Allocator: glibc's malloc tuning (``moekit.lab.runtime.tune_malloc``) is process-wide and cannot be undone, so
+:func:`run_allocators` times each setting ("default", "tuned") in its own fresh child process; :func:`run_benchmark`
+times in the calling process and records the setting the caller says it has.
+
+Output: ``moekit bench`` writes ``layer_throughput.{md,json}`` into a new folder ``runs/bench-<UTC time>/`` under
+the current directory unless ``--out`` names one; it never writes into ``benchmarks/results`` by itself.
 """
 
 from __future__ import annotations
@@ -32,10 +42,12 @@ from torch import nn
 
 from moekit.atomic import atomic_write_text
 from moekit.errors import ConfigError
-from moekit.lab.bench.peers import EinsumMoE, LoopMoE
+from moekit.lab.bench.peers import EinsumMoE, HFMixtral, LoopMoE, hf_unavailable
 from moekit.layers import DenseFFN, MoE, MoEConfig
 
-VARIANTS = ("moe", "moe_cf1.25", "dense", "einsum", "loop")
+VARIANTS = ("moe", "moe_cf1.25", "dense", "einsum", "loop", "hf_eager", "hf_grouped")
+HF_VARIANTS = {"hf_eager": "eager", "hf_grouped": "grouped_mm"}
+ALLOCATORS = ("default", "tuned")
 
 
 @dataclass
@@ -46,19 +58,34 @@ class Case:
     d_model: int = 512
     d_ff: int = 2048
     activation: str = "gelu"
+    malloc: str = "default"
     times_ms: dict[str, list[float]] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
 
     def median_ms(self, v: str) -> float:
         return statistics.median(self.times_ms[v])
 
+    def spec(self) -> dict:
+        """The sizes that define the case (what a child process needs to rebuild it)."""
+        return {k: getattr(self, k) for k in ("num_experts", "top_k", "tokens", "d_model", "d_ff", "activation")}
+
+
+def case_variants(activation: str, requested: tuple[str, ...] = VARIANTS) -> tuple[tuple[str, ...], str | None]:
+    """The requested variants that can run for this activation, and a one-line note on any left out."""
+    why = hf_unavailable(activation)
+    if why is None or not any(v in HF_VARIANTS for v in requested):
+        return tuple(requested), None
+    return tuple(v for v in requested if v not in HF_VARIANTS), f"transformers peers skipped: {why}"
+
 
 def build_variant(name: str, case: Case, seed: int = 0) -> nn.Module:
-    """All variants share the router and expert weights of one seeded moekit layer."""
+    """All variants share the router and expert weights of one seeded moekit layer (gates renormalised over the k
+    choices, as Mixtral's block does, so top-1 gates are 1 everywhere)."""
     torch.manual_seed(seed)
     cfg = MoEConfig(
         d_model=case.d_model, d_ff=case.d_ff, num_experts=case.num_experts, top_k=case.top_k,
-        capacity_factor=None, activation=case.activation,
+        capacity_factor=None, activation=case.activation, normalize_gates=True,
     )
     moe = MoE(cfg)
     if name == "moe":
@@ -73,6 +100,8 @@ def build_variant(name: str, case: Case, seed: int = 0) -> nn.Module:
         return EinsumMoE(moe, capacity_factor=1.25)
     if name == "loop":
         return LoopMoE(moe)
+    if name in HF_VARIANTS:
+        return HFMixtral(moe, HF_VARIANTS[name])
     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
 
 
@@ -98,11 +127,13 @@ def make_inputs(case: Case, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return x, grad
 
 
-def time_case(case: Case, variants: tuple[str, ...], rounds: int) -> None:
+def time_case(case: Case, variants: tuple[str, ...], rounds: int, warmup: int = 2) -> None:
+    """``rounds`` interleaved timed steps of every variant after ``warmup`` untimed ones each (first-touch page
+    faults, caches, lazy initialisation: a cold first step is not what a training loop sees)."""
     x, grad = make_inputs(case)
     modules = {v: build_variant(v, case) for v in variants}
-    for v in variants:  # warm-up: allocate gradient buffers and caches
-        for _ in range(2):
+    for v in variants:
+        for _ in range(warmup):
             _zero(modules[v], x)
             _step(modules[v], x, grad)
     case.times_ms = {v: [] for v in variants}
@@ -146,7 +177,7 @@ def peak_memory_child(variant: str, case_json: str, set_to_none: bool = True) ->
 def measure_peak(variant: str, case: Case, threads: int, tuned: bool) -> float:
     if not Path("/proc/self/status").exists():
         return float("nan")
-    spec = {k: getattr(case, k) for k in ("num_experts", "top_k", "tokens", "d_model", "d_ff", "activation")}
+    spec = case.spec()
     code = (
         f"import torch; torch.set_num_threads({threads}); from moekit.lab.bench.layer import peak_memory_child; "
         f"from moekit.lab.runtime import tune_malloc; {'tune_malloc(); ' if tuned else ''}"
@@ -156,108 +187,303 @@ def measure_peak(variant: str, case: Case, threads: int, tuned: bool) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
-def check_agreement(case: Case) -> float:
-    """Max |moe - loop| on a forward pass: the peers must compute the same function before we time them."""
+def check_agreement(case: Case, variants: tuple[str, ...]) -> dict[str, float]:
+    """Max |peer - moe| of a forward pass for every dropless peer (``loop`` and the transformers blocks): each must
+    compute moekit's function on the same weights before it is timed. Raises when one differs by more than float32
+    rounding (1e-4 of the output's scale)."""
     x, _ = make_inputs(case)
+    diffs = {}
     with torch.no_grad():
-        a = build_variant("moe", case)(x)[0]
-        b = build_variant("loop", case)(x)
-    return float((a - b).abs().max())
+        ref = build_variant("moe", case)(x)[0]
+        scale = float(ref.abs().max())
+        for v in variants:
+            if v == "loop" or v in HF_VARIANTS:
+                diffs[v] = float((build_variant(v, case)(x) - ref).abs().max())
+                if not diffs[v] <= 1e-4 * scale + 1e-7:
+                    raise RuntimeError(f"{v} disagrees with moekit (max abs diff {diffs[v]:.2e}, output scale "
+                                       f"{scale:.2e})")
+    return diffs
+
+
+_LABELS = {"moe": "moe", "dense": "dense", "hf_grouped": "HF grouped_mm", "hf_eager": "HF eager", "loop": "loop",
+           "einsum": "einsum", "moe_cf1.25": "moe CF1.25"}
+_COLUMNS = ("moe", "dense", "hf_grouped", "hf_eager", "loop", "einsum", "moe_cf1.25")
+_MALLOC = {"default": "glibc defaults", "tuned": "tuned (tune_malloc)"}
+
+
+def _fmt_time(case: Case, v: str) -> str:
+    if v not in case.times_ms:
+        return "-"
+    t = case.times_ms[v]
+    return f"{statistics.median(t):.1f} ({min(t):.0f}-{max(t):.0f})"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    return "-" if num is None or den is None else f"{num / den:.2f}"
+
+
+def best_hf(case: Case) -> float | None:
+    """The median of the faster transformers backend, or None when none ran."""
+    meds = [case.median_ms(v) for v in HF_VARIANTS if v in case.times_ms]
+    return min(meds) if meds else None
 
 
 def render_markdown(cases: list[Case], meta: dict) -> str:
+    """Time table (median and min-max over rounds, ms) per allocator setting, then peak memory."""
     lines = [
         "# MoE layer throughput (forward + backward)",
         "",
-        f"{meta['tokens']} tokens, d_model {meta['d_model']}, d_ff {meta['d_ff']}, {meta['activation']}, float32, "
-        f"{meta['threads']} threads, torch {meta['torch']}, {meta['rounds']} interleaved rounds (median), "
-        f"glibc malloc {'tuned (moekit.lab.runtime.tune_malloc)' if meta['malloc_tuned'] else 'defaults'}, "
-        f"gradients reset with set_to_none={meta['grad_policy'] == 'none'}. "
-        f"Command: `{meta['command']}`. Measured {meta['date']} on {meta['machine']}.",
+        f"{meta['tokens']} tokens, d_model {meta['d_model']}, d_ff {meta['d_ff']}, float32, {meta['threads']} "
+        f"threads, torch {meta['torch']}, transformers {meta['transformers']}, {meta['warmup']} warm-up steps then "
+        f"{meta['rounds']} interleaved rounds per case, gradients reset with "
+        f"set_to_none={meta['grad_policy'] == 'none'}. "
+        f"Each allocator setting ran in its own fresh process. Command: `{meta['command']}`. Measured {meta['date']} "
+        f"on {meta['machine']}.",
         "",
-        "Ratios are to the dense FFN with the same active FLOPs (hidden = k * d_ff), measured in the same run.",
+    ]
+    if meta.get("slow_max_experts") is not None:
+        lines += [f"The peers whose cost grows with E ({', '.join(SLOW_PEERS)}) ran up to E = "
+                  f"{meta['slow_max_experts']} only (`--slow-peers-max-experts`): '-' marks what was not run.", ""]
+    if meta.get("quick"):
+        lines += ["**Quick run: a smoke test.** Sizes this small are dominated by per-call overheads; the ratios say "
+                  "nothing about real layer sizes.", ""]
+    lines += [
+        "Times are milliseconds per forward + backward step: median (min-max) over the rounds. `dense` is the FFN "
+        "with the same active FLOPs (hidden k * d_ff); `HF` is transformers' `MixtralSparseMoeBlock` with its "
+        "experts implementation, built from moekit's weights and checked equal to moekit's output; `geglu` is "
+        "the gated GELU that Mixtral's block computes with `hidden_act=\"gelu\"`. best HF / moe > 1 means moekit "
+        "is faster.",
         "",
-        "| E | k | moe ms | moe CF1.25 ms | dense ms | einsum ms | loop ms | moe/dense | moe CF1.25/dense "
-        "| loop/moe | einsum/moe | peak MB moe | peak MB loop | peak MB einsum | peak MB dense | moe/loop mem |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| allocator | act | E | k | " + " | ".join(f"{_LABELS[v]} ms" for v in _COLUMNS)
+        + " | moe/dense | best HF / moe |",
+        "|" + "---|" * (6 + len(_COLUMNS)),
     ]
     for c in cases:
-        m = {v: c.median_ms(v) for v in c.times_ms}
-        p = c.peak_mb
+        moe = c.median_ms("moe") if "moe" in c.times_ms else None
+        dense = c.median_ms("dense") if "dense" in c.times_ms else None
         lines.append(
-            f"| {c.num_experts} | {c.top_k} | {m['moe']:.1f} | {m['moe_cf1.25']:.1f} | {m['dense']:.1f} | "
-            f"{m['einsum']:.1f} | {m['loop']:.1f} | {m['moe'] / m['dense']:.2f} | {m['moe_cf1.25'] / m['dense']:.2f} | "
-            f"{m['loop'] / m['moe']:.2f} | {m['einsum'] / m['moe']:.2f} | {p.get('moe', float('nan')):.0f} | "
-            f"{p.get('loop', float('nan')):.0f} | {p.get('einsum', float('nan')):.0f} | "
-            f"{p.get('dense', float('nan')):.0f} | {p.get('moe', float('nan')) / p.get('loop', float('nan')):.2f} |"
+            f"| {_MALLOC.get(c.malloc, c.malloc)} | {c.activation} | {c.num_experts} | {c.top_k} | "
+            + " | ".join(_fmt_time(c, v) for v in _COLUMNS)
+            + f" | {_ratio(moe, dense)} | {_ratio(best_hf(c), moe)} |"
         )
+    with_mem = [c for c in cases if c.peak_mb]
+    if with_mem:
+        lines += [
+            "",
+            "Peak memory: growth of the resident set (VmHWM, MB) over two steps, each variant in a fresh process with "
+            "glibc's defaults (a tuned allocator keeps freed pages resident, which would hide what a step allocates).",
+            "",
+            "| act | E | k | " + " | ".join(f"{_LABELS[v]} MB" for v in _COLUMNS) + " | moe / best HF |",
+            "|" + "---|" * (4 + len(_COLUMNS)),
+        ]
+        seen = set()
+        for c in with_mem:
+            key = (c.activation, c.num_experts, c.top_k)
+            if key in seen:
+                continue
+            seen.add(key)
+            p = c.peak_mb
+            hf = [p[v] for v in HF_VARIANTS if v in p]
+            lines.append(
+                f"| {c.activation} | {c.num_experts} | {c.top_k} | "
+                + " | ".join(f"{p[v]:.0f}" if v in p else "-" for v in _COLUMNS)
+                + f" | {_ratio(p.get('moe'), min(hf) if hf else None)} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _progress(case: Case, note: str | None) -> None:
+    m = {v: case.median_ms(v) for v in case.times_ms}
+    parts = "  ".join(f"{v} {m[v]:.1f}" for v in _COLUMNS if v in m)
+    hf = best_hf(case)
+    print(
+        f"[{case.malloc}] {case.activation} E={case.num_experts} k={case.top_k} S={case.tokens} D={case.d_model} "
+        f"F={case.d_ff}: median ms  {parts}  | moe/dense {m['moe'] / m['dense']:.2f}"
+        + (f"  best HF/moe {hf / m['moe']:.2f}" if hf else "") + (f"  ({note})" if note else ""),
+        file=sys.stderr, flush=True,
+    )
+
+
+# Peers whose cost grows with E (a Python loop over experts, one-hot [S, E, C] tensors): the ones a run may skip
+# at large E to fit its time (``slow_max_experts``).
+SLOW_PEERS = ("hf_eager", "loop", "einsum")
+
+
+def time_cases(
+    experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, *,
+    activations: tuple[str, ...] = ("gelu",), variants: tuple[str, ...] = VARIANTS, warmup: int = 2,
+    malloc: str = "default", slow_max_experts: int | None = None,
+) -> list[Case]:
+    """Check and time every (activation, E, k) case in this process; ``malloc`` records the allocator setting the
+    caller applied. Variants that cannot run for an activation are left out with a note on stderr, and so are the
+    :data:`SLOW_PEERS` above ``slow_max_experts`` experts."""
+    cases: list[Case] = []
+    for act in activations:
+        act_vars, note = case_variants(act, variants)
+        for E in experts:
+            run_vars = act_vars
+            if slow_max_experts is not None and E > slow_max_experts:
+                run_vars = tuple(v for v in act_vars if v not in SLOW_PEERS)
+            for k in top_ks:
+                if k > E:
+                    raise ConfigError(f"top_k={k} must be <= num_experts={E}")
+                case = Case(num_experts=E, top_k=k, tokens=tokens, d_model=d_model, d_ff=d_ff, activation=act,
+                            malloc=malloc)
+                case.max_abs_diff = check_agreement(case, run_vars)
+                time_case(case, run_vars, rounds, warmup)
+                _progress(case, note)
+                cases.append(case)
+    return cases
+
+
+def timing_child(spec_json: str, malloc: str) -> None:
+    """Entry of a child process of :func:`run_allocators` (the caller applied ``malloc``): print the cases as
+    JSON on the last line of stdout."""
+    spec = json.loads(spec_json)
+    _SET_TO_NONE["value"] = spec.pop("set_to_none")
+    spec["activations"], spec["variants"] = tuple(spec["activations"]), tuple(spec["variants"])
+    cases = time_cases(**spec, malloc=malloc)
+    print(json.dumps([asdict(c) for c in cases]))
+
+
+def run_allocators(
+    experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, threads: int, *,
+    allocators: tuple[str, ...] = ALLOCATORS, activations: tuple[str, ...] = ("swiglu",),
+    variants: tuple[str, ...] = VARIANTS, warmup: int = 2, slow_max_experts: int | None = None,
+) -> list[Case]:
+    """:func:`time_cases` once per allocator setting, each in a fresh child process with ``threads`` threads
+    (glibc's tuning cannot be undone in a process). Progress goes to stderr."""
+    spec = {"experts": experts, "top_ks": top_ks, "tokens": tokens, "d_model": d_model, "d_ff": d_ff,
+            "rounds": rounds, "activations": list(activations), "variants": list(variants), "warmup": warmup,
+            "slow_max_experts": slow_max_experts, "set_to_none": _SET_TO_NONE["value"]}
+    cases: list[Case] = []
+    for malloc in allocators:
+        if malloc not in ALLOCATORS:
+            raise ConfigError(f"allocator must be one of {ALLOCATORS}, got {malloc!r}")
+        tune = (
+            "from moekit.lab.runtime import tune_malloc; "
+            "assert tune_malloc(), 'tune_malloc() could not tune this libc'; " if malloc == "tuned" else ""
+        )
+        code = (
+            f"import torch; torch.set_num_threads({threads}); {tune}"
+            f"from moekit.lab.bench.layer import timing_child; timing_child({json.dumps(json.dumps(spec))}, {malloc!r})"
+        )
+        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+        cases += [Case(**c) for c in json.loads(out.stdout.strip().splitlines()[-1])]
+    return cases
+
+
+def write_results(cases: list[Case], out_dir: Path, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "cases": [asdict(c) for c in cases]}
+    atomic_write_text(out_dir / "layer_throughput.json", json.dumps(data, indent=1))
+    atomic_write_text(out_dir / "layer_throughput.md", render_markdown(cases, meta))
+
+
+def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int, rounds: int, warmup: int,
+          command: str, quick: bool = False, slow_max_experts: int | None = None) -> dict:
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = "not installed"
+    return {
+        "tokens": tokens, "d_model": d_model, "d_ff": d_ff, "activations": sorted({c.activation for c in cases}),
+        "allocators": sorted({c.malloc for c in cases}), "threads": threads, "rounds": rounds, "warmup": warmup,
+        "torch": torch.__version__, "transformers": tf_version, "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "quick": quick,
+        "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse", "slow_max_experts": slow_max_experts,
+    }
 
 
 def run_benchmark(
     experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, threads: int,
-    out_dir: Path | None, command: str, measure_memory: bool = True, tuned: bool = False,
+    out_dir: Path | None, command: str, measure_memory: bool = True, tuned: bool = False, *,
+    activations: tuple[str, ...] = ("gelu",), variants: tuple[str, ...] = VARIANTS, warmup: int = 2,
 ) -> list[Case]:
-    """Time every (E, k) case; ``threads`` is the thread count the caller set (``moekit bench`` sets it: this
+    """Time every (activation, E, k) case in this process; ``threads`` is the thread count the caller set (this
     function changes no process-wide setting), recorded in the results and used by the memory subprocesses;
-    ``tuned``: whether the caller tuned glibc's malloc (recorded)."""
+    ``tuned``: whether the caller tuned glibc's malloc (recorded). Writes the results into ``out_dir`` if given."""
     if threads != torch.get_num_threads():
         raise ValueError(
             f"run_benchmark(threads={threads}) but torch runs {torch.get_num_threads()} threads: call "
             f"torch.set_num_threads({threads}) first"
         )
-    cases: list[Case] = []
-    for E in experts:
-        for k in top_ks:
-            if k > E:
-                raise ConfigError(f"top_k={k} must be <= num_experts={E}")
-            case = Case(num_experts=E, top_k=k, tokens=tokens, d_model=d_model, d_ff=d_ff)
-            err = check_agreement(case)
-            if err > 1e-3:
-                raise RuntimeError(f"peer formulations disagree with moekit (max abs diff {err:.2e})")
-            time_case(case, VARIANTS, rounds)
-            if measure_memory:
-                # glibc defaults in the memory child: a tuned allocator keeps freed pages resident, so the
-                # resident set would no longer show what a step allocates.
-                case.peak_mb = {v: measure_peak(v, case, threads, tuned=False) for v in VARIANTS}
-            m = {v: case.median_ms(v) for v in VARIANTS}
-            print(
-                f"E={E:3d} k={k}  moe {m['moe']:8.1f} ms  dense {m['dense']:8.1f}  einsum {m['einsum']:8.1f}  "
-                f"loop {m['loop']:8.1f}  | moe/dense {m['moe'] / m['dense']:.2f}  loop/moe {m['loop'] / m['moe']:.2f}"
-                f"  einsum/moe {m['einsum'] / m['moe']:.2f}",
-                flush=True,
-            )
-            cases.append(case)
+    cases = time_cases(experts, top_ks, tokens, d_model, d_ff, rounds, activations=activations, variants=variants,
+                       warmup=warmup, malloc="tuned" if tuned else "default")
+    if measure_memory:
+        add_peak_memory(cases, threads)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "tokens": tokens, "d_model": d_model, "d_ff": d_ff, "activation": "gelu", "threads": threads,
-            "rounds": rounds, "torch": torch.__version__, "command": command,
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-            "malloc_tuned": tuned, "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse",
-        }
-        data = {"meta": meta, "cases": [asdict(c) for c in cases]}
-        atomic_write_text(out_dir / "layer_throughput.json", json.dumps(data, indent=1))
-        atomic_write_text(out_dir / "layer_throughput.md", render_markdown(cases, meta))
+        write_results(cases, out_dir, _meta(cases, tokens, d_model, d_ff, threads, rounds, warmup, command))
         print(f"results written to {out_dir}/layer_throughput.md")
     return cases
 
 
+def add_peak_memory(cases: list[Case], threads: int) -> None:
+    """Peak memory of every timed variant, once per (activation, E, k), each in a fresh process with glibc's
+    defaults; cases that differ only in allocator share the figures."""
+    done: dict[tuple, dict[str, float]] = {}
+    for c in cases:
+        key = tuple(c.spec().values())
+        if key not in done:
+            done[key] = {v: measure_peak(v, c, threads, tuned=False) for v in c.times_ms}
+        c.peak_mb = dict(done[key])
+
+
+def new_run_dir(base: Path = Path("runs")) -> Path:
+    """A folder that did not exist: ``runs/bench-<UTC time>`` (with a suffix if that name is taken)."""
+    stem = "bench-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for i in range(1000):
+        path = base / (stem if i == 0 else f"{stem}-{i}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"no free run folder name under {base}")
+
+
+QUICK = {"experts": [4], "top_ks": [1, 2], "tokens": 512, "d_model": 64, "d_ff": 128, "rounds": 5, "warmup": 3,
+         "activations": ["swiglu"]}
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     if args.quick:
-        experts, top_ks, tokens, d_model, d_ff, rounds = [4], [1, 2], 256, 64, 128, 3
+        q = QUICK
+        experts, top_ks, tokens, d_model, d_ff = q["experts"], q["top_ks"], q["tokens"], q["d_model"], q["d_ff"]
+        rounds, warmup, activations = q["rounds"], q["warmup"], q["activations"]
+        print("moekit bench --quick: a smoke test on tiny sizes (per-call overheads dominate); ratios here say "
+              "nothing about real layers. Run without --quick to measure.", flush=True)
     else:
-        experts, top_ks, tokens, d_model, d_ff, rounds = (
-            args.experts, args.top_k, args.tokens, args.d_model, args.d_ff, args.rounds
+        experts, top_ks, tokens, d_model, d_ff, rounds, warmup = (
+            args.experts, args.top_k, args.tokens, args.d_model, args.d_ff, args.rounds, args.warmup
         )
+        activations = args.activations
     for name, v in (("tokens", tokens), ("d-model", d_model), ("d-ff", d_ff), ("rounds", rounds),
                     ("threads", args.threads)):
         if v < 1:
             raise ConfigError(f"--{name} must be >= 1, got {v}")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if "moe" not in args.variants or "dense" not in args.variants:
+        raise ConfigError("--variants must include moe and dense (the ratios are to them)")
     _SET_TO_NONE["value"] = args.grad_policy == "none"
-    tuned = bool(getattr(args, "malloc_tuned", False))  # moekit.lab.cli.main applied it (or not)
-    out = Path(args.out) if args.out else (None if args.quick else Path("benchmarks/results"))
+    out = Path(args.out) if args.out else new_run_dir()
     command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
-    run_benchmark(experts, top_ks, tokens, d_model, d_ff, rounds, args.threads, out, command,
-                  measure_memory=not args.quick, tuned=tuned)
+    print(f"sizes: {tokens} tokens, d_model {d_model}, d_ff {d_ff}, E {experts}, k {top_ks}, activations "
+          f"{activations}, allocators {args.allocators}, {args.threads} threads; times in ms per forward + "
+          f"backward step, {warmup} warm-up steps, then median (min-max) of {rounds} interleaved rounds",
+          flush=True)
+    cases = run_allocators(experts, top_ks, tokens, d_model, d_ff, rounds, args.threads,
+                           allocators=tuple(args.allocators), activations=tuple(activations),
+                           variants=tuple(args.variants), warmup=warmup, slow_max_experts=args.slow_max_experts)
+    if not args.quick and args.memory:
+        add_peak_memory(cases, args.threads)
+    write_results(cases, out, _meta(cases, tokens, d_model, d_ff, args.threads, rounds, warmup, command,
+                                    quick=args.quick, slow_max_experts=args.slow_max_experts))
+    print(f"results written to {out}/layer_throughput.md")
     return 0

@@ -11,6 +11,11 @@ descriptions (docs/ALGORITHMS.md sections 8.5 and 17.1):
 Both share the router weight and expert weights of a moekit ``MoE`` so all three compute the same function (up to
 the einsum's capacity drops), which the benchmark checks before timing.
 
+And Hugging Face transformers' own ``MixtralSparseMoeBlock`` (``hf_mixtral``), built from the same weights: its
+experts run by ``config._experts_implementation`` ("eager": the per-expert loop above, "grouped_mm": one sort and
+``torch._grouped_mm`` over a fused ``gate_up_proj`` ``[E, 2F, D]``). transformers is optional: :func:`hf_unavailable`
+says why the peer cannot run.
+
 Shape legend: S tokens, D width, F expert hidden, E experts, K choices, C capacity.
 """
 
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from moekit.experts.activations import ACTIVATIONS
 from moekit.layers.moe import MoE
 
-__all__ = ["EinsumMoE", "LoopMoE"]
+__all__ = ["HF_ACTIVATIONS", "EinsumMoE", "HFMixtral", "LoopMoE", "hf_unavailable"]
 
 
 def _route(x_SD: Tensor, weight_ED: Tensor, k: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,3 +114,52 @@ class LoopMoE(nn.Module):
             y = (h @ self.w_out[e]) * gates_SK[tok_idx, rank_idx, None].to(x_SD.dtype)
             out_SD.index_add_(0, tok_idx, y)
         return out_SD
+
+
+# moekit activation -> the ``hidden_act`` of a Mixtral block computing the same gated FFN (``act(x W_gate) * x W_up``).
+# Mixtral's experts are always gated, so ungated moekit activations have no Mixtral peer.
+HF_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}
+
+
+def hf_unavailable(activation: str) -> str | None:
+    """Why the transformers peer cannot run for this activation (one line), or None when it can."""
+    if activation not in HF_ACTIVATIONS:
+        return f"transformers' Mixtral block is gated only: no peer for activation {activation!r}"
+    try:
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: F401
+    except ImportError as exc:  # optional dependency
+        return f"transformers not importable ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+class HFMixtral(nn.Module):
+    """transformers' ``MixtralSparseMoeBlock`` holding a moekit ``MoE``'s weights, on ``[S, D]`` rows.
+
+    Its router is moekit's (softmax, top-k, renormalised: the moekit layer must use ``normalize_gates=True``);
+    ``gate_up_proj[e]`` is ``[w_gate[e] | w_in[e]]^T`` (the first F outputs go through the activation) and
+    ``down_proj[e]`` is ``w_out[e]^T``.
+    """
+
+    def __init__(self, source: MoE, implementation: str) -> None:
+        super().__init__()
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        c = source.config
+        if c.activation not in HF_ACTIVATIONS or source.experts.w_gate is None:
+            raise ValueError(f"no Mixtral block computes activation {c.activation!r}")
+        cfg = MixtralConfig(
+            hidden_size=c.d_model, intermediate_size=c.d_ff, num_local_experts=c.num_experts,
+            num_experts_per_tok=c.top_k, hidden_act=HF_ACTIVATIONS[c.activation], router_jitter_noise=0.0,
+        )
+        cfg._experts_implementation = implementation
+        self.implementation = implementation
+        self.block = MixtralSparseMoeBlock(cfg)
+        bank = source.experts
+        with torch.no_grad():
+            self.block.gate.weight.copy_(source.router.weight)
+            self.block.experts.gate_up_proj.copy_(torch.cat([bank.w_gate, bank.w_in], dim=-1).transpose(1, 2))
+            self.block.experts.down_proj.copy_(bank.w_out.transpose(1, 2))
+
+    def forward(self, x_SD: Tensor) -> Tensor:
+        return self.block(x_SD.unsqueeze(0)).squeeze(0)

@@ -1,0 +1,165 @@
+"""The expert FFN of a bank as one autograd function, for the grouped-matmul path on CPU.
+
+Why: autograd over ``feed_forward`` runs three grouped GEMMs forward (gate, up, down), keeps five ``[A, F]``-sized
+tensors alive for the backward (the rows, both projections, the activation and the product) and materialises every
+intermediate gradient on its own. Here:
+
+- gate and up are one GEMM against a ``[E, D, 2F]`` view when the bank keeps ``w_gate`` and ``w_in`` side by side
+  in one storage (``ExpertBank`` allocates them so); the input gradient of both is one GEMM too;
+- only the rows ``x`` and the pre-activation ``h = [x w_gate | x w_in]`` are saved; the activation and the product
+  are recomputed in the backward (an elementwise pass, cheaper than keeping two more ``[A, F]`` tensors that the
+  default glibc allocator page-faults afresh every step);
+- the gradient of both projections is written straight into one ``[A, 2F]`` buffer, and each weight gradient is a
+  contiguous ``[E, D, F]`` tensor that autograd hands to ``.grad`` without a copy.
+
+The math, and the elementwise kernels used, are those of ``feed_forward`` (the activation's own aten backward);
+only the grouping of the GEMMs differs, so results agree to float rounding (tests/experts/test_fused.py).
+
+Shape legend: A rows in expert order, D model width, F expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from moekit.experts.activations import ACTIVATIONS
+
+__all__ = ["expert_ffn", "fused_ok", "gate_up_view"]
+
+# The aten backward of each activation: (grad wrt act's output, act's input) -> grad wrt act's input.
+_GELU_APPROX = {"gelu": "none", "geglu": "none", "gelu_tanh": "tanh", "geglu_tanh": "tanh"}
+
+
+def _act_backward(activation: str, grad: Tensor, h: Tensor) -> Tensor:
+    if activation == "swiglu":
+        return torch.ops.aten.silu_backward(grad, h)
+    if activation == "relu":  # relu's mask from its input equals the mask from its output
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    return torch.ops.aten.gelu_backward(grad, h, approximate=_GELU_APPROX[activation])
+
+
+def gate_up_view(w_gate_EDF: Tensor, w_in_EDF: Tensor) -> Tensor | None:
+    """``[w_gate | w_in]`` as one ``[E, D, 2F]`` view without a copy, when ``w_in`` sits right after ``w_gate`` in
+    one storage (rows of 2F: gate then up); else None (the weights were replaced, cast or sliced apart)."""
+    E, D, Fh = w_gate_EDF.shape
+    stride = (D * 2 * Fh, 2 * Fh, 1)
+    if (
+        w_in_EDF.shape != w_gate_EDF.shape
+        or w_gate_EDF.dtype != w_in_EDF.dtype
+        or w_gate_EDF.device != w_in_EDF.device
+        or w_gate_EDF.stride() != stride
+        or w_in_EDF.stride() != stride
+        or w_gate_EDF.untyped_storage().data_ptr() != w_in_EDF.untyped_storage().data_ptr()
+        or w_in_EDF.storage_offset() != w_gate_EDF.storage_offset() + Fh
+    ):
+        return None
+    return w_gate_EDF.detach().as_strided((E, D, 2 * Fh), stride, w_gate_EDF.storage_offset())
+
+
+def _gmm(a: Tensor, b: Tensor, offsets_E: Tensor) -> Tensor:
+    """``torch._grouped_mm``: ``[A, K] x [E, K, N] -> [A, N]``, or ``[K, A] x [A, N] -> [E, K, N]`` (a per-expert
+    sum over each expert's rows: the weight gradient)."""
+    return torch._grouped_mm(a, b, offs=offsets_E)
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """``w_out(act(x w_gate) * (x w_in))`` or ``w_out(act(x w_in))`` over rows in expert order (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x_AD: Tensor, w_in_EDF: Tensor, w_gate_EDF: Tensor | None, w_out_EFD: Tensor,  # type: ignore[override]
+                offsets_E: Tensor, activation: str) -> Tensor:
+        act = ACTIVATIONS[activation]
+        Fh = w_in_EDF.shape[-1]
+        if w_gate_EDF is None:
+            h_AF = _gmm(x_AD, w_in_EDF, offsets_E)
+            a_AF = act(h_AF)
+        else:
+            w_up = gate_up_view(w_gate_EDF, w_in_EDF)
+            if w_up is not None:
+                h_AF = _gmm(x_AD, w_up, offsets_E)  # [A, 2F]: gate, then up
+            else:
+                h_AF = torch.cat([_gmm(x_AD, w_gate_EDF, offsets_E), _gmm(x_AD, w_in_EDF, offsets_E)], dim=1)
+            a_AF = act(h_AF[:, :Fh])
+            a_AF.mul_(h_AF[:, Fh:])
+        y_AD = _gmm(a_AF, w_out_EFD, offsets_E)
+        ctx.save_for_backward(x_AD, h_AF, w_in_EDF, w_gate_EDF, w_out_EFD, offsets_E)
+        ctx.activation = activation
+        return y_AD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_AD: Tensor):  # type: ignore[override]
+        x_AD, h_AF, w_in_EDF, w_gate_EDF, w_out_EFD, offsets_E = ctx.saved_tensors
+        activation = ctx.activation
+        act = ACTIVATIONS[activation]
+        need_x, need_in, need_gate, need_out = ctx.needs_input_grad[:4]
+        grad_AD = grad_AD.contiguous()  # _grouped_mm wants 16-byte-aligned strides (e.g. not y.sum()'s expand)
+        Fh = w_in_EDF.shape[-1]
+        gated = w_gate_EDF is not None
+        g_AF, u_AF = (h_AF[:, :Fh], h_AF[:, Fh:]) if gated else (h_AF, None)
+        actg_AF = act(g_AF)  # recomputed, not saved
+
+        grad_w_out = None
+        if need_out:
+            a_AF = actg_AF * u_AF if gated else actg_AF
+            grad_w_out = _gmm(a_AF.t(), grad_AD, offsets_E)
+            del a_AF
+        grad_a_AF = _gmm(grad_AD, w_out_EFD.transpose(1, 2), offsets_E)
+        if gated:
+            # d/d up = grad_a * act(gate); d/d gate = act'(gate) * grad_a * up: both into one [A, 2F] buffer.
+            grad_h_AF = torch.empty_like(h_AF)
+            torch.mul(grad_a_AF, actg_AF, out=grad_h_AF[:, Fh:])
+            del actg_AF
+            grad_a_AF.mul_(u_AF)
+            grad_h_AF[:, :Fh] = _act_backward(activation, grad_a_AF, g_AF)
+        else:
+            del actg_AF
+            grad_h_AF = _act_backward(activation, grad_a_AF, g_AF)
+        del grad_a_AF
+
+        grad_x = grad_in = grad_gate = None
+        if need_x:
+            if not gated:
+                grad_x = _gmm(grad_h_AF, w_in_EDF.transpose(1, 2), offsets_E)
+            else:
+                w_up = gate_up_view(w_gate_EDF, w_in_EDF)
+                if w_up is not None:
+                    grad_x = _gmm(grad_h_AF, w_up.transpose(1, 2), offsets_E)
+                else:
+                    grad_x = _gmm(grad_h_AF[:, :Fh], w_gate_EDF.transpose(1, 2), offsets_E)
+                    grad_x += _gmm(grad_h_AF[:, Fh:], w_in_EDF.transpose(1, 2), offsets_E)
+        x_DA = x_AD.t()
+        if need_in:
+            grad_in = _gmm(x_DA, grad_h_AF[:, Fh:] if gated else grad_h_AF, offsets_E)
+        if gated and need_gate:
+            grad_gate = _gmm(x_DA, grad_h_AF[:, :Fh], offsets_E)
+        return grad_x, grad_in, grad_gate, grad_w_out, None, None
+
+
+def expert_ffn(
+    x_AD: Tensor, w_in_EDF: Tensor, w_gate_EDF: Tensor | None, w_out_EFD: Tensor, offsets_E: Tensor,
+    activation: str,
+) -> Tensor:
+    """The bank's FFN on rows in expert order (``offsets_E``: int32 cumulative rows per expert) by
+    ``torch._grouped_mm``, with the fused backward of this module. Callers check :func:`fused_ok` first."""
+    return _ExpertFFN.apply(x_AD.contiguous(), w_in_EDF, w_gate_EDF, w_out_EFD, offsets_E, activation)
+
+
+def fused_ok(x_AD: Tensor, w_in_EDF: Tensor, w_out_EFD: Tensor, activation: str, dropout: float,
+             training: bool) -> bool:
+    """Whether :func:`expert_ffn` covers this call: CPU, float32 or bf16 rows in the weights' dtype, 16-byte aligned
+    widths, at least one row, no active dropout, and a known activation (CUDA keeps autograd over
+    ``grouped_mm``: this path is not measured there)."""
+    if not hasattr(torch, "_grouped_mm") or x_AD.device.type != "cpu" or x_AD.shape[0] == 0:
+        return False
+    if x_AD.dtype not in (torch.float32, torch.bfloat16) or w_in_EDF.dtype != x_AD.dtype:
+        return False
+    if w_out_EFD.dtype != x_AD.dtype or (dropout > 0 and training):
+        return False
+    if activation not in ACTIVATIONS:
+        return False
+    elt = x_AD.element_size()
+    return (x_AD.shape[-1] * elt) % 16 == 0 and (w_in_EDF.shape[-1] * elt) % 16 == 0
+
