@@ -71,6 +71,7 @@ def shard_experts_(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
             if p.grad is not None:
                 p.grad = None
         layer.experts.num_experts = stop - first
+        layer.experts.pair_gate_up_()  # the slices side by side again: one GEMM for gate and up
         layer.dispatcher = AllToAllDispatcher(E, group)
         converted += 1
     return converted
@@ -99,6 +100,7 @@ def unshard_experts_(model: nn.Module, optimizer: torch.optim.Optimizer | None =
             if p.grad is not None:
                 p.grad = None
         layer.experts.num_experts = E
+        layer.experts.pair_gate_up_()
         layer.dispatcher = LocalDispatcher(E)
         converted += 1
     return converted
