@@ -35,18 +35,16 @@ Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``run
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import csv
 import json
 import math
-import multiprocessing
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interval, replace_section, wrap_markdown  # noqa: E402
+from _runs import log  # noqa: E402
+from _runs import run_all as runs_all  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "repro" / "zloss-none.toml"
@@ -58,10 +56,6 @@ ARMS = {  # arm -> overrides of the base config
 COMMON = ["train.scale_parameter=true", "train.nonfinite='skip'", "train.log_every=1",
           "train.threads=1", "train.progress='off'", "train.checkpoint_every=0", "train.max_consecutive_skips=1000"]
 HEADING = "## Router z-loss and update clipping at the edge of stability (ST-MoE)"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # -- statistics --------------------------------------------------------------------------------------------------
@@ -89,29 +83,11 @@ def spikes(losses: list[float], threshold: float) -> int:
 
 
 # -- runs --------------------------------------------------------------------------------------------------------
-def run_one(run_dir: str, overrides: list[str], data_src: str | None) -> dict:
-    """Train one run (in a worker process, one thread) unless it finished before; return its figures."""
-    import torch
-
-    from moekit.lab.training.run import train_run
-    from moekit.lab.training.run_config import load_run_config
-    from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
-    from moekit.training.metrics import read_metrics
-
-    torch.set_num_threads(1)
-    path = Path(run_dir)
-    if not (path / "summary.json").is_file():
-        if path.exists():
-            shutil.rmtree(path)  # an unfinished run of an interrupted session starts again (minutes)
-        if data_src is not None:
-            for name in (TOKENS_FILE, TOKENIZER_FILE):
-                (path / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(data_src) / name, path / name)
-        train_run(load_run_config(BASE, overrides), path, log=lambda m: None)
-    summary = json.loads((path / "summary.json").read_text())
-    records = [r for r in read_metrics(path / "metrics.jsonl") if "loss" in r]
+def figures(run: dict) -> dict:
+    """What the study reads of a finished run (:func:`_runs.run_one`'s result)."""
+    records, summary = run["records"], run["summary"]
     return {
-        "run_dir": run_dir,
+        "run_dir": run["run_dir"],
         # The cross-entropy, not the total: the z-loss arm's total carries its own (growing) z-loss term.
         "losses": [r["ce_loss"] for r in records],
         "max_router_logit": max((r.get("max_router_logit", 0.0) for r in records), default=0.0),
@@ -122,11 +98,8 @@ def run_one(run_dir: str, overrides: list[str], data_src: str | None) -> dict:
 
 
 def run_all(jobs: list[tuple[str, list[str]]], data_src: Path | None, workers: int) -> list[dict]:
-    ctx = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        done = list(pool.map(run_one, [j[0] for j in jobs], [j[1] for j in jobs],
-                             [None if data_src is None else str(data_src)] * len(jobs)))
-    return done
+    """:func:`_runs.run_all` on the base config, each run's figures."""
+    return [figures(r) for r in runs_all([(d, str(BASE), o) for d, o in jobs], data_src, workers)]
 
 
 def overrides_for(arm: str, lr: float, seed: int, args: argparse.Namespace) -> list[str]:
