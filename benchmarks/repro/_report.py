@@ -55,3 +55,26 @@ def replace_section(results_md: Path, heading: str, section: str, notes: Path | 
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end:] if end >= 0 else "")
     atomic_write_text(results_md, text)
+
+
+def verdict(mean: float, half: float, paper_side: int) -> str:
+    """The reading of a paired difference's 95 % interval against the paper's side (``-1``: the paper expects it
+    below zero, ``+1``: above)."""
+    if paper_side not in (-1, 1):
+        raise ValueError(f"paper_side must be -1 or +1, got {paper_side}")
+    low, high = mean - half, mean + half
+    if math.isnan(half):
+        return "not resolved at this scale"
+    if (high < 0 and paper_side < 0) or (low > 0 and paper_side > 0):
+        return "reproduced"
+    if (high < 0 and paper_side > 0) or (low > 0 and paper_side < 0):
+        return "contradicted"
+    return "not resolved at this scale"
+
+
+def count_verdict(p: float, difference: int, paper_side: int) -> str:
+    """The reading of a count comparison (Fisher's exact test, two-sided ``p``; ``difference``: the arm's count
+    minus the baseline's) against the paper's side (``-1``: the paper expects fewer, ``+1``: more)."""
+    if p >= 0.05 or difference == 0:
+        return "not resolved at this scale"
+    return "reproduced" if (difference > 0) == (paper_side > 0) else "contradicted"

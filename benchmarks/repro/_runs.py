@@ -8,6 +8,7 @@ as ``from _runs import ...``.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as futures
 import json
 import multiprocessing
@@ -53,3 +54,23 @@ def run_all(jobs: list[tuple[str, str, list[str]]], data_src: str | Path | None,
     src = None if data_src is None else str(data_src)
     with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         return list(pool.map(run_one, *zip(*jobs, strict=True), [src] * len(jobs)))
+
+
+def study_parser(doc: str, runs: str, seeds: int, steps: int) -> argparse.ArgumentParser:
+    """The flags every study script takes: ``--out``, ``--runs``, ``--seeds``, ``--steps``, ``--jobs``, ``--corpus``,
+    ``--max-chars`` and ``--section`` (defaults: the study's own ``runs`` folder, ``seeds`` and ``steps``)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and the plot")
+    p.add_argument("--runs", default=runs, help="where the run directories go")
+    p.add_argument("--seeds", type=int, default=seeds)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
+    p.add_argument("--corpus", default="mixed", help="data.corpus of every run (the studies': mixed)")
+    p.add_argument("--max-chars", type=int, help="use only this many characters of the corpus (a quick trial)")
+    p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
+    return p
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """The data overrides of a study's arguments (corpus, and ``data.max_chars`` for a quick trial)."""
+    return [f"data.corpus='{args.corpus}'"] + ([] if args.max_chars is None else [f"data.max_chars={args.max_chars}"])

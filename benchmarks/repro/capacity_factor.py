@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, wrap_markdown  # noqa: E402
-from _runs import log, run_all  # noqa: E402
+from _report import interval, replace_section, verdict, wrap_markdown  # noqa: E402
+from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs" / "repro" / "cap-top1-cf1.0.toml")
@@ -44,19 +44,9 @@ def arm_name(k: int, cf: str) -> str:
     return f"top{k}-" + ("dropless" if cf == "none" else f"cf{cf}")
 
 
-def verdict_negative(mean: float, half: float) -> str:
-    """The paper's side is negative (the first arm has the lower loss)."""
-    if mean + half < 0:
-        return "reproduced"
-    if mean - half > 0:
-        return "contradicted"
-    return "not resolved at this scale"
-
-
 def overrides(k: int, cf: str, seed: int, args: argparse.Namespace) -> list[str]:
     cap = "'none'" if cf == "none" else cf
-    data = [f"data.corpus='{args.corpus}'"] + ([] if args.max_chars is None else [f"data.max_chars={args.max_chars}"])
-    return [*data, f"moe.top_k={k}", f"moe.capacity_factor={cap}", f"train.seed={seed}",
+    return [*data_overrides(args), f"moe.top_k={k}", f"moe.capacity_factor={cap}", f"train.seed={seed}",
             f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", "train.eval_batches='none'",
             "train.checkpoint_every=0", "train.threads=1", "train.progress='off'"]
 
@@ -99,7 +89,7 @@ def analyse(result: dict) -> dict:
     for cf in ("0.5", "1.0"):
         c = paired(arm_name(1, cf), arm_name(2, cf))
         claims.append({**c, "paper": "negative (top-1 better at a low capacity factor)",
-                       "verdict": verdict_negative(c["mean"], c["half"])})
+                       "verdict": verdict(c["mean"], c["half"], -1)})
     costs = [paired(arm_name(k, cf), arm_name(k, "none")) for k in (1, 2) for cf in ("0.5", "1.0", "2.0")]
     per_arm = {a: [loss[a, s] for s in seeds] for a in arms}
     return {"seeds": seeds, "means": means, "seed_sd": spread, "drops": drops, "claims": claims, "costs": costs,
@@ -179,15 +169,7 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and val_loss.png")
-    p.add_argument("--runs", default="runs/capacity-factor", help="where the run directories go")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--corpus", default="mixed", help="data.corpus of every run (the study's: mixed)")
-    p.add_argument("--max-chars", type=int, help="use only this many characters of the corpus (a quick trial)")
-    p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
+    p = study_parser(__doc__, "runs/capacity-factor", seeds=5, steps=600)
     args = p.parse_args(argv)
     args.command = " ".join(argv)
     if args.section:

@@ -42,8 +42,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, wrap_markdown  # noqa: E402
-from _runs import log  # noqa: E402
+from _report import count_verdict, interval, replace_section, verdict, wrap_markdown  # noqa: E402
+from _runs import data_overrides, log, study_parser  # noqa: E402
 from _runs import run_all as runs_all  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,9 +103,8 @@ def run_all(jobs: list[tuple[str, list[str]]], data_src: Path | None, workers: i
 
 
 def overrides_for(arm: str, lr: float, seed: int, args: argparse.Namespace) -> list[str]:
-    data = [f"data.corpus='{args.corpus}'"] + ([] if args.max_chars is None else [f"data.max_chars={args.max_chars}"])
-    return [*COMMON, *data, *ARMS[arm], f"train.lr={lr}", f"train.seed={seed}", f"train.max_steps={args.steps}",
-            f"train.eval_every={args.steps}", "train.eval_batches='none'"]
+    return [*COMMON, *data_overrides(args), *ARMS[arm], f"train.lr={lr}", f"train.seed={seed}",
+            f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", "train.eval_batches='none'"]
 
 
 # -- the study ---------------------------------------------------------------------------------------------------
@@ -160,23 +159,17 @@ def analyse(result: dict, args: argparse.Namespace) -> dict:
         tests = {}
         for arm in ("zloss", "clip"):
             p = fisher_two_sided(unstable[arm], seeds, unstable["none"], seeds)
-            if p >= 0.05:
-                verdict = "not resolved at this scale"
-            else:  # significant, so the counts differ: fewer unstable runs is the paper's side
-                verdict = "reproduced" if unstable[arm] < unstable["none"] else "contradicted"
-            tests[arm] = {"unstable": unstable[arm], "none_unstable": unstable["none"], "p": p, "verdict": verdict}
+            # Fewer unstable runs is the paper's side.
+            tests[arm] = {"unstable": unstable[arm], "none_unstable": unstable["none"], "p": p,
+                          "verdict": count_verdict(p, unstable[arm] - unstable["none"], -1)}
         out["edge"] = {"lr": result["edge"]["lr"], "unstable": unstable, "tests": tests}
     if "quality" in result:
         runs = result["quality"]["runs"]
         diffs = {}
-        for arm, paper in (("zloss", "better"), ("clip", "worse")):
+        for arm, paper, side in (("zloss", "better", -1), ("clip", "worse", +1)):
             d = [runs[f"{arm}/{s}"]["final_val_loss"] - runs[f"none/{s}"]["final_val_loss"] for s in range(seeds)]
             m, h = interval(d)
-            if paper == "worse":
-                verdict = "reproduced" if m - h > 0 else "contradicted" if m + h < 0 else "not resolved at this scale"
-            else:
-                verdict = "reproduced" if m + h < 0 else "contradicted" if m - h > 0 else "not resolved at this scale"
-            diffs[arm] = {"mean": m, "half": h, "per_seed": d, "paper": paper, "verdict": verdict}
+            diffs[arm] = {"mean": m, "half": h, "per_seed": d, "paper": paper, "verdict": verdict(m, h, side)}
         means = {arm: interval([runs[f"{arm}/{s}"]["final_val_loss"] for s in range(seeds)]) for arm in ARMS}
         out["quality"] = {"lr": result["quality"]["lr"], "means": means, "diffs": diffs}
     return out
@@ -260,18 +253,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and loss.png")
-    p.add_argument("--runs", default="/tmp/zloss-stability-runs", help="where the run directories go")
+    p = study_parser(__doc__, "runs/zloss-stability", seeds=8, steps=300)
     p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     p.add_argument("--sweep-seeds", type=int, default=2)
-    p.add_argument("--seeds", type=int, default=8)
-    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--spike", type=float, default=0.5, help="nats above the running minimum that make a spike")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--corpus", default="mixed", help="data.corpus of every run (the study's: mixed)")
-    p.add_argument("--max-chars", type=int, help="use only this many characters of the corpus (a quick trial)")
-    p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
     args = p.parse_args(argv)
     args.command = " ".join(argv)
     if args.section:
