@@ -75,8 +75,8 @@ def test_ep2_matches_single_process(runs):
     for step in ref_losses:
         assert ep_losses[step] == pytest.approx(ref_losses[step], rel=1e-5, abs=1e-6), step
     # The routing metrics are the whole batch's, not rank 0's half: the same counts per expert (summed over the
-    # ranks), drop fractions, entropy and max logit as one process routing every row.
-    keys = ("tokens_per_expert", "drop_fraction_per_layer", "router_entropy", "max_router_logit")
+    # ranks), drop fractions, entropy, max logit and mean gate as one process routing every row.
+    keys = ("tokens_per_expert", "drop_fraction_per_layer", "router_entropy", "max_router_logit", "mean_gate")
     ref_m = {r["step"]: r for r in read_metrics(ref / "metrics.jsonl") if "loss" in r}
     ep_m = {r["step"]: r for r in read_metrics(ep2 / "metrics.jsonl") if "loss" in r}
     for step, r in ref_m.items():

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Plan
-from moekit.routing.decision import AnyDecision
+from moekit.routing.decision import AnyDecision, ExpertChoiceDecision, TokenChoiceDecision
 
 __all__ = ["MoEAux", "model_loss"]
 
@@ -43,6 +43,12 @@ class MoEAux:
         routed_per_expert: int64 ``[E]``, the choices each expert received before capacity (token choice; equal to
             ``tokens_per_expert`` for expert choice and Soft MoE): the router's own load, whose max / mean is the
             "max violation" of loss-free balancing (loads after capacity cannot exceed C).
+        mean_gate: float32 scalar, the mean gate (the combine weight that multiplies an expert's output) over the
+            assignments that were processed: for token choice over the kept (token, choice) pairs (dropped,
+            declined and padding choices excluded; with top-1 and Switch's unnormalised gate this is the mean
+            top-1 router probability), for expert choice over every (expert, token) pick; 0 when nothing was kept.
+            None for Soft MoE, whose combine weights are over slots, not a gate per expert. The number of
+            assignments it averages over is ``tokens_per_expert.sum()``.
     """
 
     load_balancing_loss: Tensor
@@ -54,6 +60,7 @@ class MoEAux:
     routed_per_expert: Tensor
     routing: AnyDecision | None = None
     plan: Plan | None = None
+    mean_gate: Tensor | None = None
 
     @classmethod
     def from_routing(cls, decision: AnyDecision, plan: Plan) -> MoEAux:
@@ -68,11 +75,12 @@ class MoEAux:
             routing=decision,
             plan=plan,
             routed_per_expert=decision.router_load().detach(),
+            mean_gate=_mean_gate(decision, plan),
         )
 
     def metrics(self) -> dict[str, float | list[int]]:
-        """Plain Python numbers for logging."""
-        return {
+        """Plain Python numbers for logging (``mean_gate`` only where the decision has gates)."""
+        m: dict[str, float | list[int]] = {
             "load_balancing_loss": float(self.load_balancing_loss.detach()),
             "z_loss": float(self.z_loss.detach()),
             "tokens_per_expert": [int(t) for t in self.tokens_per_expert.tolist()],
@@ -81,6 +89,9 @@ class MoEAux:
             "max_logit": float(self.max_logit),
             "routed_per_expert": [int(t) for t in self.routed_per_expert.tolist()],
         }
+        if self.mean_gate is not None:
+            m["mean_gate"] = float(self.mean_gate)
+        return m
 
     def __repr__(self) -> str:
         # Summary numbers, never tensors: one line even for a 128-expert layer or a Soft MoE decision.
@@ -93,6 +104,20 @@ class MoEAux:
             f"tokens_per_expert={load}, drop_fraction={m['drop_fraction']:.4g}, "
             f"router_entropy={m['router_entropy']:.4g}, max_logit={m['max_logit']:.4g}, routing={self.routing!r})"
         )
+
+
+def _mean_gate(decision: AnyDecision, plan: Plan) -> Tensor | None:
+    """The mean combine weight over the processed assignments (see :attr:`MoEAux.mean_gate`), detached float32."""
+    if isinstance(decision, TokenChoiceDecision):
+        # plan_routing gives token choice a DispatchPlan, whose kept mask leaves out dropped and declined choices.
+        # A masked sum, not boolean indexing: no host sync on an accelerator.
+        kept_SK = plan.kept_mask_SK().float()  # type: ignore[attr-defined]
+        gates_SK = decision.gates_SK.detach().float()
+        return (gates_SK * kept_SK).sum() / kept_SK.sum().clamp_min(1.0)
+    if isinstance(decision, ExpertChoiceDecision):
+        gates_GEC = decision.gates_GEC.detach().float()
+        return gates_GEC.sum() / max(gates_GEC.numel(), 1)
+    return None
 
 
 def model_loss(

@@ -481,16 +481,22 @@ class Trainer:
             max_logit = max(m["max_logit"] for m in metrics)
             counts = [m["tokens_per_expert"] for m in metrics]
             routed = [m["routed_per_expert"] for m in metrics]
+            # The mean gate of each layer that has gates (Soft MoE has none), weighted by its kept assignments so
+            # that the ranks' means combine into the batch's: sum(gate x kept) / sum(kept).
+            gated = [i for i, m in enumerate(metrics) if "mean_gate" in m]
+            kept = [float(sum(counts[i])) for i in gated]
+            gate_sums = [metrics[i]["mean_gate"] * k for i, k in zip(gated, kept, strict=True)]
             if par is not None:
                 # Each rank routed its own rows: the batch's figures are the sums of the counts (every rank plans
                 # over all E experts), the means of the fractions (equal token counts per rank) and the max logit.
                 # One all-reduce for the sums and one for the max.
-                L, E = len(counts), len(counts[0])
+                L, E, G = len(counts), len(counts[0]), len(gated)
                 flat = [c for row in counts for c in row] + [c for row in routed for c in row]
-                summed = par.sum(drops + entropies + flat)
+                summed = par.sum(drops + entropies + gate_sums + kept + flat)
                 drops = [v / par.world for v in summed[:L]]
                 entropies = [v / par.world for v in summed[L : 2 * L]]
-                at = 2 * L
+                gate_sums, kept = summed[2 * L : 2 * L + G], summed[2 * L + G : 2 * L + 2 * G]
+                at = 2 * L + 2 * G
                 counts = [[int(round(c)) for c in summed[at + i * E : at + (i + 1) * E]] for i in range(L)]
                 at += L * E
                 routed = [[int(round(c)) for c in summed[at + i * E : at + (i + 1) * E]] for i in range(L)]
@@ -498,6 +504,11 @@ class Trainer:
             record["drop_fraction"] = float(np.mean(drops))
             record["drop_fraction_per_layer"] = drops
             record["router_entropy"] = float(np.mean(entropies))
+            if gated:
+                # Mean over the gated layers of each layer's mean gate over its kept assignments (MoEAux.mean_gate;
+                # with top-1 and Switch's raw softmax gate, the mean top-1 router probability).
+                per_layer = [g / k if k > 0 else 0.0 for g, k in zip(gate_sums, kept, strict=True)]
+                record["mean_gate"] = float(np.mean(per_layer))
             record["max_router_logit"] = max_logit
             record["tokens_per_expert"] = counts
             record["routed_per_expert"] = routed
