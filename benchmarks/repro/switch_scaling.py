@@ -7,7 +7,7 @@ dense T5-Base's quality 7.5x sooner. The directions checked here, each paired by
 
 1. the final validation loss of MoE(E) minus dense, for E = 2, 8, 32 (paper's side: negative);
 2. E = 32 minus E = 2 (paper's side: negative, more experts better);
-3. the steps each MoE run takes to reach its dense seed's final validation loss, and the speedup
+3. the steps each MoE run takes to reach its dense seed's final loss (on the training curve, below), and the speedup
    ``dense steps / MoE steps`` (paper's side: above 1).
 
 Arms: ``configs/repro/switch-dense.toml`` (a 4-block decoder, d_model 64, d_ff 256 everywhere: the FLOP-matched
@@ -19,15 +19,16 @@ tokenizer and one token split shared by every run), ``--steps`` steps of 16 x 12
 tokens per expert and step at E = 2, 8, 32, before balancing), ``--seeds`` seeds per arm (paired: seed s of every
 arm sees the same batches and starts from the same embedding and block 0; the later blocks' initial weights differ
 between arms, because an MoE block draws more from the seeded generator than a dense one). The validation loss on
-the whole held-out split is taken every ``--eval-every`` steps and at the end.
+the whole held-out split is taken at the end.
 
-Steps to the dense loss: the first point where the MoE run's evaluation curve (validation loss against step, joined
-by straight lines) comes down to its dense seed's final validation loss; if its first evaluation is already at or
-below it, that evaluation's step (an upper bound). A run that never gets there is counted as not reached. Between
-evaluations a falling, convex curve lies below the straight line, so the interpolated step is late: the speedup is
-biased towards 1 (against the paper's side), more so the fewer evaluations there are. The speedup's interval is the
-95 % t interval of the mean per-seed log ratio ``log(dense steps / MoE steps)``, reported as the geometric mean
-ratio with ``exp`` of the interval's ends; it is scored only when every seed reached the target.
+Steps to the dense loss, on the training curve (every run stays under one epoch, so each training batch is unseen
+text and the training cross-entropy estimates the held-out loss at every step): the cross-entropy logged every other
+step, averaged over a trailing window of the last 10 % of the run's steps; the target is the dense seed's value of
+that average at its last step; the MoE run's step is the first at which its trailing average comes down to the
+target (a run that never does is counted as not reached). The dense run gets there at its last step by definition.
+The speedup's interval is the 95 % t interval of the mean per-seed log ratio ``log(dense steps / MoE steps)``,
+reported as the geometric mean ratio with ``exp`` of the interval's ends; it is scored only when every seed reached
+the target.
 
 Gate scale: the mean top-1 gate (``mean_gate`` in metrics.jsonl: the mean over kept tokens of the top-1 router
 probability that multiplies the expert output, averaged over the MoE layers), at the end of training (mean of the
@@ -44,7 +45,7 @@ Usage (runs in parallel, one thread each; the defaults take about 40 minutes on 
     python benchmarks/repro/switch_scaling.py --out docs/results/switch_scaling --section docs/RESULTS.md
 
 Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``runs.csv``, ``results.md`` and
-``val_loss.png`` are written into ``--out``.
+``loss.png`` are written into ``--out``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, wrap_markdown  # noqa: E402
-from _runs import log, run_all  # noqa: E402
+from _report import interval, replace_section, verdict, wrap_markdown  # noqa: E402
+from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -68,7 +69,7 @@ EXPERTS = (2, 8, 32)
 ARMS = ("dense", *(f"e{e}" for e in EXPERTS))
 HEADING = "## Switch scaling: dense vs top-1 MoE with 2, 8, 32 experts (Switch Fig. 1, 4)"
 TOKENS_PER_STEP = 16 * 128
-PLOT, PLOT_ALT = "val_loss.png", "validation loss, Switch scaling (paired by seed)"
+PLOT, PLOT_ALT = "loss.png", "loss, Switch scaling (paired by seed)"
 END_SHARE = 0.1  # the gate "at the end": the logged training steps of the last 10 % of the run
 
 
@@ -82,28 +83,21 @@ def config_of(arm: str) -> str:
 
 
 # -- statistics --------------------------------------------------------------------------------------------------
-def verdict(mean: float, half: float, paper: str) -> str:
-    """The standard's words for an interval ``mean +- half`` of a difference whose paper side is ``paper``
-    ("negative" or "positive"), about 0."""
-    below, above = mean + half < 0, mean - half > 0
-    if (paper == "negative" and below) or (paper == "positive" and above):
-        return "reproduced"
-    if (paper == "negative" and above) or (paper == "positive" and below):
-        return "contradicted"
-    return "not resolved at this scale"
+def trailing_mean(curve: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """``(step, mean of the losses logged at steps in (step - window, step])``) for every logged step of ``curve``
+    from the first at which a whole window has been logged (step >= window)."""
+    points = sorted(curve)
+    out = []
+    for step, _ in points:
+        if step >= window:
+            inside = [x for s, x in points if step - window < s <= step]
+            out.append((step, statistics.fmean(inside)))
+    return out
 
 
 def steps_to_target(curve: list[tuple[int, float]], target: float) -> float | None:
-    """The step at which the evaluation ``curve`` (``(step, loss)`` points) first comes down to ``target``, joining
-    the points by straight lines; the first point's step if it is already at or below; None if never."""
-    points = sorted(curve)
-    for i, (step, loss) in enumerate(points):
-        if loss <= target:
-            if i == 0:
-                return float(step)
-            s0, l0 = points[i - 1]
-            return s0 + (l0 - target) * (step - s0) / (l0 - loss)
-    return None
+    """The first step of ``curve`` (``(step, loss)`` points) whose loss is at or below ``target``; None if never."""
+    return next((float(step) for step, loss in sorted(curve) if loss <= target), None)
 
 
 def end_mean(records: list[dict], key: str, steps: int) -> float | None:
@@ -118,16 +112,15 @@ def end_mean(records: list[dict], key: str, steps: int) -> float | None:
 
 # -- runs --------------------------------------------------------------------------------------------------------
 def overrides(arm: str, seed: int, args: argparse.Namespace) -> list[str]:
-    data = [f"data.corpus='{args.corpus}'"] + ([] if args.max_chars is None else [f"data.max_chars={args.max_chars}"])
     moe = [] if arm == "dense" else ["moe.capacity_factor='none'"]
     return [
-        *data,
+        *data_overrides(args),
         *moe,
         f"train.seed={seed}",
         f"train.max_steps={args.steps}",
-        f"train.eval_every={args.eval_every}",
+        f"train.eval_every={args.steps}",
         "train.eval_batches='none'",
-        "train.log_every=10",
+        "train.log_every=2",
         "train.checkpoint_every=0",
         "train.threads=1",
         "train.progress='off'",
@@ -137,7 +130,8 @@ def overrides(arm: str, seed: int, args: argparse.Namespace) -> list[str]:
 def row_of(arm: str, seed: int, run: dict, steps: int) -> dict:
     """What the study keeps of a finished run (:func:`_runs.run_one`'s result)."""
     summary, records = run["summary"], run["records"]
-    curve = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    window = max(1, round(steps * END_SHARE))
+    curve = trailing_mean([(r["step"], r["ce_loss"]) for r in records if "ce_loss" in r], window)
     drops = [r["drop_fraction"] for r in records if "drop_fraction" in r]
     return {
         "arm": arm,
@@ -192,20 +186,21 @@ def analyse(result: dict) -> dict:
             "half": h,
             "per_seed": d,
             "paper": f"{paper} ({why})",
-            "verdict": verdict(m, h, paper),
+            "verdict": verdict(m, h, -1 if paper == "negative" else +1),
         }
 
     claims = [paired(f"e{e}", "dense", "negative", "the MoE lower at equal steps") for e in EXPERTS]
     claims.append(paired(f"e{EXPERTS[-1]}", f"e{EXPERTS[0]}", "negative", "more experts lower"))
 
-    # Steps to the dense seed's final loss, and the speedup dense steps / MoE steps (the dense run gets there at its
-    # last evaluation, the end of the run, by definition).
-    dense_steps = {s: max(st for st, _ in by["dense", s]["curve"]) for s in seeds}
+    # Steps to the dense seed's final (trailing-average training) loss, and the speedup dense steps / MoE steps (the
+    # dense run gets there at its last step by definition).
+    dense_end = {s: max(by["dense", s]["curve"]) for s in seeds}  # (last step, its trailing average)
+    dense_steps = {s: dense_end[s][0] for s in seeds}
     per_run = {f"dense/{s}": {"steps_to_dense_loss": float(dense_steps[s]), "speedup": 1.0} for s in seeds}
     speedups = {}
     for e in EXPERTS:
         a = f"e{e}"
-        reach = {s: steps_to_target(by[a, s]["curve"], loss["dense", s]) for s in seeds}
+        reach = {s: steps_to_target(by[a, s]["curve"], dense_end[s][1]) for s in seeds}
         for s in seeds:
             r = reach[s]
             per_run[f"{a}/{s}"] = {"steps_to_dense_loss": r, "speedup": None if r is None else dense_steps[s] / r}
@@ -224,7 +219,7 @@ def analyse(result: dict) -> dict:
                 {"log_mean": m, "log_half": h, "ratio": math.exp(m), "low": math.exp(m - h), "high": math.exp(m + h)}
             )
         if logs and len(reached) == len(seeds):
-            entry["verdict"] = verdict(entry["log_mean"], entry["log_half"], "positive")
+            entry["verdict"] = verdict(entry["log_mean"], entry["log_half"], +1)
         else:
             entry["verdict"] = f"not resolved at this scale ({len(seeds) - len(reached)} of {len(seeds)} not reached)"
         speedups[a] = entry
@@ -277,7 +272,7 @@ def render(result: dict, stats: dict) -> str:
         f"{n} seeds per arm (paired by seed: the same batches, embedding and first block), "
         f'{cfg["steps"]} steps of 16 x 128 tokens on data.corpus = "{cfg["corpus"]}", '
         "one learning rate (3e-3) for every arm; MoE arms top-1 and dropless (capacity factor none). Validation loss "
-        f"on the whole held-out split every {cfg['eval_every']} steps and at the end (nats/token; mean and 95 % "
+        "on the whole held-out split at the end (nats/token; mean and 95 % "
         "interval over seeds; the seed standard deviation is the noise of one run). Mean top-1 gate: the mean over "
         "kept tokens of the router probability that multiplies the expert output, over the last 10 % of training "
         "steps (1/E for a uniform router).",
@@ -308,8 +303,10 @@ def render(result: dict, stats: dict) -> str:
         )
     lines += [
         "",
-        "Steps to the dense seed's final validation loss (linear interpolation between evaluations; the dense run "
-        f"gets there at step {cfg['steps']}); speedup = dense steps / MoE steps, geometric mean over seeds with the "
+        "Steps to the dense seed's final loss: on the training cross-entropy (unseen batches) averaged over a "
+        f"trailing window of {max(1, round(cfg['steps'] * END_SHARE))} steps, the first step at which the MoE run's "
+        "average is at or below the dense seed's average at its last step (the dense run gets there at step "
+        f"{cfg['steps']}); speedup = dense steps / MoE steps, geometric mean over seeds with the "
         "95 % interval of the mean log ratio (paper's side: above 1):",
         "",
         "| arm | reached | steps (reached runs) | speedup | 95 % interval | verdict |",
@@ -336,11 +333,12 @@ def write(result: dict, out: Path) -> None:
         for r in result["rows"]:
             w.writerow({**r, **stats["per_run"][f"{r['arm']}/{r['seed']}"]})
     (out / "results.md").write_text(render(result, stats))
-    plot(stats, out / "val_loss.png", result["rows"][0].get("unigram_val_loss"))
+    plot(stats, out / PLOT, result["rows"][0].get("unigram_val_loss"))
 
 
 def plot(stats: dict, path: Path, unigram: float | None) -> None:
-    """Left: validation loss against step per arm (mean and 95 % band over seeds); middle: the final loss of each
+    """Left: the trailing-average training loss against step per arm (mean and 95 % band over seeds); middle: the
+    final validation loss of each
     MoE minus dense, paired by seed; right: the speedup to the dense final loss (log scale)."""
     import matplotlib
 
@@ -366,12 +364,13 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
             alpha=0.2,
             lw=0,
         )
-    dense_final = stats["means"]["dense"][0]
-    left.axhline(dense_final, color="black", ls=":", lw=1, label="dense final (mean)")
+    dense_final = stats["curves"]["dense"][-1][1] if stats["curves"]["dense"] else None
+    if dense_final is not None:
+        left.axhline(dense_final, color="black", ls=":", lw=1, label="dense at its last step (the target, mean)")
     if unigram is not None:
-        left.axhline(unigram, color="grey", ls="--", lw=1, label="unigram")
+        left.axhline(unigram, color="grey", ls="--", lw=1, label="unigram (validation)")
     left.set_xlabel("training step")
-    left.set_ylabel("validation loss (nats / token)")
+    left.set_ylabel("training cross-entropy, trailing mean (nats / token)")
     left.set_title("mean and 95 % band over seeds")
     left.legend()
 
@@ -432,16 +431,7 @@ def section_text(out: Path, results_md: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and val_loss.png")
-    p.add_argument("--runs", default="runs/switch-scaling", help="where the run directories go")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=660)
-    p.add_argument("--eval-every", type=int, default=220, help="steps between evaluations on the held-out split")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--corpus", default="mixed", help="data.corpus of every run (the study's: mixed)")
-    p.add_argument("--max-chars", type=int, help="use only this many characters of the corpus (a quick trial)")
-    p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
+    p = study_parser(__doc__, "runs/switch-scaling", seeds=5, steps=660)
     args = p.parse_args(argv)
     args.command = " ".join(argv)
     if args.section:

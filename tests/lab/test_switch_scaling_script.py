@@ -26,16 +26,22 @@ def script():
     return mod
 
 
-def test_steps_to_target_interpolates_between_evaluations(script):
+def test_steps_to_target_is_the_first_step_at_or_below(script):
     curve = [(100, 6.0), (200, 5.0), (300, 4.6)]
-    # 4.8 lies between 5.0 (step 200) and 4.6 (step 300): 200 + (5.0 - 4.8) / (5.0 - 4.6) x 100 = 200 + 50 = 250.
-    assert script.steps_to_target(curve, 4.8) == pytest.approx(250.0)
-    assert script.steps_to_target(curve, 4.6) == pytest.approx(300.0)  # reached exactly at the last evaluation
-    assert script.steps_to_target(curve, 6.5) == 100.0  # already below at the first evaluation: its step
+    assert script.steps_to_target(curve, 4.8) == 300.0
+    assert script.steps_to_target(curve, 5.0) == 200.0  # at the target counts
+    assert script.steps_to_target(curve, 6.5) == 100.0
     assert script.steps_to_target(curve, 4.5) is None  # never reached
-    # The order of the points does not matter; the first crossing counts: 5.5 is crossed between 100 and 200 at
-    # 100 + (6.0 - 5.5) / (6.0 - 5.0) x 100 = 150, although the curve rises and falls again later.
-    assert script.steps_to_target([(300, 5.2), (100, 6.0), (200, 5.0), (400, 4.0)], 5.5) == pytest.approx(150.0)
+    # The order of the points does not matter; the first crossing counts although the curve rises again later.
+    assert script.steps_to_target([(300, 5.6), (100, 6.0), (200, 5.0), (400, 4.0)], 5.5) == 200.0
+
+
+def test_trailing_mean_over_a_window_of_steps(script):
+    # Losses logged every 2 steps, loss = step; window 4: the steps in (t - 4, t], i.e. t - 2 and t, from t = 4 on.
+    curve = [(s, float(s)) for s in range(2, 11, 2)]
+    assert script.trailing_mean(curve, 4) == [(4, 3.0), (6, 5.0), (8, 7.0), (10, 9.0)]
+    assert script.trailing_mean(curve, 1) == curve  # a window of one step: the curve itself
+    assert script.trailing_mean(curve, 20) == []  # no whole window logged
 
 
 def test_gate_at_the_end_is_the_mean_over_the_last_tenth(script):
@@ -44,15 +50,15 @@ def test_gate_at_the_end_is_the_mean_over_the_last_tenth(script):
     records = [{"step": s, "mean_gate": s / 1000} for s in range(10, 201, 10)]
     assert script.end_mean(records, "mean_gate", 200) == pytest.approx(0.195)
     assert script.end_mean([{"step": 200, "loss": 1.0}], "mean_gate", 200) is None
-    assert script.verdict(-0.3, 0.1, "negative") == "reproduced"
-    assert script.verdict(0.3, 0.1, "negative") == "contradicted"
-    assert script.verdict(0.05, 0.1, "negative") == "not resolved at this scale"
-    assert script.verdict(0.3, 0.1, "positive") == "reproduced"
+    assert script.verdict(-0.3, 0.1, -1) == "reproduced"
+    assert script.verdict(0.3, 0.1, -1) == "contradicted"
+    assert script.verdict(0.05, 0.1, -1) == "not resolved at this scale"
+    assert script.verdict(0.3, 0.1, +1) == "reproduced"
 
 
 def _hand_rows():
-    """3 seeds; the dense final loss d = 5.0, 5.1, 5.2 (a large seed effect that pairing removes), evaluations at
-    steps 100, 200, 300, each curve ending at its run's final loss."""
+    """3 seeds; the dense final loss d = 5.0, 5.1, 5.2 (a large seed effect that pairing removes); the curves (the
+    trailing-average training loss) end at each run's final loss, which the dense seed's target then is."""
     rows = []
     for s in range(3):
         d = 5.0 + s / 10
@@ -60,14 +66,14 @@ def _hand_rows():
             "dense": [(100, d + 1.0), (200, d + 0.4), (300, d)],
             # e2: 0.02 above dense on every seed, so it never comes down to d.
             "e2": [(100, d + 1.02), (200, d + 0.42), (300, d + 0.02)],
-            # e8: 0.3 below at the end; reaches d at 150, 125, 175 (see the test).
+            # e8: 0.3 below at the end; first at or below d at steps 150, 125, 175.
             "e8": [
-                [(100, d + 0.2), (200, d - 0.2), (300, d - 0.3)],
-                [(100, d + 0.1), (200, d - 0.3), (300, d - 0.3)],
-                [(100, d + 0.3), (200, d - 0.1), (300, d - 0.3)],
+                [(100, d + 0.2), (150, d - 0.05), (200, d - 0.2), (300, d - 0.3)],
+                [(100, d + 0.1), (125, d), (200, d - 0.3), (300, d - 0.3)],
+                [(100, d + 0.3), (175, d - 0.01), (200, d - 0.1), (300, d - 0.3)],
             ][s],
-            # e32: 0.05 below on seeds 0 and 1 (reaches d at 200 + 0.1 / 0.15 x 100 = 266.67), 0.05 above on seed 2.
-            "e32": [(100, d + 0.5), (200, d + 0.1), (300, d - 0.05)]
+            # e32: 0.05 below on seeds 0 and 1 (at or below d from step 240), 0.05 above on seed 2.
+            "e32": [(100, d + 0.5), (200, d + 0.1), (240, d - 0.01), (300, d - 0.05)]
             if s < 2
             else [(100, d + 0.5), (200, d + 0.2), (300, d + 0.05)],
         }
@@ -115,8 +121,8 @@ def test_analysis_on_hand_made_runs(script):
     assert stats["gates"]["e2"][0] == pytest.approx(0.6) and stats["gates"]["e2"][1] == pytest.approx(0.049687, 1e-4)
 
     # Steps to the dense seed's final loss d (the dense runs get there at 300):
-    #   e8 seed 0: 100 + (0.2 / 0.4) x 100 = 150 -> speedup 2; seed 1: 100 + 0.1 / 0.4 x 100 = 125 -> 2.4;
-    #   seed 2: 100 + 0.3 / 0.4 x 100 = 175 -> 12/7. Geometric mean (2 x 2.4 x 12/7)^(1/3) = 2.0194.
+    #   e8 seed 0: 150 -> speedup 300 / 150 = 2; seed 1: 125 -> 2.4; seed 2: 175 -> 12/7.
+    #   Geometric mean (2 x 2.4 x 12/7)^(1/3) = 2.0194.
     sp = stats["speedups"]["e8"]
     assert [stats["per_run"][f"e8/{s}"]["steps_to_dense_loss"] for s in range(3)] == pytest.approx([150, 125, 175])
     assert sp["reached"] == 3 and sp["ratio"] == pytest.approx((2 * 2.4 * 12 / 7) ** (1 / 3))
@@ -127,16 +133,16 @@ def test_analysis_on_hand_made_runs(script):
         math.exp(statistics.fmean(logs) - half)
     )  # exp(0.70254 - 0.41844) = 1.3286 > 1: reproduced
     assert sp["verdict"] == "reproduced"
-    # e32: seeds 0 and 1 at 266.67 (speedup 1.125), seed 2 never: no verdict from 2 of 3.
+    # e32: seeds 0 and 1 at 240 (speedup 1.25), seed 2 never: no verdict from 2 of 3.
     e32 = stats["speedups"]["e32"]
-    assert e32["reached"] == 2 and e32["ratio"] == pytest.approx(1.125)
+    assert e32["reached"] == 2 and e32["ratio"] == pytest.approx(1.25)
     assert stats["per_run"]["e32/2"] == {"steps_to_dense_loss": None, "speedup": None}
     assert e32["verdict"] == "not resolved at this scale (1 of 3 not reached)"
     assert stats["speedups"]["e2"]["reached"] == 0 and "ratio" not in stats["speedups"]["e2"]
-    # The curves' mean over seeds at each evaluation: dense at step 300 is the mean of d, 5.1.
+    # The curves' mean over seeds at each logged step: dense at step 300 is the mean of d, 5.1.
     assert stats["curves"]["dense"][-1][0] == 300 and stats["curves"]["dense"][-1][1] == pytest.approx(5.1)
 
-    config = {"command": "--out x", "steps": 300, "eval_every": 100, "corpus": "mixed"}
+    config = {"command": "--out x", "steps": 300, "corpus": "mixed"}
     text = script.render({"config": config, "rows": _hand_rows()}, stats)
     assert "| e8 - dense | -0.3000 ± 0.0000 | negative (the MoE lower at equal steps) | reproduced |" in text
     assert "| e8 | 3/3 | 150 ± 62 | 2.02x | [1.33, 3.07] | reproduced |" in text  # 150 ± 4.303 x 25 / sqrt(3)
@@ -156,8 +162,6 @@ def test_tiny_study_end_to_end(script, tmp_path):
         "2",
         "--steps",
         "4",
-        "--eval-every",
-        "2",
         "--corpus",
         str(corpus),
         "--max-chars",
@@ -166,7 +170,7 @@ def test_tiny_study_end_to_end(script, tmp_path):
         "2",
     ]
     assert script.main(argv) == 0
-    for name in ("results.json", "runs.csv", "results.md", "val_loss.png"):
+    for name in ("results.json", "runs.csv", "results.md", "loss.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     with open(out / "runs.csv") as f:
         table = list(csv.DictReader(f))
@@ -182,14 +186,15 @@ def test_tiny_study_end_to_end(script, tmp_path):
         else:  # top-1 gates of E experts: at least the uniform 1/E, at most 1; dropless: no drops
             assert 1 / int(r["experts"]) <= float(r["mean_gate_end"]) <= 1.0
             assert float(r["mean_drop_fraction"]) == 0.0
-    # Every run evaluated at steps 2 and 4; the dense curve ends at its final loss.
-    curves = {
-        (r["arm"], r["seed"]): r["curve"] for r in json.loads((out / "results.json").read_text())["result"]["rows"]
-    }
-    assert all([p[0] for p in c] == [2, 4] for c in curves.values())
-    assert curves["dense", 0][-1][1] == pytest.approx(loss["dense", 0])
+    # Every run logged at steps 2 and 4 (a trailing window of one step at 4 steps): its curve is its logged
+    # training cross-entropy.
+    rows = json.loads((out / "results.json").read_text())["result"]["rows"]
+    for r in rows:
+        logged = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert r["curve"] == [[x["step"], pytest.approx(x["ce_loss"])] for x in logged if "ce_loss" in x]
+        assert [p[0] for p in r["curve"]] == [2, 4]
     md = (out / "results.md").read_text()
-    assert md.startswith(script.HEADING + "\n") and "](val_loss.png)" in md
+    assert md.startswith(script.HEADING + "\n") and "](loss.png)" in md
 
     # --section puts the section into a RESULTS.md elsewhere, its plot linked from there, and keeps the rest.
     results_md = tmp_path / "docs" / "RESULTS.md"
@@ -198,4 +203,4 @@ def test_tiny_study_end_to_end(script, tmp_path):
     assert script.main(["--out", str(out), "--section", str(results_md)]) == 0
     text = results_md.read_text()
     assert text.startswith("# Results\n\n## Another study\n\ntext\n\n" + script.HEADING)
-    assert "](../out/val_loss.png)" in text
+    assert "](../out/loss.png)" in text
