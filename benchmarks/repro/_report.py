@@ -1,6 +1,6 @@
 """What every reproduction script in ``benchmarks/repro`` shares: the 95 % t interval of a mean over seeds, and
 writing its section of docs/RESULTS.md (paragraphs wrapped like the rest of the file, the section replaced in
-place or appended).
+place or appended, its plot linked from there).
 
 Imported by the scripts as ``from _report import ...`` (a script's own folder is first on ``sys.path`` when it is
 run; scripts loaded another way put it there first).
@@ -9,6 +9,7 @@ run; scripts loaded another way put it there first).
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import textwrap
 from pathlib import Path
@@ -55,6 +56,13 @@ def replace_section(results_md: Path, heading: str, section: str, notes: Path | 
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + (text[end:] if end >= 0 else "")
     atomic_write_text(results_md, text)
+
+
+def section_text(out: Path, results_md: Path, plot: str) -> str:
+    """``out``'s results.md with its plot ``plot`` (a file in ``out``, linked as ``](plot)``) linked from where
+    ``results_md`` lies."""
+    rel = os.path.relpath((out / plot).resolve(), results_md.resolve().parent)
+    return (out / "results.md").read_text().replace(f"]({plot})", f"]({Path(rel).as_posix()})")
 
 
 def verdict(mean: float, half: float, paper_side: int) -> str:

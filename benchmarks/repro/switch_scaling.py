@@ -54,13 +54,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, verdict, wrap_markdown  # noqa: E402
+from _report import interval, replace_section, section_text, verdict, wrap_markdown  # noqa: E402
 from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -423,19 +422,13 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
     plt.close(fig)
 
 
-def section_text(out: Path, results_md: Path) -> str:
-    """``out``'s results.md with its plot linked from where ``results_md`` lies."""
-    rel = os.path.relpath((out / PLOT).resolve(), results_md.resolve().parent)
-    return (out / "results.md").read_text().replace(f"]({PLOT})", f"]({Path(rel).as_posix()})")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/switch-scaling", seeds=5, steps=660)
     args = p.parse_args(argv)
     args.command = " ".join(argv)
     if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section)))
+        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section), PLOT))
         return 0
     write(study(args), Path(args.out))
     log(f"wrote {args.out}")
