@@ -19,6 +19,7 @@ from moekit.analysis.stats import (
     load_matched_hash,
     load_stats,
     mi_permutation_test,
+    miller_madow_mi_bits,
     mutual_information_bits,
     top_tokens,
 )
@@ -142,3 +143,33 @@ def test_hash_null_on_hand_made_routing():
 def test_entropy_bits_hand_computed():
     # shares 1/2, 1/4, 1/4: H = 0.5 + 0.5 + 0.5 = 1.5 bits
     assert entropy_bits(np.array([0, 0, 1, 2])) == pytest.approx(1.5)
+
+
+def test_miller_madow_mi_hand_computed():
+    # Independent labels a = 0 0 1 1, b = 0 1 0 1: plug-in MI 0; 4 cells, 2 values of a, 2 of b, N = 4:
+    # correction (4 - 2 - 2 + 1) / (2 x 4 x ln 2) = 1 / 5.5452 = 0.180337 bits, so the estimate is -0.180337.
+    a_N, b_N = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert mutual_information_bits(a_N, b_N) == pytest.approx(0.0, abs=1e-12)
+    assert miller_madow_mi_bits(a_N, b_N) == pytest.approx(-1 / (8 * math.log(2)))
+    # b a function of a (b = a): plug-in 1 bit; (2 - 2 - 2 + 1) = -1, so 1 + 0.180337: the Miller-Madow H(b).
+    assert miller_madow_mi_bits(a_N, a_N) == pytest.approx(1 + 1 / (8 * math.log(2)))
+    # a = 0 0 0 1 1 2 (N = 6), b = 0 0 1 1 1 0: joint counts (0,0) 2, (0,1) 1, (1,1) 2, (2,0) 1.
+    # Plug-in: p_a = 1/2, 1/3, 1/6; p_b = 1/2, 1/2;
+    # MI = 2/6 log2((2/6) / (1/4)) + 1/6 log2((1/6) / (1/4)) + 2/6 log2((2/6) / (1/6)) + 1/6 log2((1/6) / (1/12))
+    #    = 0.138346 - 0.097494 + 0.333333 + 0.166667 = 0.540852 bits;
+    # correction (4 - 3 - 2 + 1) = 0: the estimate equals the plug-in.
+    a_N, b_N = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 0, 1, 1, 1, 0])
+    assert mutual_information_bits(a_N, b_N) == pytest.approx(0.540852, abs=1e-6)
+    assert miller_madow_mi_bits(a_N, b_N) == pytest.approx(mutual_information_bits(a_N, b_N))
+    # Labels need not start at 0 or be contiguous: a = 7 7 900 900, b = 3 5 3 5 is the independent case again.
+    assert miller_madow_mi_bits(np.array([7, 7, 900, 900]), np.array([3, 5, 3, 5])) == pytest.approx(
+        -1 / (8 * math.log(2)))
+
+
+def test_miller_madow_removes_most_of_the_plug_in_bias():
+    # 200 labels of a, 4 of b, independent, N = 4,000 (20 per value of a): the plug-in MI is about
+    # (200 - 1)(4 - 1) / (2 x 4000 x ln 2) = 0.1077 bits above its true value 0; the corrected one is near 0.
+    rng = np.random.default_rng(0)
+    a_N, b_N = rng.integers(0, 200, 4000), rng.integers(0, 4, 4000)
+    assert mutual_information_bits(a_N, b_N) == pytest.approx(0.1077, abs=0.02)
+    assert abs(miller_madow_mi_bits(a_N, b_N)) < 0.01
