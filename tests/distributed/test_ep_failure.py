@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from tiny_lm import tiny_config_text, write_tiny_corpus  # noqa: E402
 
 from moekit.errors import MoekitError  # noqa: E402
-from tests.distributed._launch import free_port  # noqa: E402
+from tests.distributed._launch import context, free_port  # noqa: E402
 
 TIMEOUT_S = 3
 
@@ -54,7 +53,7 @@ def test_rank_failure_is_a_clear_error_within_the_timeout(tmp_path, mode, layout
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(tiny_config_text(corpus, max_steps=4, batch_size=4))
     report = tmp_path / "report.txt"
-    ctx = mp.get_context("spawn")
+    ctx = context()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, port, mode, layout, str(cfg), str(tmp_path / "run"), str(report)))

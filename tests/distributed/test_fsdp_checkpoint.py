@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moekit.data.batches import TokenBatches
 from moekit.training import checkpoint as ckpt
@@ -35,7 +34,7 @@ from moekit.training.config import TrainConfig
 from moekit.training.distributed import ExpertParallel, init_parallel_mesh
 from moekit.training.trainer import Trainer
 from tests.distributed._checkpoints import checkpoint_weights
-from tests.distributed._launch import free_port, spawn
+from tests.distributed._launch import context, free_port, spawn
 from tests.distributed.test_mesh_checkpoint import _losses, _trainer
 from tests.distributed.test_mesh_trainer import BATCH, SEQ, STEPS, _model, _tokens
 
@@ -158,7 +157,7 @@ def test_a_single_file_checkpoint_resumes_under_fsdp_and_loads_into_its_shards(r
 
 def test_a_rank_killed_mid_checkpoint_leaves_the_last_committed_one_to_resume_from(runs, tmp_path):
     run_dir, report = tmp_path / "killed", tmp_path / "rank0.json"
-    ctx = mp.get_context("spawn")
+    ctx = context()
     port = free_port()
     procs = [ctx.Process(target=_kill_worker, args=(r, port, str(run_dir), str(report))) for r in range(2)]
     for p in procs:
