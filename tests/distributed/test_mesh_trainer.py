@@ -82,11 +82,8 @@ def _records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-# FSDP at (4, 1) and (1, 4) is slow-marked: test_fsdp_checkpoint.py resumes FSDP runs at both layouts and checks
-# their losses and final weights against one process (3 steps each), which covers the same code.
 @pytest.mark.parametrize("dp,ep,fsdp", [
-    (2, 2, False), (4, 1, False), (1, 4, False), (2, 2, True),
-    pytest.param(4, 1, True, marks=pytest.mark.slow), pytest.param(1, 4, True, marks=pytest.mark.slow),
+    (2, 2, False), (4, 1, False), (1, 4, False), (2, 2, True), (4, 1, True), (1, 4, True),
 ], ids=["2-2-replicated", "4-1-replicated", "1-4-replicated", "2-2-fsdp", "4-1-fsdp", "1-4-fsdp"])
 def test_mesh_training_equals_one_process(reference, tmp_path, dp, ep, fsdp):
     spawn(_mesh_run, dp * ep, dp, ep, fsdp, str(tmp_path))
