@@ -1,5 +1,6 @@
 """Running the arms of a reproduction study: one training run per (config, overrides) in its own directory, in
-worker processes of one thread each, the first run's tokenizer and token arrays copied into every other run.
+worker processes of one thread each, the first run's tokenizer and token arrays copied into every other run; and
+``moekit distill`` runs of trained teachers the same way.
 
 Finished runs (``summary.json``) are skipped, so a study that was interrupted continues where it stopped; an
 unfinished run starts again from nothing (runs are minutes long). Imported by the scripts of ``benchmarks/repro``
@@ -54,6 +55,30 @@ def run_all(jobs: list[tuple[str, str, list[str]]], data_src: str | Path | None,
     src = None if data_src is None else str(data_src)
     with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         return list(pool.map(run_one, *zip(*jobs, strict=True), [src] * len(jobs)))
+
+
+def distill_one(run_dir: str, teacher_dir: str, options: dict) -> dict:
+    """``moekit distill`` of the MoE run ``teacher_dir`` into ``run_dir`` (in this process, one thread) unless it
+    finished before (``summary.json`` and ``distill.json``); ``options``: keyword arguments of ``distill_run``
+    (``init``, ``hard_weight``, ``data_offset``, ``overrides``, ...). Returns its ``distill.json`` and the directory."""
+    import torch
+
+    from moekit.lab.distill.run import distill_run
+
+    torch.set_num_threads(1)
+    path = Path(run_dir)
+    if not ((path / "summary.json").is_file() and (path / "distill.json").is_file()):
+        if path.exists():  # an unfinished run of an interrupted study starts again
+            shutil.rmtree(path)
+        distill_run(teacher_dir, path, log=lambda m: None, **options)
+    return {"run_dir": run_dir, "info": json.loads((path / "distill.json").read_text())}
+
+
+def distill_all(jobs: list[tuple[str, str, dict]], workers: int) -> list[dict]:
+    """``distill_one`` for every ``(run_dir, teacher_dir, options)`` of ``jobs``, ``workers`` at a time, in order."""
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(distill_one, *zip(*jobs, strict=True)))
 
 
 def study_parser(doc: str, runs: str, seeds: int, steps: int) -> argparse.ArgumentParser:

@@ -32,6 +32,25 @@ def test_batches_are_deterministic_and_resume_exactly():
         TokenBatches(tokens[:30], batch_size=4, seq_len=10, seed=0)
 
 
+
+def test_skip_moves_the_position_as_drawing_would():
+    tokens = np.arange(1000, dtype=np.int32)  # 99 windows of 10 + 1, 24 batches of 4 per epoch
+    drawn = TokenBatches(tokens, batch_size=4, seq_len=10, seed=5)
+    first = [drawn.next_batch()[0] for _ in range(30)]
+    assert drawn.batches_per_epoch() == 24
+    for k in (0, 1, 23, 24, 25):  # within the first epoch, at its end and past it
+        skipped = TokenBatches(tokens, batch_size=4, seq_len=10, seed=5)
+        skipped.skip(k)
+        assert all(bool((skipped.next_batch()[0] == first[i]).all()) for i in range(k, 30))
+    moved = TokenBatches(tokens, batch_size=4, seq_len=10, seed=5)
+    moved.skip(25)  # one batch into the second epoch, as 25 draws leave it
+    assert moved.state_dict() == {"epoch": 1, "index": 4}
+    moved.skip(0)
+    assert moved.state_dict() == {"epoch": 1, "index": 4}
+    for bad in (-1, 1.5, True):
+        with pytest.raises(MoekitError, match="non-negative integer"):
+            moved.skip(bad)
+
 def test_eval_windows_and_unigram_baseline_golden():
     val = np.array([0, 1, 1, 2, 2], dtype=np.int32)
     batches = list(eval_windows(val, batch_size=1, seq_len=2, max_batches=None))

@@ -57,6 +57,23 @@ class ShuffledOrder:
         self.index += self.batch_size
         return idx
 
+    def skip(self, batches: int) -> None:
+        """Move the position ``batches`` batches on, exactly as that many :meth:`next_indices` calls would (epoch
+        ends included), without drawing them: a run that should start further into the same order (a distillation
+        student on the windows after its teacher's last batch) skips the batches before."""
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+            raise MoekitError(f"batches to skip must be a non-negative integer, got {batches!r}")
+        for _ in range(batches):
+            if self.index + self.batch_size > self.num_items:
+                self.epoch += 1
+                self.index = 0
+                self._perm = None
+            self.index += self.batch_size
+
+    def batches_per_epoch(self) -> int:
+        """Full batches in one epoch (the ragged tail is dropped)."""
+        return self.num_items // self.batch_size
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 

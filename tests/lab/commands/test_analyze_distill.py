@@ -85,6 +85,43 @@ def test_distill_reports_gain_and_ratio(runs, capsys):
     assert main(["eval", str(student), "--batches", "1"]) == 0
 
 
+
+def test_distill_from_scratch_with_a_data_offset(runs):
+    from moekit.data.batches import TokenBatches
+    from moekit.lab.training.run import load_trained_run
+    from moekit.training import checkpoint as ckpt
+    from moekit.training.metrics import read_metrics
+
+    # --init scratch copies nothing and --hard-weight 1.0 drops the teacher term: with the teacher's seed and no
+    # offset, the student is `moekit train` of the dense config (the fixture's dense run: same seed, data, steps),
+    # step for step.
+    plain = runs["tmp"] / "scratch-plain"
+    assert main(["distill", str(runs["moe"]), "--init", "scratch", "--hard-weight", "1.0", "--set",
+                 "train.max_steps=8", "--run-dir", str(plain)]) == 0
+    info = json.loads((plain / "distill.json").read_text())
+    assert info["init"] == "scratch" and info["copied_parameters"] == [] and info["ffn_init"] == []
+    assert info["data_offset_batches"] == 0 and info["teacher_batches_replayed"] == 8
+    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r] for d in (plain, runs["dense"])]
+    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert info["student_val_loss"] == pytest.approx(
+        json.loads((runs["dense"] / "summary.json").read_text())["final_val_loss"], abs=1e-6)
+
+    # --data-offset 5: the student's 3 batches are positions 5, 6, 7 of the teacher's order (all the teacher's:
+    # it trained 8 steps); its last checkpoint's data position is 5 + 3 batches into that order.
+    offset = runs["tmp"] / "scratch-offset"
+    assert main(["distill", str(runs["moe"]), "--init", "scratch", "--data-offset", "5", "--set",
+                 "train.max_steps=3", "--run-dir", str(offset)]) == 0
+    info = json.loads((offset / "distill.json").read_text())
+    assert info["data_offset_batches"] == 5 and info["teacher_steps"] == 8
+    assert info["teacher_data_seed"] == info["student_data_seed"] == 0 and info["teacher_batches_replayed"] == 3
+    run = load_trained_run(offset)
+    state = ckpt.load_checkpoint(ckpt.verify_checkpoint(run.checkpoint), run.model)
+    order = TokenBatches(run.data.train_tokens, 4, run.config.data.seq_len, 0)
+    order.skip(8)
+    assert state["step"] == 3 and state["data"] == order.state_dict()
+    assert info["batches_per_epoch"] == order.batches_per_epoch()
+
+
 def _one_line_error(capsys, argv: list[str], needle: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -98,6 +135,7 @@ def test_bad_input_is_a_one_line_error(runs, capsys, tmp_path):
     _one_line_error(capsys, ["distill", str(runs["dense"])], "MoE teacher")
     _one_line_error(capsys, ["distill", str(runs["moe"]), "--set", "model.d_model=64"], "train.*")
     _one_line_error(capsys, ["distill", str(runs["moe"]), "--hard-weight", "1.5"], "label weight")
+    _one_line_error(capsys, ["distill", str(runs["moe"]), "--data-offset", "-1"], "data offset")
     _one_line_error(capsys, ["distill", str(runs["moe"]), "--dense-baseline", str(runs["moe"])], "not a dense")
     # A flipped byte in the newest checkpoint: refused (no silent analysis of an older model) ...
     broken = tmp_path / "broken"
@@ -243,3 +281,14 @@ def test_seq2seq_distill_refuses_a_language_model_baseline(s2s_runs, runs, capsy
                                    "--run-dir", str(s2s_runs["tmp"] / "x")], "not an encoder-decoder run")
     assert err.startswith("moekit distill: error:")
     assert not (s2s_runs["tmp"] / "x").exists()  # refused before the student's run directory is written
+
+
+def test_seq2seq_distill_from_scratch_with_a_data_offset(s2s_runs):
+    student = s2s_runs["tmp"] / "scratch"
+    assert main(["distill", str(s2s_runs["moe"]), "--init", "scratch", "--data-offset", "2", "--set",
+                 "train.max_steps=2", "--run-dir", str(student)]) == 0
+    info = json.loads((student / "distill.json").read_text())
+    assert info["init"] == "scratch" and info["copied_parameters"] == [] and info["ffn_init"] == []
+    assert info["data_offset_batches"] == 2 and info["teacher_steps"] == 8
+    # The student's seed is the teacher's + 1: another order, so no batch of the teacher's recurs whole.
+    assert info["student_data_seed"] == 1 and info["teacher_batches_replayed"] is None

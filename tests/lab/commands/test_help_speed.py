@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import moekit
-from moekit.distill.student import INIT_METHODS
 from moekit.lab.commands import distill
+from moekit.lab.distill.run import STUDENT_INITS
 
 SRC = str(Path(moekit.__file__).resolve().parents[1])
 
@@ -26,7 +26,7 @@ def test_building_the_parser_imports_no_torch():
 
 
 def test_distill_init_choices_match_the_library():
-    assert distill.INIT_METHODS == INIT_METHODS
+    assert distill.INIT_METHODS == STUDENT_INITS
 
 
 def test_layers_load_on_first_use():

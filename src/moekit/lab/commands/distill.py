@@ -9,16 +9,17 @@ import sys
 
 from moekit.lab.commands import add_overrides
 
-# moekit.distill.student.INIT_METHODS, spelled out so that building the parser (--help) does not import torch;
+# moekit.lab.distill.run.STUDENT_INITS, spelled out so that building the parser (--help) does not import torch;
 # tests/lab/commands/test_help_speed.py checks that the two agree.
-INIT_METHODS = ("mean", "top", "random")
+INIT_METHODS = ("mean", "top", "random", "scratch")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a trained MoE run into its FLOP-matched dense model")
     p.add_argument("run_dir", help="the teacher: a run directory of an MoE model written by moekit train")
     p.add_argument("--init", default="mean", choices=INIT_METHODS,
-                   help="student FFN initialisation where the teacher had experts (default: mean)")
+                   help="student FFN initialisation where the teacher had experts (default: mean); 'scratch' "
+                   "copies nothing from the teacher: the student's own fresh initialisation from train.seed")
     p.add_argument("--dense-baseline", default=None, metavar="RUN_DIR",
                    help="a dense run trained alone on the same data, to compute the share of the gain kept")
     add_overrides(p, "override a training value of the student (repeatable), e.g. --set train.max_steps=200",
@@ -28,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hard-weight", type=float, default=0.75,
                    help="weight of the label cross-entropy; the teacher term gets 1 - this (Switch: 0.75; 1.0 is the "
                    "no-teacher ablation)")
+    p.add_argument("--data-offset", type=int, default=0, metavar="BATCHES",
+                   help="skip this many batches of the student's data order before its first step; with the "
+                   "teacher's train.seed and its step count, the student trains on windows the teacher never saw "
+                   "(default: 0)")
     p.add_argument("--fallback", action="store_true",
                    help="if a newest checkpoint fails its checksum, use the newest one that passes")
     p.set_defaults(func=run)
@@ -61,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     info = distill_run(args.run_dir, args.student_dir, init=args.init, dense_baseline=args.dense_baseline,
-                       overrides=args.overrides, hard_weight=args.hard_weight, fallback=args.fallback, log=log)
+                       overrides=args.overrides, hard_weight=args.hard_weight, data_offset=args.data_offset,
+                       fallback=args.fallback, log=log)
     print(
         f"teacher {info['teacher_val_loss']:.4f}, student ({info['init']} init) {info['student_val_loss']:.4f} "
         f"(before training {info['student_init_val_loss']:.4f}) {info.get('loss_unit', 'nats/token')}; parameters "

@@ -18,6 +18,14 @@ the student's ``train.seed`` (which seeds the window order and the span masks) i
 not replay the teacher's exact batches (``--set train.seed=N`` chooses another). A decoder LM student keeps the
 teacher's seed by default (its batches are the teacher's, in the teacher's order); ``--set train.seed=N`` gives it
 a fresh order.
+
+Where the student starts and what it trains on (an experiment's controls): ``init = "scratch"`` copies nothing from
+the teacher, so the student starts at its own fresh initialisation (``torch.manual_seed(train.seed)`` right before
+the model is built, as ``moekit train`` initialises a dense run of the student's config with that seed);
+``data_offset`` skips that many batches of the student's data order before its first step. With the teacher's seed
+and an offset of the teacher's step count, the student trains on the windows that follow the teacher's last batch,
+none of which the teacher saw while both fit in one epoch (``teacher_batches_replayed`` and ``batches_per_epoch`` in
+``distill.json`` say how it went).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from moekit.data.batches import TokenBatches, eval_windows, unigram_cross_entrop
 from moekit.distill.loss import HARD_WEIGHT
 from moekit.distill.model import DistilledLM, DistilledSeq2Seq
 from moekit.distill.student import (
+    INIT_METHODS,
     copy_non_expert_weights,
     expert_usage,
     init_seq2seq_student_ffns,
@@ -55,9 +64,12 @@ from moekit.models.seq2seq_config import STACKS
 from moekit.models.seq2seq_flops import seq2seq_flops_per_token, seq2seq_parameter_counts
 from moekit.training.trainer import EvalData, Trainer
 
-__all__ = ["distill_run", "evaluate_data", "evaluate_lm", "gain_kept"]
+__all__ = ["STUDENT_INITS", "distill_run", "evaluate_data", "evaluate_lm", "gain_kept", "teacher_batches_replayed"]
 
 USAGE_BATCHES = 8  # training batches the teacher routes to measure expert usage for the "top"/"mean" inits
+# How the student starts: the FFN methods of moekit.distill.student (every non-expert weight copied from the teacher),
+# or "scratch": nothing copied, the student's own fresh initialisation.
+STUDENT_INITS = (*INIT_METHODS, "scratch")
 
 
 @torch.no_grad()
@@ -107,6 +119,39 @@ def gain_kept(dense_loss: float, teacher_loss: float, student_loss: float) -> fl
     return (dense_loss - student_loss) / gain
 
 
+def teacher_batches_replayed(teacher_seed: int, teacher_batch_size: int, teacher_steps: int, student_seed: int,
+                             student_batch_size: int, data_offset: int, student_steps: int) -> int | None:
+    """How many of the student's batches are batches the teacher trained on. With the same seed and batch size both
+    walk the same order of batches, the teacher over positions ``[0, teacher_steps)``, the student over
+    ``[data_offset, data_offset + student_steps)``; None when the orders differ (another seed or batch size: no batch
+    recurs whole, though single windows may)."""
+    if teacher_seed != student_seed or teacher_batch_size != student_batch_size:
+        return None
+    return max(0, min(teacher_steps, data_offset + student_steps) - data_offset)
+
+
+def _data_record(teacher: LoadedRun, tc: Any, data_offset: int, batches: Any) -> dict[str, Any]:
+    """What ``distill.json`` says about the student's batches against the teacher's."""
+    t = teacher.config.train
+    return {
+        "teacher_data_seed": t.seed,
+        "student_data_seed": tc.seed,
+        "data_offset_batches": data_offset,
+        "teacher_steps": teacher.step,
+        "batches_per_epoch": batches.batches_per_epoch(),
+        "teacher_batches_replayed": teacher_batches_replayed(
+            t.seed, t.batch_size, teacher.step, tc.seed, tc.batch_size, data_offset, tc.max_steps
+        ),
+    }
+
+
+def _check_start(init: str, data_offset: int) -> None:
+    if init not in STUDENT_INITS:
+        raise MoekitError(f"unknown student initialisation {init!r}; choose one of {', '.join(STUDENT_INITS)}")
+    if isinstance(data_offset, bool) or not isinstance(data_offset, int) or data_offset < 0:
+        raise MoekitError(f"the data offset must be a non-negative number of batches, got {data_offset!r}")
+
+
 def _outcome(
     steps: int, teacher_loss: float, student_init_loss: float, student_loss: float, baseline: LoadedRun | None,
     baseline_loss: float | None, t_counts: dict[str, int], s_counts: dict[str, int],
@@ -136,15 +181,18 @@ def distill_run(
     dense_baseline: str | Path | None = None,
     overrides: list[str] | None = None,
     hard_weight: float = HARD_WEIGHT,
+    data_offset: int = 0,
     fallback: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Distil the MoE run in ``teacher_dir`` into its FLOP-matched dense model; returns ``distill.json``'s dict.
 
     ``hard_weight`` is Switch's 0.75; other values are for ablations (1.0: no teacher term, plain training of the
-    initialised student)."""
+    initialised student). ``init``: one of :data:`STUDENT_INITS` (``"scratch"``: nothing copied from the teacher).
+    ``data_offset``: batches of the student's data order skipped before its first step (see the module docstring)."""
     if not 0.0 <= hard_weight <= 1.0:
         raise MoekitError(f"the label weight must be in [0, 1], got {hard_weight}")
+    _check_start(init, data_offset)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     teacher = load_trained_run(teacher_dir, fallback=fallback, warn=log, command="distill")
     if not teacher.model.moe_layers:
@@ -154,7 +202,7 @@ def distill_run(
         raise MoekitError("moekit distill: --set may change train.* keys only (the student's shape is fixed)")
     if teacher.config.arch == "seq2seq":
         return _distill_seq2seq(teacher, run_dir, init=init, dense_baseline=dense_baseline, parsed=parsed,
-                                hard_weight=hard_weight, fallback=fallback, log=log)
+                                hard_weight=hard_weight, data_offset=data_offset, fallback=fallback, log=log)
     tables = teacher.config.resolved()
     tables.pop("moe", None)
     s_lm = student_config(teacher.model.config)
@@ -188,10 +236,14 @@ def distill_run(
 
     torch.manual_seed(tc.seed)
     student = DistilledLM(run_config.task.model_for_data(run_config, teacher.data), hard_weight=hard_weight)
-    copied = copy_non_expert_weights(teacher.model, student)
-    usage_tokens = teacher.data.train_tokens[: USAGE_BATCHES * tc.batch_size * seq_len]
-    usage = expert_usage(trace_model(teacher.model, iter_windows(usage_tokens, seq_len, tc.batch_size, None)))
-    ffn_init = init_student_ffns(teacher.model, student, init, usage)
+    copied: list[str] = []
+    usage: list[dict[str, Any]] | None = None
+    ffn_init: list[dict[str, Any]] = []
+    if init != "scratch":
+        copied = copy_non_expert_weights(teacher.model, student)
+        usage_tokens = teacher.data.train_tokens[: USAGE_BATCHES * tc.batch_size * seq_len]
+        usage = expert_usage(trace_model(teacher.model, iter_windows(usage_tokens, seq_len, tc.batch_size, None)))
+        ffn_init = init_student_ffns(teacher.model, student, init, usage)
 
     def val(model: TransformerLM) -> float:
         return evaluate_lm(model, teacher.data.val_tokens, tc.batch_size, seq_len, tc.eval_batches)
@@ -216,6 +268,13 @@ def distill_run(
         "teacher_usage": usage,
     }
     batches = TokenBatches(teacher.data.train_tokens, tc.batch_size, seq_len, tc.seed)
+    batches.skip(data_offset)
+    info.update(_data_record(teacher, tc, data_offset, batches))
+    log(
+        f"student batches: train.seed {tc.seed}, from batch {data_offset} of that order; "
+        f"{info['teacher_batches_replayed'] if info['teacher_batches_replayed'] is not None else 'none whole'} "
+        f"of its {tc.max_steps} batches are the teacher's"
+    )
     trainer = Trainer(tc, student, batches, teacher.data.val_tokens, run_dir,
                       extra_state={"config": run_config.resolved(), "distill": {"init": init}}, log=log)
     result = trainer.fit()
@@ -276,7 +335,7 @@ def _seq2seq_baseline(
 
 def _distill_seq2seq(
     teacher: LoadedRun, run_dir: str | Path | None, *, init: str, dense_baseline: str | Path | None,
-    parsed: dict[str, Any], hard_weight: float, fallback: bool, log: Callable[[str], None],
+    parsed: dict[str, Any], hard_weight: float, data_offset: int, fallback: bool, log: Callable[[str], None],
 ) -> dict[str, Any]:
     """:func:`distill_run` for an encoder-decoder teacher (see the module docstring)."""
     layers = teacher.model.moe_layers
@@ -303,8 +362,11 @@ def _distill_seq2seq(
     if task.model_for_data(run_config, teacher.data) != s_cfg:
         raise MoekitError("moekit distill: the student's run config does not rebuild the FLOP-matched dense model")
     tc = run_config.train
-    if tc.seed == teacher_seed:
-        log(f"warning: train.seed = {tc.seed} is the teacher's: the student replays the teacher's exact batches")
+    replayed = teacher_batches_replayed(teacher_seed, teacher.config.train.batch_size, teacher.step, tc.seed,
+                                        tc.batch_size, data_offset, tc.max_steps)
+    if replayed:
+        log(f"warning: train.seed = {tc.seed} is the teacher's: the student replays {replayed} of the teacher's "
+            "exact batches")
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(f"distill-{init}")
     if (run_dir / "config.toml").exists():
         raise MoekitError(f"{run_dir} already holds a run; choose another --run-dir")
@@ -317,13 +379,17 @@ def _distill_seq2seq(
 
     torch.manual_seed(tc.seed)
     student = DistilledSeq2Seq(s_cfg, hard_weight=hard_weight)
-    copied = copy_non_expert_weights(teacher.model, student)
-    # Expert usage for the "mean" / "top" inits: the teacher on the first span-corruption examples of the training
-    # split (fixed masks, as the validation examples are masked).
-    usage_examples = task.examples(run_config, teacher.data, teacher.data.train_tokens)
-    traces = trace_seq2seq(teacher.model, usage_examples.batches(tc.batch_size, USAGE_BATCHES))
-    usage = {stack: expert_usage(trace) for stack, trace in traces.items()}
-    ffn_init = init_seq2seq_student_ffns(teacher.model, student, init, usage)
+    copied: list[str] = []
+    usage: dict[str, list[dict[str, Any]]] | None = None
+    ffn_init: list[dict[str, Any]] = []
+    if init != "scratch":
+        copied = copy_non_expert_weights(teacher.model, student)
+        # Expert usage for the "mean" / "top" inits: the teacher on the first span-corruption examples of the
+        # training split (fixed masks, as the validation examples are masked).
+        usage_examples = task.examples(run_config, teacher.data, teacher.data.train_tokens)
+        traces = trace_seq2seq(teacher.model, usage_examples.batches(tc.batch_size, USAGE_BATCHES))
+        usage = {stack: expert_usage(trace) for stack, trace in traces.items()}
+        ffn_init = init_seq2seq_student_ffns(teacher.model, student, init, usage)
 
     eval_data = task.eval_data(run_config, teacher.data)
 
@@ -338,7 +404,9 @@ def _distill_seq2seq(
         f"'{init}' initialisation, before training: {student_init_loss:.4f} (nats/target token)"
     )
     student.set_teacher(teacher.model)
-    trainer = Trainer(tc, student, task.batches(run_config, teacher.data), eval_data, run_dir,
+    batches = task.batches(run_config, teacher.data)
+    batches.skip(data_offset)
+    trainer = Trainer(tc, student, batches, eval_data, run_dir,
                       extra_state={"config": run_config.resolved(), "distill": {"init": init}}, log=log)
     result = trainer.fit()
     student_loss = result.final_val_loss if result.final_val_loss is not None else val(student)
@@ -357,8 +425,7 @@ def _distill_seq2seq(
         "teacher_checkpoint": str(teacher.checkpoint),
         "init": init,
         "hard_weight": hard_weight,
-        "teacher_data_seed": teacher_seed,
-        "student_data_seed": tc.seed,
+        **_data_record(teacher, tc, data_offset, batches),
         "copied_parameters": copied,
         "ffn_init": ffn_init,
         "teacher_usage": usage,
