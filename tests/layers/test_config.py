@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moekit import MoE, MoEConfig, SoftMoEConfig
+from moekit import MoE, MoEConfig, SoftMoE, SoftMoEConfig
 
 BASE = {"d_model": 8, "d_ff": 16, "num_experts": 4}
 
@@ -89,11 +89,25 @@ def test_causal_safety():
         ({"init_scale": -1.0}, r"init_scale must be > 0, got -1.0"),
         ({"num_experts": 0}, r"num_experts must be a positive integer, got 0"),
         ({"init_scale": float("nan")}, r"init_scale must be finite and > 0, got nan"),
+        ({"router_scale_init": 0.0}, r"router_scale_init must be > 0, got 0.0"),
+        ({"router_scale_init": -2.0}, r"router_scale_init must be > 0, got -2.0"),
+        ({"router_scale_init": float("inf")}, r"router_scale_init must be finite and > 0, got inf"),
+        ({"router_scale_init": True}, r"router_scale_init must be > 0, got True"),
+        ({"router_scale_init": "8"}, r"router_scale_init must be > 0, got '8'"),
     ],
 )
 def test_soft_moe_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SoftMoEConfig(**{**BASE, **kwargs})
+
+
+def test_soft_moe_router_scale_init_reaches_the_router():
+    # Default 1.0 (the reference implementation's); an int is stored as a float; the layer's router starts there.
+    assert SoftMoEConfig(**BASE).router_scale_init == 1.0
+    c = SoftMoEConfig(**BASE, router_scale_init=8)
+    assert c.router_scale_init == 8.0 and isinstance(c.router_scale_init, float)
+    layer = SoftMoE(c)
+    assert layer.router.scale.item() == 8.0 and layer.router.scale_init == 8.0
 
 
 def test_layer_builds_from_config_fields():

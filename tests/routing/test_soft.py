@@ -36,6 +36,21 @@ def test_logits_are_scaled_cosine_similarities():
     torch.testing.assert_close(r.logits(x), 2.5 * logits, rtol=1e-5, atol=1e-6)
 
 
+def test_scale_init_sets_the_learned_scale_and_survives_a_reset():
+    # scale_init = sqrt(D): the logits are sqrt(D) times the cosines, so for a token of norm sqrt(D) (a LayerNorm
+    # output) and unit slot directions they equal the un-normalised logits x @ phin.
+    D = 16
+    r = SoftRouter(D, 4, slots_per_expert=2, scale_init=D**0.5)
+    assert r.scale.item() == pytest.approx(4.0) and r.scale.requires_grad
+    x = torch.nn.functional.layer_norm(torch.randn(3, 5, D), (D,))  # every token of norm sqrt(D), up to eps
+    phin = r.phi.detach() / r.phi.detach().norm(dim=0, keepdim=True)
+    torch.testing.assert_close(r.logits(x), torch.einsum("bmd,dep->bmep", x, phin), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        r.scale.fill_(0.5)
+    r.reset_parameters()
+    assert r.scale.item() == pytest.approx(4.0)  # a reset goes back to scale_init, not to 1.0
+
+
 def test_zero_token_stays_finite():
     r = SoftRouter(4, 2)
     x = torch.zeros(1, 3, 4)
@@ -58,6 +73,9 @@ def test_float32_under_autocast():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"num_experts": 0}, r"num_experts must be >= 1, got 0"),
     ({"num_experts": 2, "slots_per_expert": 0}, r"slots_per_expert must be >= 1, got 0"),
+    ({"num_experts": 2, "scale_init": 0.0}, r"scale_init must be a finite number > 0, got 0.0"),
+    ({"num_experts": 2, "scale_init": float("nan")}, r"scale_init must be a finite number > 0, got nan"),
+    ({"num_experts": 2, "scale_init": True}, r"scale_init must be a finite number > 0, got True"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -220,6 +220,11 @@ class SoftMoEConfig:
         activation: expert activation.
         init_scale: Switch init scale for the experts.
         expert_dropout: dropout on the expert hidden activation.
+        router_scale_init: initial value of the router's learned logit scale (the logits are this times the cosine
+            of a token and a slot parameter). 1.0 (the reference implementation's) leaves the logits within
+            [-1, 1]: near-uniform dispatch and combine weights at small widths. ``sqrt(d_model)`` starts them at the
+            magnitude of the paper's un-normalised logits ``X @ Phi`` for LayerNorm'd tokens (docs/ALGORITHMS.md
+            section 4).
     """
 
     d_model: int
@@ -229,6 +234,7 @@ class SoftMoEConfig:
     activation: str = "gelu"
     init_scale: float = 0.1
     expert_dropout: float = 0.0
+    router_scale_init: float = 1.0
 
     def __repr__(self) -> str:
         return config_repr(self)
@@ -239,3 +245,5 @@ class SoftMoEConfig:
         check_choice("activation", self.activation, sorted(ACTIVATIONS))
         check_unit_interval("expert_dropout", self.expert_dropout)
         check_number("init_scale", self.init_scale, low=0, low_open=True, expected="> 0")
+        check_number("router_scale_init", self.router_scale_init, low=0, low_open=True, expected="> 0")
+        self.router_scale_init = float(self.router_scale_init)

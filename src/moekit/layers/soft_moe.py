@@ -33,7 +33,7 @@ class SoftMoE(SparseFFN):
         super().__init__(config.num_experts)
         self.config = config
         c = config
-        self.router = SoftRouter(c.d_model, c.num_experts, c.slots_per_expert)
+        self.router = SoftRouter(c.d_model, c.num_experts, c.slots_per_expert, scale_init=c.router_scale_init)
         self.experts = ExpertBank(
             c.num_experts, c.d_model, c.d_ff, c.activation, init_scale=c.init_scale, dropout=c.expert_dropout
         )
