@@ -270,3 +270,21 @@ def test_logistic_probe_separates_separable_points():
     y = torch.tensor([0, 0, 1, 1, 0, 1])
     w, b = ft.fit_logistic_probe(x, y, 2)
     assert ((x.double() @ w + b).argmax(1) == y).all()
+
+
+def test_the_command_line_runs_and_rescores(model_dir, toy_tasks, tmp_path, capsys):
+    from moekit.lab.cli import main
+
+    out = tmp_path / "cli"
+    args = ["finetune", "--method", "ia3", "--model", model_dir, "--steps", "2", "--batch-size", "4",
+            "--max-len", "24", "--eval-max-len", "24", "--n-train", "10", "--n-test", "4", "--n-dev", "3",
+            "--eval-every", "1", "--splits", "dev", "--schedule", "constant", "--warmup-steps", "1",
+            "--seen", "sentiment,spam", "--heldout", "epistemic_reasoning", "--save-trainable", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["schedule"] == "constant" and [p["step"] for p in res["curve"]] == [1, 2]
+    assert (out / "predictions_dev.jsonl").is_file() and not (out / "predictions_test.jsonl").exists()
+    capsys.readouterr()
+    assert main(["finetune", "--evaluate", str(out), "--splits", "test"]) == 0
+    assert json.loads(capsys.readouterr().out)["heldout_calibrated_balanced_mean"] is not None
+    assert len((out / "predictions_test.jsonl").read_text().splitlines()) == 12
