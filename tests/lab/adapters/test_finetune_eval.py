@@ -115,6 +115,20 @@ def test_dev_split_is_disjoint_from_test_and_train(toy_tasks):
     assert tasks.content_free_texts("spam") == [f"{tasks.INSTRUCTIONS['spam']} N/A", tasks.INSTRUCTIONS["spam"]]
 
 
+def test_shared_preamble_and_query_lengths():
+    pre = "Based only on the quote, say whether the claim is True. "
+    texts = [pre + "Passage: a. Claim: b.", pre + "Passage: c. Claim: d."]
+    assert tasks.shared_preamble(texts) == pre
+    # "Premise:" is shared but short: part of the input. One text alone has no preamble.
+    assert tasks.shared_preamble(["Premise: a is b", "Premise: c is d"]) == ""
+    assert tasks.shared_preamble([pre + "x"]) == ""
+    # The shared start ends inside a word: cut back to the last space.
+    assert tasks.shared_preamble([pre + "Passage one", pre + "Passage two"]) == pre + "Passage "
+    cfg = ft.FinetuneConfig(max_len=48, eval_max_len=96, seen_tasks=["sentiment", "vitaminc"],
+                            heldout_tasks=["epistemic_reasoning"])
+    assert [ft.query_len(cfg, t) for t in ("sentiment", "vitaminc", "epistemic_reasoning")] == [48, 96, 96]
+
+
 def test_offline_check_names_the_tasks_that_would_download(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path))
     assert tasks.cached_bigbench_tasks() == []
@@ -237,6 +251,10 @@ def test_a_run_writes_predictions_curve_calibration_and_routing(model_dir, toy_t
     assert sum("dev_mean" in json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()) == 2
     spec = res["routing_specialisation"]
     assert set(spec) == {"trained", "null"} and spec["trained"]["tasks"] == ["sentiment", "spam"]
+    assert spec["null"]["tasks"] == ["sentiment", "spam"] and "mean_probs" not in spec["null"]
+    # Mean routing per task (held-out ones too) over the input tokens, for the routing figure.
+    assert set(res["routing"]) == {"sentiment", "spam", "epistemic_reasoning"}
+    assert all(abs(sum(p) - 1) < 1e-4 for p in res["routing"]["spam"].values())
     assert (out / ft.TRAINABLE_FILE).is_file() and (out / ft.ROUTER_INIT_FILE).is_file()
     # Scoring the test split again from the saved tensors gives the same predictions.
     before = (out / "predictions_test.jsonl").read_text()

@@ -38,6 +38,7 @@ from moekit.config import check_choice, check_number, check_positive_int
 from moekit.errors import ConfigError, MoekitError
 from moekit.lab.adapters.tasks import (
     HELDOUT_TASKS,
+    PAIR_TASKS,
     SEEN_TASKS,
     Example,
     build_splits,
@@ -66,6 +67,9 @@ class FinetuneConfig:
     parameter can move in a fixed budget (with Adam about ``lr`` per step, halved on average by a linear decay) and
     makes every learning curve flatten by construction; ``constant`` after a warm-up shows whether a method has
     converged at its learning rate, which is what the reproduction study needs (benchmarks/repro/peft_moe.py).
+
+    Query lengths: ``max_len`` tokens, or ``eval_max_len`` for held-out and pair tasks (:func:`query_len`).
+    ``drop_preamble`` drops a preamble shared by every input of a task (tasks.shared_preamble).
 
     Evaluation: ``splits`` names what is scored at the end (``dev``, ``test``), each writing
     ``predictions_<split>.jsonl`` (one line per example: task, id, gold, predicted, the score of every candidate);
@@ -105,6 +109,7 @@ class FinetuneConfig:
     routing_items: int = 100
     offline: bool = False
     save_trainable: bool = False
+    drop_preamble: bool = False
     seed: int = 0
     threads: int = 1
     seen_tasks: list[str] = field(default_factory=lambda: list(SEEN_TASKS))
@@ -379,6 +384,8 @@ class TokenExpertRecorder:
         self.real_BS: torch.Tensor | None = None
         self.input_BS: torch.Tensor | None = None
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.prob_sums: dict[tuple[int, str], torch.Tensor] = {}  # (task, site) -> summed probs of input tokens
+        self.prob_counts: dict[tuple[int, str], int] = {}
 
     def add(self, site: str, probs_xE: torch.Tensor, mask_BS: torch.Tensor | None = None) -> None:
         real_BS = self.real_BS
@@ -392,6 +399,11 @@ class TokenExpertRecorder:
         is_input_N = self.input_BS.reshape(-1)[keep].long()
         task_N = torch.full_like(top_N, self.task)
         self.rows.setdefault(site, []).append(torch.stack([task_N, top_N, is_input_N], 1))
+        inp = self.input_BS.reshape(-1).bool()
+        probs_NE = probs_BSE.reshape(-1, probs_BSE.shape[-1])[inp].float()
+        key = (self.task, site)
+        self.prob_sums[key] = self.prob_sums.get(key, 0) + probs_NE.sum(0)
+        self.prob_counts[key] = self.prob_counts.get(key, 0) + int(probs_NE.shape[0])
 
     def table(self, site: str) -> torch.Tensor:
         """``[N, 3]``: task, top expert, is-input flag of every recorded token at ``site``."""
@@ -413,32 +425,47 @@ def input_token_mask(tok: Any, examples: list[Example], max_len: int) -> tuple[d
 
 @torch.no_grad()
 def routing_specialisation(model: MultipleChoiceScorer, tok: Any, examples: dict[str, list[Example]],
-                           max_len: int, batch_size: int = 64) -> dict[str, Any]:
+                           max_len: int | dict[str, int], batch_size: int = 64,
+                           mi_tasks: list[str] | None = None) -> dict[str, Any]:
     """How much the top expert of a token tells about its task: per site, the Miller-Madow mutual information (bits)
     between task and top-1 expert over the input tokens (``input``) and, for comparison, over all real tokens
-    instruction included (``all``), with the token counts; ``mean_input`` / ``mean_all`` average the sites."""
+    instruction included (``all``), with the token counts; ``mean_input`` / ``mean_all`` average the sites;
+    ``mean_probs``: ``{task: {site: mean router probabilities over its input tokens}}``. ``max_len``: one length
+    or one per task. ``mi_tasks``: the tasks the statistic is over (default all of ``examples``)."""
+    import numpy as np
+
     from moekit.adapters.recording import record_router_probs
     from moekit.analysis.stats import miller_madow_mi_bits
 
     model.eval()
     rec = TokenExpertRecorder()
     with record_router_probs(model.encoder, rec):  # type: ignore[arg-type]
-        for t, (_, exs) in enumerate(examples.items()):
+        for t, (task, exs) in enumerate(examples.items()):
             for i in range(0, len(exs), batch_size):
-                q, input_BS = input_token_mask(tok, exs[i: i + batch_size], max_len)
+                q, input_BS = input_token_mask(tok, exs[i: i + batch_size], _task_len(max_len, task))
                 rec.task, rec.real_BS, rec.input_BS = t, q["attention_mask"], input_BS
                 model.embed(q["input_ids"], q["attention_mask"])
+    names = list(examples)
+    counted = [names.index(t) for t in (mi_tasks if mi_tasks is not None else names)]
     sites = {}
     for site in rec.rows:
         tab = rec.table(site).numpy()
+        tab = tab[np.isin(tab[:, 0], counted)]
         inp = tab[tab[:, 2] == 1]
         sites[site] = {"input": miller_madow_mi_bits(inp[:, 0], inp[:, 1]) if len(inp) else float("nan"),
                        "all": miller_madow_mi_bits(tab[:, 0], tab[:, 1]),
                        "tokens_input": int(len(inp)), "tokens_all": int(len(tab))}
     n = max(len(sites), 1)
-    return {"tasks": list(examples), "sites": sites,
+    mean_probs = {task: {site: (rec.prob_sums[t, site] / max(rec.prob_counts[t, site], 1)).tolist()
+                         for site in rec.rows if (t, site) in rec.prob_sums}
+                  for t, task in enumerate(examples)}
+    return {"tasks": [names[t] for t in counted], "sites": sites, "mean_probs": mean_probs,
             "mean_input": sum(v["input"] for v in sites.values()) / n,
             "mean_all": sum(v["all"] for v in sites.values()) / n}
+
+
+def _task_len(max_len: int | dict[str, int], task: str) -> int:
+    return max_len[task] if isinstance(max_len, dict) else max_len
 
 
 def router_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -495,7 +522,8 @@ def fit_logistic_probe(x_ND: torch.Tensor, y_N: torch.Tensor, num_classes: int, 
 
 
 def linear_probe(model: MultipleChoiceScorer, tok: Any, train: dict[str, list[Example]],
-                 test: dict[str, list[Example]], max_len: int) -> tuple[list[dict], dict[str, dict[str, float]]]:
+                 test: dict[str, list[Example]], max_len: int | dict[str, int],
+                 ) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """A logistic-regression probe per task on the encoder's pooled query embedding: ``(records, metrics)`` on
     ``test`` in :func:`score_split`'s format (the scores are the probe's logits)."""
     records, metrics = [], {}
@@ -504,8 +532,9 @@ def linear_probe(model: MultipleChoiceScorer, tok: Any, train: dict[str, list[Ex
             continue
         classes = sorted({c for e in train[task] + exs for c in e.candidates})
         y = torch.tensor([classes.index(e.candidates[e.label]) for e in train[task]])
-        w_DK, b_K = fit_logistic_probe(_pooled(model, tok, train[task], max_len), y, len(classes))
-        logits_NK = (_pooled(model, tok, exs, max_len).double() @ w_DK + b_K).tolist()
+        n_len = _task_len(max_len, task)
+        w_DK, b_K = fit_logistic_probe(_pooled(model, tok, train[task], n_len), y, len(classes))
+        logits_NK = (_pooled(model, tok, exs, n_len).double() @ w_DK + b_K).tolist()
         gold, pred = [], []
         for e, row in zip(exs, logits_NK, strict=True):
             own = [row[classes.index(c)] for c in e.candidates]
@@ -548,7 +577,14 @@ def _splits(cfg: FinetuneConfig) -> dict[str, dict[str, list[Example]]]:
             raise MoekitError(f"task(s) {missing} are not in the local cache ({default_cache_dir()}) and offline "
                               f"is set: fetch them first (docs/DATA.md section 6) or leave them out")
     return build_splits(cfg.n_train, cfg.n_test, cfg.seed, tuple(cfg.seen_tasks), tuple(cfg.heldout_tasks),
-                        n_dev=cfg.n_dev)
+                        n_dev=cfg.n_dev, drop_preamble=cfg.drop_preamble)
+
+
+def query_len(cfg: FinetuneConfig, task: str) -> int:
+    """The query length (tokens) of ``task``: ``eval_max_len`` for held-out tasks and for pair tasks
+    (tasks.PAIR_TASKS: premise and hypothesis, passage and claim need the room, trained on or not), else
+    ``max_len``."""
+    return cfg.eval_max_len if task in cfg.heldout_tasks or task in PAIR_TASKS else cfg.max_len
 
 
 def _mean(values: list[float]) -> float | None:
@@ -561,10 +597,12 @@ def _score_and_write(cfg: FinetuneConfig, model: MultipleChoiceScorer, tok: Any,
     ``predictions_<split>.jsonl`` and returns the split's metrics and means."""
     seen = {n: v for n, v in data[split].items() if n in cfg.seen_tasks}
     held = {n: v for n, v in data[split].items() if n in cfg.heldout_tasks}
-    records, metrics = score_split(model, tok, seen, cfg.max_len)
-    rec_h, met_h = score_split(model, tok, held, cfg.eval_max_len, set(held) if cfg.calibrate else set())
-    records += rec_h
-    metrics.update(met_h)
+    records, metrics = [], {}
+    for task, exs in {**seen, **held}.items():
+        calibrated = {task} if task in held and cfg.calibrate else set()
+        rec, met = score_split(model, tok, {task: exs}, query_len(cfg, task), calibrated)
+        records += rec
+        metrics.update(met)
     _write_jsonl(out / f"predictions_{split}.jsonl", records)
     res: dict[str, Any] = {"metrics": metrics,
                            "seen_mean": _mean([metrics[n]["accuracy"] for n in seen]),
@@ -580,7 +618,7 @@ def _dev_curve_point(cfg: FinetuneConfig, model: MultipleChoiceScorer, tok: Any,
     seen = {n: v for n, v in data["dev"].items() if n in cfg.seen_tasks}
     acc = {}
     for task, exs in seen.items():
-        scores = candidate_scores(model, tok, exs, cfg.max_len)
+        scores = candidate_scores(model, tok, exs, query_len(cfg, task))
         acc[task] = sum(max(range(len(s)), key=s.__getitem__) == e.label
                         for e, s in zip(exs, scores, strict=True)) / max(len(exs), 1)
     model.train()
@@ -599,22 +637,24 @@ def _evaluate_into(cfg: FinetuneConfig, model: MultipleChoiceScorer, tok: Any, d
         if "heldout_calibrated_balanced_mean" in test:
             results["heldout_calibrated_balanced_mean"] = test["heldout_calibrated_balanced_mean"]
         results["n_test"] = {n: m["n"] for n, m in test["metrics"].items()}
-    if cfg.method in ("mov", "molora") and "test" in splits:
+    lens = {n: query_len(cfg, n) for n in [*cfg.seen_tasks, *cfg.heldout_tasks]}
+    if cfg.method in ("mov", "molora") and "test" in splits and cfg.routing_items:
         test_ex = data["test"]
-        # Mean router probabilities per task and site over the query tokens (the first grid's routing figure).
-        _, results["routing"] = evaluate(model, tok, {n: test_ex[n][: cfg.routing_items] for n in test_ex},
-                                         cfg.max_len, record=True)
-        if cfg.routing_items:
-            items = {n: test_ex[n][: cfg.routing_items] for n in cfg.seen_tasks if test_ex.get(n)}
-            spec = {"trained": routing_specialisation(model, tok, items, cfg.max_len)}
-            if router_init is not None:
-                trained = swap_router_weights(model.encoder, router_init)
-                spec["null"] = routing_specialisation(model, tok, items, cfg.max_len)
-                swap_router_weights(model.encoder, trained)
-            results["routing_specialisation"] = spec
+        # Every task's items, for the mean routing per task (held-out ones too: the routing figure); the
+        # specialisation statistic is over the seen tasks.
+        items = {n: test_ex[n][: cfg.routing_items] for n in test_ex if test_ex[n]}
+        seen_items = {n: v for n, v in items.items() if n in cfg.seen_tasks}
+        spec = {"trained": routing_specialisation(model, tok, items, lens, mi_tasks=list(seen_items))}
+        results["routing"] = spec["trained"].pop("mean_probs")
+        if router_init is not None:
+            weights = swap_router_weights(model.encoder, router_init)
+            spec["null"] = routing_specialisation(model, tok, seen_items, lens)
+            spec["null"].pop("mean_probs")
+            swap_router_weights(model.encoder, weights)
+        results["routing_specialisation"] = spec
     if cfg.probe and "test" in splits:
         records, metrics = linear_probe(model, tok, {n: v[: cfg.n_probe] for n, v in data["train"].items()},
-                                        {n: v for n, v in data["test"].items() if n in cfg.seen_tasks}, cfg.max_len)
+                                        {n: v for n, v in data["test"].items() if n in cfg.seen_tasks}, lens)
         _write_jsonl(out / "probe_predictions_test.jsonl", records)
         results["probe"] = {"metrics": metrics, "seen_mean": _mean([m["accuracy"] for m in metrics.values()])}
     results["eval_time_s"] = round(results.get("eval_time_s", 0.0) + time.time() - t_eval, 1)
@@ -653,7 +693,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | os.PathLike) -> dict[str, A
             # Tasks sampled uniformly, one task per batch (its candidates are then shared by the batch).
             name = names[step % len(names)] if step < len(names) else rng.choice(names)
             batch = rng.sample(train[name], min(cfg.batch_size, len(train[name])))
-            q, c, allowed_BC, labels_B = _batch_tensors(tok, batch, cfg.max_len)
+            q, c, allowed_BC, labels_B = _batch_tensors(tok, batch, query_len(cfg, name))
             loss = F.cross_entropy(_logits(model, q, c, allowed_BC), labels_B)
             opt.zero_grad(set_to_none=True)
             loss.backward()

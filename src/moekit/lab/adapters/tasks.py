@@ -21,6 +21,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import random
 import re
 import tarfile
@@ -62,6 +63,10 @@ CONTENT_FREE_INPUTS = ("N/A", "")
 # training task has to come from them.
 TRANSFER_SEEN = (*SEEN_TASKS, "vitaminc")
 NLI_HELDOUT = ("epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity")
+# Tasks whose input is a pair (premise and hypothesis, passage and claim, fact and question): scored and trained at
+# the longer query length (finetune's eval_max_len) so the second half is not cut off.
+PAIR_TASKS = frozenset({"epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity",
+                        "vitaminc"})
 MIXTURES = {"classification": (SEEN_TASKS, HELDOUT_TASKS), "transfer": (TRANSFER_SEEN, NLI_HELDOUT)}
 
 
@@ -240,7 +245,7 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
 
 def build_splits(n_train: int, n_test: int, seed: int = 0,
                  seen: tuple[str, ...] = SEEN_TASKS, heldout: tuple[str, ...] = HELDOUT_TASKS,
-                 n_dev: int = 0) -> dict[str, dict[str, list[Example]]]:
+                 n_dev: int = 0, drop_preamble: bool = False) -> dict[str, dict[str, list[Example]]]:
     """``{"train", "dev", "test"}``, each ``{task: examples}``, split by key (the example text; the document for
     ``brown_genre``) so no key sits on two sides.
 
@@ -251,6 +256,8 @@ def build_splits(n_train: int, n_test: int, seed: int = 0,
     per task, in a seeded order. ``n_dev = 0`` gives exactly the split of earlier versions (no dev keys taken).
     Every example gets ``uid = "<task>:<index in the parsed task>"`` and ``prefix_chars`` (the instruction's length
     plus its space), so predictions can be paired across runs and routing measured on the input alone.
+    ``drop_preamble``: drop a preamble that every input of a task starts with (:func:`shared_preamble`; BIG-bench
+    inputs can carry the task's own paragraph of instructions, which would fill the token budget).
     """
     unknown = sorted(set(seen + heldout) - set(INSTRUCTIONS))
     if unknown:
@@ -276,7 +283,8 @@ def build_splits(n_train: int, n_test: int, seed: int = 0,
         side = {k: "test" for k in keys[:n_test_keys]}
         side.update({k: "dev" for k in keys[n_test_keys: n_test_keys + n_dev_keys]})
         instr = INSTRUCTIONS[name]
-        fmt = [Example(f"{instr} {_strip_doc_id(name, e.text)}", e.candidates, e.label, f"{name}:{i}",
+        cut = len(shared_preamble([e.text for e in examples])) if drop_preamble else 0
+        fmt = [Example(f"{instr} {_strip_doc_id(name, e.text[cut:])}", e.candidates, e.label, f"{name}:{i}",
                        len(instr) + 1) for i, e in enumerate(examples)]
         rng = random.Random(f"{seed}-{name}-ex")
         te = [f for e, f in zip(examples, fmt, strict=True) if side.get(_split_key(name, e)) == "test"]
@@ -291,6 +299,19 @@ def build_splits(n_train: int, n_test: int, seed: int = 0,
                 random.Random(f"{seed}-{name}-dev").shuffle(dv)
                 out["dev"][name] = dv[:n_dev]
     return out
+
+
+def shared_preamble(texts: list[str], min_chars: int = 40) -> str:
+    """The longest start that every text shares, cut back to a word boundary, when it is at least ``min_chars``
+    long (a task-level preamble), else ``""`` (shorter shared starts such as "Premise:" are part of the input)."""
+    if len(texts) < 2:
+        return ""
+    prefix = os.path.commonprefix(texts)
+    if len(prefix) < min_chars:
+        return ""
+    if any(len(t) > len(prefix) and not t[len(prefix)].isspace() for t in texts) and not prefix[-1].isspace():
+        prefix = prefix[: prefix.rfind(" ") + 1] if " " in prefix else ""
+    return prefix if len(prefix) >= min_chars else ""
 
 
 def content_free_texts(name: str) -> list[str]:

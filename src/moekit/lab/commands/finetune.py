@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="test examples per seen task for routing specialisation (MoV / MoLoRA; 0: skip)")
     p.add_argument("--offline", action="store_true",
                    help="refuse tasks whose source is not in the local cache instead of downloading it")
+    p.add_argument("--drop-preamble", action="store_true",
+                   help="drop a preamble shared by every input of a task (BIG-bench inputs can carry one)")
     p.add_argument("--save-trainable", action="store_true",
                    help="keep the trained tensors (trainable.safetensors) for --evaluate")
     p.add_argument("--evaluate", default=None, metavar="RUN_DIR",
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 max_len=args.max_len, eval_max_len=args.eval_max_len, n_train=args.n_train, n_test=args.n_test,
                 n_dev=args.n_dev, eval_every=args.eval_every, splits=splits, calibrate=not args.no_calibrate,
                 probe=args.probe, n_probe=args.n_probe, routing_items=args.routing_items, offline=args.offline,
-                save_trainable=args.save_trainable, seed=args.seed, threads=args.threads, seen_tasks=seen,
+                save_trainable=args.save_trainable, drop_preamble=args.drop_preamble, seed=args.seed,
+                threads=args.threads, seen_tasks=seen,
                 heldout_tasks=heldout)
     if args.grid:
         for k in ("num_experts", "routing", "top_k", "router_input"):
