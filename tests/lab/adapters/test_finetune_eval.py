@@ -118,12 +118,12 @@ def test_dev_split_is_disjoint_from_test_and_train(toy_tasks):
 def test_shared_preamble_and_query_lengths():
     pre = "Based only on the quote, say whether the claim is True. "
     texts = [pre + "Passage: a. Claim: b.", pre + "Passage: c. Claim: d."]
-    assert tasks.shared_preamble(texts) == pre
+    assert tasks.shared_preamble(texts) == pre + "Passage: "  # everything shared goes
     # "Premise:" is shared but short: part of the input. One text alone has no preamble.
     assert tasks.shared_preamble(["Premise: a is b", "Premise: c is d"]) == ""
     assert tasks.shared_preamble([pre + "x"]) == ""
     # The shared start ends inside a word: cut back to the last space.
-    assert tasks.shared_preamble([pre + "Passage one", pre + "Passage two"]) == pre + "Passage "
+    assert tasks.shared_preamble([pre + "Passages one", pre + "Passaged two"]) == pre
     cfg = ft.FinetuneConfig(max_len=48, eval_max_len=96, seen_tasks=["sentiment", "vitaminc"],
                             heldout_tasks=["epistemic_reasoning"])
     assert [ft.query_len(cfg, t) for t in ("sentiment", "vitaminc", "epistemic_reasoning")] == [48, 96, 96]
