@@ -702,7 +702,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | os.PathLike) -> dict[str, A
             if step % 10 == 0 or step == steps - 1:
                 _append_jsonl(log, {"step": step, "task": name, "loss": round(loss.item(), 4),
                                     "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t_train, 1)})
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step == steps - 1):
+            last = step == steps - 1
+            # The last point comes from scoring the dev split at the end when that is asked for (not twice).
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and not (last and "dev" in cfg.splits):
                 t_dev = time.time()
                 point = _dev_curve_point(cfg, model, tok, data, step + 1)
                 t_train += time.time() - t_dev  # the curve's evaluation is not training time
@@ -725,6 +727,13 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | os.PathLike) -> dict[str, A
         tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, str(out / TRAINABLE_FILE))
     _evaluate_into(cfg, model, tok, data, out, results, cfg.splits, router_init or None)
+    if cfg.eval_every and steps and "dev" in cfg.splits:
+        dev = results["splits"]["dev"]
+        point = {"step": steps, "dev_accuracy": {n: dev["metrics"][n]["accuracy"] for n in cfg.seen_tasks
+                                                 if n in dev["metrics"]}, "dev_mean": dev["seen_mean"]}
+        curve.append(point)
+        _append_jsonl(log, point)
+        results["curve"] = curve
     results["total_time_s"] = round(time.time() - t0, 1)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     if adapter_cfg is not None:
