@@ -42,18 +42,27 @@ Setup (``moekit finetune``'s dual-encoder multiple-choice scorer, docs/ALGORITHM
 
 Budget (measured on this project's 2-core machine, one thread per run, CPU time, max_len 48, batch 16): one training
 step costs (IA)3 0.91 s, MoV-10 1.09 s, LoRA 1.11 s, MoLoRA-10 1.53 s, full fine-tuning 1.82 s (VitaminC batches at
-96 tokens about twice that); scoring one query 0.027 s (0.045 s at 96 tokens). The defaults (200 steps, 3 lrs, 2
-seeds, 300 test items) cost about 29.5 x 200 s of training plus about 2,600 s of evaluation: about 70 minutes at
-``--jobs 2`` on 2 free cores.
+96 tokens about twice that: 1.47 s on average over methods and tasks); scoring one query 0.028 s (0.045 s at 96
+tokens; MoLoRA twice that); loading the data and the encoder about 20 s per run. A MoV-10 run of 20 steps scoring
+5 tasks x 300 test items with routing and its null took 128 s of CPU (26 s training, 77 s scoring). The defaults
+(200 steps, 3 lrs, 2 seeds, 300 test items) come to about 5,900 s of training, 1,000 s of dev curves and dev
+scoring, 1,800 s of test scoring, routing and probes and 600 s of loading: about 9,100 CPU seconds, **about 75
+minutes at ``--jobs 2`` on 2 free cores**; ``--steps 160`` brings it to about an hour.
 
 Where the defaults fall short of the reproduction standard (docs/RESULTS.md preamble), to fit that hour:
 - 2 seeds (the standard asks 3, or 5 for small effects): seed intervals are t intervals with 1 degree of freedom
   (12.7 x the standard error); the paired item-level tests carry the comparisons.
-- 200 steps of 16 examples (about 460 examples per seen task): whether that is enough is measured (the last-quarter
-  dev gain), not assumed; ``--steps 400`` doubles the training cost (about 2 h).
+- 200 steps of 16 examples (about 460 examples per seen task), a little over the hour: whether that is enough is
+  measured (the last-quarter dev gain), not assumed; ``--steps 400`` costs about 2 h.
 - The lr grid has 3 points per method, at one seed; a chosen lr at the edge of its grid is flagged.
 - analytic_entailment has 70 items and entailed_polarity 148: all of them are scored, fewer than 300.
 - One backbone (MiniLM-L6, 22.7 M) with a cosine dual-encoder scorer instead of T5 with a generative scorer.
+
+Data: every task is read from the local cache and nothing is downloaded at run time; the study stops at once, naming
+the tasks, when a source is missing. The BIG-bench tasks need ``<cache>/bigbench/tasks/<task>.json`` for
+intent_recognition, vitaminc_fact_verification and the four NLI tasks, which one ``moekit finetune`` run without
+``--offline`` (or the pip download of docs/DATA.md section 6) extracts once. ``--seen`` / ``--heldout`` run the
+same study on other tasks (a quick trial on whatever is cached).
 
 Usage (runs in parallel, one thread each)::
 
