@@ -8,8 +8,12 @@ run; scripts loaded another way put it there first).
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import math
 import os
+import re
 import statistics
 import textwrap
 from pathlib import Path
@@ -58,11 +62,33 @@ def replace_section(results_md: Path, heading: str, section: str, notes: Path | 
     atomic_write_text(results_md, text)
 
 
-def section_text(out: Path, results_md: Path, plot: str) -> str:
-    """``out``'s results.md with its plot ``plot`` (a file in ``out``, linked as ``](plot)``) linked from where
-    ``results_md`` lies."""
-    rel = os.path.relpath((out / plot).resolve(), results_md.resolve().parent)
-    return (out / "results.md").read_text().replace(f"]({plot})", f"]({Path(rel).as_posix()})")
+def section_text(out: Path, results_md: Path, plot: str | None = None) -> str:
+    """``out``'s results.md with its images (``](name.png)``: files of ``out``; only ``plot`` when given) linked from
+    where ``results_md`` lies."""
+    text = (out / "results.md").read_text(encoding="utf-8")
+
+    def relink(m: re.Match) -> str:
+        name = m.group(1)
+        if plot is not None and name != plot:
+            return m.group(0)
+        return "](" + Path(os.path.relpath((out / name).resolve(), results_md.resolve().parent)).as_posix() + ")"
+
+    return re.sub(r"\]\(([^()/\s]+\.png)\)", relink, text)
+
+
+def write_outputs(out: Path, result: dict, stats: dict, markdown: str, rows: list[dict] | None = None) -> None:
+    """A study's files in ``out``: results.json (``result`` and ``stats``), runs.csv (``rows``, one line each, the
+    columns of the first) and results.md, each written whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"result": result, "stats": stats}, indent=1, default=str)
+    atomic_write_text(out / "results.json", data + "\n")
+    if rows:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(out / "runs.csv", buf.getvalue())
+    atomic_write_text(out / "results.md", markdown)
 
 
 def verdict(mean: float, half: float, paper_side: int) -> str:

@@ -14,7 +14,9 @@ import concurrent.futures as futures
 import json
 import multiprocessing
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -99,3 +101,25 @@ def study_parser(doc: str, runs: str, seeds: int, steps: int) -> argparse.Argume
 def data_overrides(args: argparse.Namespace) -> list[str]:
     """The data overrides of a study's arguments (corpus, and ``data.max_chars`` for a quick trial)."""
     return [f"data.corpus='{args.corpus}'"] + ([] if args.max_chars is None else [f"data.max_chars={args.max_chars}"])
+
+
+def study_main(parser: argparse.ArgumentParser, argv: list[str] | None, heading: str,
+               study: Callable[[argparse.Namespace], dict], write: Callable[[dict, argparse.Namespace], None],
+               prepare: Callable[[argparse.Namespace, argparse.ArgumentParser], None] | None = None) -> int:
+    """A study script's ``main``: parse ``argv`` (the command line when None; kept as ``args.command``) and let
+    ``prepare(args, parser)`` fill in derived values or reject combinations; with ``--section``, put --out's
+    results.md into that RESULTS.md under ``heading`` (its plots linked from there); otherwise run ``study(args)``
+    and ``write(result, args)``."""
+    from _report import replace_section, section_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.command = " ".join(argv)
+    if prepare is not None:
+        prepare(args, parser)
+    if args.section:
+        replace_section(Path(args.section), heading, section_text(Path(args.out), Path(args.section)))
+        return 0
+    write(study(args), args)
+    log(f"wrote {args.out}")
+    return 0

@@ -61,16 +61,14 @@ Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``run
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, section_text, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
+from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -365,15 +363,10 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["phase", *result["rows"][0]])
-        w.writeheader()
-        for phase in ("sweep", "rows"):
-            w.writerows({"phase": "sweep" if phase == "sweep" else "main", **r} for r in result[phase])
-    (out / "results.md").write_text(render(result, stats))
+    rows = [{"phase": "sweep" if phase == "sweep" else "main", **r}
+            for phase in ("sweep", "rows") for r in result[phase]]
+    write_outputs(out, result, stats, render(result, stats), rows)
     plot(stats, out / PLOT, result["rows"][0].get("unigram_val_loss"))
 
 
@@ -451,20 +444,12 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/glam-layout", seeds=5, steps=500)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--sweep-seeds", type=int, default=2)
     p.add_argument("--sweep-steps", type=int, help="steps of the sweep runs (default: --steps, so they are reused)")
     p.add_argument("--layers", type=int, default=4, help="decoder blocks of every arm")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section), PLOT))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

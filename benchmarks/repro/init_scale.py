@@ -22,8 +22,6 @@ Usage (runs in parallel, one thread each)::
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import random
 import statistics
@@ -31,8 +29,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, replace_section, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
+from _report import count_verdict, interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ARMS = {s: str(ROOT / "configs" / "repro" / f"init-{s}.toml") for s in ("0.1", "1.0")}
@@ -146,14 +144,8 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(result["rows"][0]))
-        w.writeheader()
-        w.writerows(result["rows"])
-    (out / "results.md").write_text(render(result, stats))
+    write_outputs(out, result, stats, render(result, stats), result["rows"])
     plot(result, stats, out / "loss.png")
 
 
@@ -196,17 +188,9 @@ def plot(result: dict, stats: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/init-scale", seeds=10, steps=400)
     p.add_argument("--layers", type=int, default=8, help="blocks of the decoder (an MoE block every other one)")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, (Path(args.out) / "results.md").read_text())
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

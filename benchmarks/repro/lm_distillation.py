@@ -79,16 +79,14 @@ Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``run
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, section_text, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, distill_all, log, run_all, study_parser  # noqa: E402
+from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, distill_all, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -349,14 +347,8 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        w.writeheader()
-        w.writerows(result["rows"])
-    (out / "results.md").write_text(render(result, stats))
+    write_outputs(out, result, stats, render(result, stats), result["rows"])
     plot(stats, out / PLOT, result["rows"][0].get("unigram_val_loss"))
 
 
@@ -413,27 +405,30 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = study_parser(__doc__, "runs/lm-distillation", seeds=5, steps=700)
     p.add_argument("--teacher-steps", type=int, help="steps of the teacher (default: twice --steps)")
     p.add_argument("--student-steps", type=int, help="steps of the student and the control (default: --steps)")
     p.add_argument("--experts", type=int, default=32, choices=(2, 4, 8, 16, 32), help="the teacher's experts")
     p.add_argument("--hard-weight", type=float, default=0.75, help="the student's label weight (Switch: 0.75)")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
+    return p
+
+
+def prepare(args: argparse.Namespace, _parser: argparse.ArgumentParser | None = None) -> None:
+    """The step counts that default to others."""
     args.teacher_steps = args.teacher_steps or 2 * args.steps
     args.student_steps = args.student_steps or args.steps
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = parser().parse_args(argv)
+    args.command = " ".join(argv)
+    prepare(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section), PLOT))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(parser(), argv, HEADING, study, lambda result, args: write(result, Path(args.out)), prepare)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, replace_section, verdict, wrap_markdown  # noqa: E402
-from _runs import log  # noqa: E402
+from _report import count_verdict, interval, verdict, wrap_markdown  # noqa: E402
+from _runs import log, study_main  # noqa: E402
 
 HEADING = "## MoV / MoLoRA against (IA)3, LoRA and full fine-tuning (parameter-efficient MoE paper, Table 1)"
 METHODS = {"full": {"method": "full"}, "ia3": {"method": "ia3"}, "lora": {"method": "lora"},
@@ -583,19 +583,15 @@ def plot(result: dict, stats: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def section(out: Path, results_md: Path) -> str:
-    """``out``'s results.md with its plots linked from where ``results_md`` lies."""
-    import os
-
-    text = (out / "results.md").read_text()
-    for name in ("lr_sweep.png", "accuracy.png", "learning_curves.png"):
-        rel = os.path.relpath((out / name).resolve(), results_md.resolve().parent)
-        text = text.replace(f"]({name})", f"]({Path(rel).as_posix()})")
-    return text
+def check_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--methods`` as a list, every name known."""
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and the plots")
     p.add_argument("--runs", default="runs/peft-moe", help="where the run directories go")
@@ -611,18 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", default=None, help="comma-separated held-out tasks (default: the NLI cluster)")
     p.add_argument("--model", default=None, help="local Hugging Face encoder (default: the packaged MiniLM-L6)")
     p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
-    args = p.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown method(s) {unknown}")
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section(Path(args.out), Path(args.section)))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)), check_methods)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,14 @@ Usage (runs in parallel, one thread each)::
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, replace_section, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
+from _report import count_verdict, interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 from zloss_stability import fisher_two_sided, spikes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,16 +201,10 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
+    write_outputs(out, result, stats, render(result, stats), result.get("rows"))
     if "rows" in result:
-        with open(out / "runs.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(result["rows"][0]))
-            w.writeheader()
-            w.writerows(result["rows"])
         plot(result, stats, out / "loss.png")
-    (out / "results.md").write_text(render(result, stats))
 
 
 def plot(result: dict, stats: dict, path: Path) -> None:
@@ -255,20 +247,12 @@ def plot(result: dict, stats: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/router-precision", seeds=5, steps=600)
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     p.add_argument("--sweep-seeds", type=int, default=2)
     p.add_argument("--spike", type=float, default=0.5, help="nats above the running minimum that make a run unstable")
     p.add_argument("--flip-tokens", type=int, default=8192, help="validation tokens for the top-1 flip share")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, (Path(args.out) / "results.md").read_text())
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -51,16 +51,14 @@ Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``run
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, section_text, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
+from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -322,16 +320,10 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        fields = [k for k in result["rows"][0] if k != "curve"] + ["steps_to_dense_loss", "speedup"]
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in result["rows"]:
-            w.writerow({**r, **stats["per_run"][f"{r['arm']}/{r['seed']}"]})
-    (out / "results.md").write_text(render(result, stats))
+    rows = [{**{k: v for k, v in r.items() if k != "curve"}, **stats["per_run"][f"{r['arm']}/{r['seed']}"]}
+            for r in result["rows"]]
+    write_outputs(out, result, stats, render(result, stats), rows)
     plot(stats, out / PLOT, result["rows"][0].get("unigram_val_loss"))
 
 
@@ -423,16 +415,8 @@ def plot(stats: dict, path: Path, unigram: float | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/switch-scaling", seeds=5, steps=660)
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section), PLOT))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

@@ -72,8 +72,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import csv
-import json
 import math
 import multiprocessing
 import os
@@ -84,8 +82,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, run_all, study_parser  # noqa: E402
+from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs" / "repro" / "switch-e8.toml")
@@ -308,14 +306,8 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        w.writeheader()
-        w.writerows(result["rows"])
-    (out / "results.md").write_text(render(result, stats))
+    write_outputs(out, result, stats, render(result, stats), result["rows"])
     plot(stats, out / PLOT)
 
 
@@ -367,18 +359,10 @@ def section_text(out: Path, results_md: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/token-specialisation", seeds=5, steps=1500)
     p.add_argument("--tokens", type=int, default=262144, help="validation tokens whose routing is read")
     p.add_argument("--hash-draws", type=int, default=20, help="load-matched token hashes per layer and seed")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section)))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

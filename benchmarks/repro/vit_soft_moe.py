@@ -84,8 +84,6 @@ images (a quick trial; an epoch is then ``ceil(N / 128)`` steps).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import statistics
 import sys
@@ -94,8 +92,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import interval, replace_section, section_text, verdict, wrap_markdown  # noqa: E402
-from _runs import log, run_all  # noqa: E402
+from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import log, run_all, study_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -505,16 +503,11 @@ def render(result: dict, stats: dict) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        fields = [k for k, v in result["rows"][0].items() if k != "scales" and not isinstance(v, list)] + ["scales"]
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in result["rows"]:
-            w.writerow({**r, "scales": "" if not r.get("scales") else ";".join(f"{x:.4f}" for x in r["scales"])})
-    (out / "results.md").write_text(render(result, stats))
+    rows = [{**{k: v for k, v in r.items() if k != "scales" and not isinstance(v, list)},
+             "scales": "" if not r.get("scales") else ";".join(f"{x:.4f}" for x in r["scales"])}
+            for r in result["rows"]]
+    write_outputs(out, result, stats, render(result, stats), rows)
     plot(stats, out / PLOT)
 
 
@@ -591,7 +584,6 @@ def plot(stats: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for results.json, runs.csv, results.md and the plot")
     p.add_argument("--runs", default="runs/vit-soft-moe", help="where the run directories go")
@@ -602,14 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-examples", type=int, help="use only the first N training images (a quick trial)")
     p.add_argument("--test-examples", type=int, help="use only the first N test images (a quick trial)")
     p.add_argument("--section", help="write the RESULTS.md section from --out's results and exit")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, section_text(Path(args.out), Path(args.section), PLOT))
-        return 0
-    write(study(args), Path(args.out))
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, lambda result, args: write(result, Path(args.out)))
 
 
 if __name__ == "__main__":

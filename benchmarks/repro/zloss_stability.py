@@ -35,15 +35,13 @@ Finished runs (``summary.json``) are skipped on a rerun; ``results.json``, ``run
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, replace_section, verdict, wrap_markdown  # noqa: E402
-from _runs import data_overrides, log, study_parser  # noqa: E402
+from _report import count_verdict, interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _runs import data_overrides, log, study_main, study_parser  # noqa: E402
 from _runs import run_all as runs_all  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,18 +204,12 @@ def render(result: dict, stats: dict, args: argparse.Namespace) -> str:
 
 def write(result: dict, args: argparse.Namespace) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stats = analyse(result, args)
-    (out / "results.json").write_text(json.dumps({"result": result, "stats": stats}, indent=1, default=str) + "\n")
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["phase", "lr", "arm", "seed", "spikes", "skipped_steps", "max_router_logit", "final_val_loss"])
-        for phase in ("edge", "quality"):
-            for key, r in result.get(phase, {}).get("runs", {}).items():
-                arm, seed = key.split("/")
-                w.writerow([phase, result[phase]["lr"], arm, seed, r["spikes"], r["skipped_steps"],
-                            f"{r['max_router_logit']:.3f}", r["final_val_loss"]])
-    (out / "results.md").write_text(render(result, stats, args))
+    rows = [{"phase": phase, "lr": result[phase]["lr"], "arm": key.split("/")[0], "seed": key.split("/")[1],
+             "spikes": r["spikes"], "skipped_steps": r["skipped_steps"],
+             "max_router_logit": f"{r['max_router_logit']:.3f}", "final_val_loss": r["final_val_loss"]}
+            for phase in ("edge", "quality") for key, r in result.get(phase, {}).get("runs", {}).items()]
+    write_outputs(out, result, stats, render(result, stats, args), rows)
     plot(result, out / "loss.png")
 
 
@@ -252,20 +244,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     p = study_parser(__doc__, "runs/zloss-stability", seeds=8, steps=300)
     p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     p.add_argument("--sweep-seeds", type=int, default=2)
     p.add_argument("--spike", type=float, default=0.5, help="nats above the running minimum that make a spike")
-    args = p.parse_args(argv)
-    args.command = " ".join(argv)
-    if args.section:
-        replace_section(Path(args.section), HEADING, (Path(args.out) / "results.md").read_text())
-        return 0
-    result = study(args)
-    write(result, args)
-    log(f"wrote {args.out}")
-    return 0
+    return study_main(p, argv, HEADING, study, write)
 
 
 if __name__ == "__main__":
