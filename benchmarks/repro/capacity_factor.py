@@ -111,6 +111,7 @@ def render(result: dict, stats: dict) -> str:
               "| difference | mean ± 95 % |", "|---|---|"]
     for c in stats["costs"]:
         lines.append(f"| {c['a']} - {c['b']} | {c['mean']:+.4f} ± {c['half']:.4f} |")
+    lines += ["", "![validation loss per capacity factor, and top-1 minus top-2 paired by seed](val_loss.png)"]
     return wrap_markdown(lines) + "\n"
 
 

@@ -140,6 +140,7 @@ def render(result: dict, stats: dict) -> str:
               f"| mean: 0.1 - 1.0 (paired) | {d['mean']:+.4f} ± {d['half']:.4f} | negative | {d['verdict']} |",
               f"| spread: sd(0.1) / sd(1.0) | {r['ratio']:.2f} (bootstrap 95 %: {r['low']:.2f} to {r['high']:.2f}); "
               f"Levene W = {lv['W']:.2f}, permutation p = {lv['p']:.3g} | below 1 | {lv['verdict']} |"]
+    lines += ["", "![training loss of every run, and the final validation loss of each seed](loss.png)"]
     return wrap_markdown(lines) + "\n"
 
 

@@ -197,6 +197,7 @@ def render(result: dict, stats: dict) -> str:
               f"| {d['verdict']} |",
               f"| unstable runs bf16 vs fp32 (Fisher) | {stats['unstable']['bf16']}/{n} vs "
               f"{stats['unstable']['fp32']}/{n}, p = {f['p']:.3g} | more with bf16 | {f['verdict']} |"]
+    lines += ["", "![training loss of every run, and bf16 minus fp32 paired by seed](loss.png)"]
     return wrap_markdown(lines) + "\n"
 
 

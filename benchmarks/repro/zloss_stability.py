@@ -199,6 +199,7 @@ def render(result: dict, stats: dict, args: argparse.Namespace) -> str:
                 d = q["diffs"][arm]
                 lines.append(f"| {arm} | {m:.4f} ± {h:.4f} | {d['mean']:+.4f} ± {d['half']:.4f} | {d['paper']} | "
                              f"{d['verdict']} |")
+    lines += ["", "![training loss of every run at the edge and at the stable rate](loss.png)"]
     return wrap_markdown(lines) + "\n"
 
 
