@@ -108,7 +108,8 @@ def study_main(parser: argparse.ArgumentParser, argv: list[str] | None, heading:
                prepare: Callable[[argparse.Namespace, argparse.ArgumentParser], None] | None = None) -> int:
     """A study script's ``main``: parse ``argv`` (the command line when None; kept as ``args.command``) and let
     ``prepare(args, parser)`` fill in derived values or reject combinations; with ``--section``, put --out's
-    results.md into that RESULTS.md under ``heading`` (its plots linked from there); otherwise run ``study(args)``
+    results.md (and --out's notes.md, a hand-written reading, when there is one) into that RESULTS.md under
+    ``heading`` (its plots linked from there); otherwise run ``study(args)``
     and ``write(result, args)``."""
     from _report import replace_section, section_text
 
@@ -118,7 +119,9 @@ def study_main(parser: argparse.ArgumentParser, argv: list[str] | None, heading:
     if prepare is not None:
         prepare(args, parser)
     if args.section:
-        replace_section(Path(args.section), heading, section_text(Path(args.out), Path(args.section)))
+        notes = Path(args.out) / "notes.md"  # a hand-written reading of the results, kept across reruns
+        replace_section(Path(args.section), heading, section_text(Path(args.out), Path(args.section)),
+                        notes if notes.is_file() else None)
         return 0
     write(study(args), args)
     log(f"wrote {args.out}")

@@ -70,4 +70,7 @@ def test_study_main_runs_or_writes_the_section(tmp_path):
     results_md.write_text("# R\n\n## Study\n\nold\n\n## Other\n\nkept\n")
     assert _runs.study_main(parser, ["--out", str(out), "--section", str(results_md)], "## Study", study, write) == 0
     assert results_md.read_text() == "# R\n\n## Study\n\nn = 4\n\n## Other\n\nkept\n"
+    (out / "notes.md").write_text("A hand-written reading.\n")  # kept below the generated text on every rerun
+    assert _runs.study_main(parser, ["--out", str(out), "--section", str(results_md)], "## Study", study, write) == 0
+    assert results_md.read_text() == "# R\n\n## Study\n\nn = 4\n\nA hand-written reading.\n\n## Other\n\nkept\n"
     assert isinstance(parser, argparse.ArgumentParser)
