@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
+import fcntl
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -123,6 +126,27 @@ def study_main(parser: argparse.ArgumentParser, argv: list[str] | None, heading:
         replace_section(Path(args.section), heading, section_text(Path(args.out), Path(args.section)),
                         notes if notes.is_file() else None)
         return 0
-    write(study(args), args)
+    with study_lock(Path(args.runs)):
+        write(study(args), args)
     log(f"wrote {args.out}")
     return 0
+
+
+@contextlib.contextmanager
+def study_lock(runs: Path) -> Iterator[None]:
+    """Hold ``runs/.study.lock`` (an exclusive ``flock``) while a study uses ``runs``. A run left unfinished is
+    started again from nothing, so a second study process on the same folder would delete the run directories the
+    first one is writing: it stops at once with one line instead."""
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / ".study.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise SystemExit(f"error: {runs} is in use by {holder}; wait for it or give another --runs") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}\n")
+        fh.flush()
+        yield

@@ -62,10 +62,11 @@ def test_study_main_runs_or_writes_the_section(tmp_path):
         args.total = args.seeds * args.steps
 
     out = tmp_path / "out"
-    assert _runs.study_main(parser, ["--out", str(out), "--seeds", "4"], "## Study", study, write, prepare) == 0
+    argv = ["--out", str(out), "--seeds", "4", "--runs", str(tmp_path / "runs")]
+    assert _runs.study_main(parser, argv, "## Study", study, write, prepare) == 0
     args = seen["args"]
     assert (args.seeds, args.steps, args.total, args.corpus) == (4, 10, 40, "mixed")
-    assert args.command == f"--out {out} --seeds 4"
+    assert args.command == " ".join(argv) and (tmp_path / "runs" / ".study.lock").is_file()
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# R\n\n## Study\n\nold\n\n## Other\n\nkept\n")
     assert _runs.study_main(parser, ["--out", str(out), "--section", str(results_md)], "## Study", study, write) == 0
@@ -74,3 +75,15 @@ def test_study_main_runs_or_writes_the_section(tmp_path):
     assert _runs.study_main(parser, ["--out", str(out), "--section", str(results_md)], "## Study", study, write) == 0
     assert results_md.read_text() == "# R\n\n## Study\n\nn = 4\n\nA hand-written reading.\n\n## Other\n\nkept\n"
     assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_a_second_study_on_the_same_runs_folder_stops(tmp_path):
+    # The first study holds the lock; a second one (another process: flock locks belong to open files, so a second
+    # open in this process conflicts the same way) stops with one line naming the holder; after the first, it runs.
+    runs = tmp_path / "runs"
+    with _runs.study_lock(runs):
+        with pytest.raises(SystemExit, match=r"runs is in use by process \d+; wait for it or give another --runs"):
+            with _runs.study_lock(runs):
+                pass
+    with _runs.study_lock(runs):
+        assert (runs / ".study.lock").read_text().startswith("process ")
