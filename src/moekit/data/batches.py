@@ -47,15 +47,21 @@ class ShuffledOrder:
             self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
         return self._perm
 
-    def next_indices(self) -> np.ndarray:
-        """The item indices of the next batch."""
-        if self.index + self.batch_size > self.num_items:  # drop the ragged tail of an epoch
+    def _advance(self) -> int:
+        """Move to the next batch (into the next epoch when this one has no full batch left: the ragged tail is
+        dropped); its start within the epoch's permutation."""
+        if self.index + self.batch_size > self.num_items:
             self.epoch += 1
             self.index = 0
             self._perm = None
-        idx = self._permutation()[self.index : self.index + self.batch_size]
+        start = self.index
         self.index += self.batch_size
-        return idx
+        return start
+
+    def next_indices(self) -> np.ndarray:
+        """The item indices of the next batch."""
+        start = self._advance()
+        return self._permutation()[start : start + self.batch_size]
 
     def skip(self, batches: int) -> None:
         """Move the position ``batches`` batches on, exactly as that many :meth:`next_indices` calls would (epoch
@@ -64,11 +70,7 @@ class ShuffledOrder:
         if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
             raise MoekitError(f"batches to skip must be a non-negative integer, got {batches!r}")
         for _ in range(batches):
-            if self.index + self.batch_size > self.num_items:
-                self.epoch += 1
-                self.index = 0
-                self._perm = None
-            self.index += self.batch_size
+            self._advance()
 
     def batches_per_epoch(self) -> int:
         """Full batches in one epoch (the ragged tail is dropped)."""

@@ -43,10 +43,10 @@ class MoEAux:
         routed_per_expert: int64 ``[E]``, the choices each expert received before capacity (token choice; equal to
             ``tokens_per_expert`` for expert choice and Soft MoE): the router's own load, whose max / mean is the
             "max violation" of loss-free balancing (loads after capacity cannot exceed C).
-        mean_gate: float32 scalar, the mean gate (the combine weight that multiplies an expert's output) over the
-            assignments that were processed: for token choice over the kept (token, choice) pairs (dropped,
-            declined and padding choices excluded; with top-1 and Switch's unnormalised gate this is the mean
-            top-1 router probability), for expert choice over every (expert, token) pick; 0 when nothing was kept.
+        mean_gate: (a property, computed when read, so no forward pays for it) float32 scalar, the mean gate (the
+            combine weight that multiplies an expert's output) over the assignments that were processed: for token
+            choice over the kept (token, choice) pairs (dropped, declined and padding choices excluded; with top-1
+            and Switch's unnormalised gate this is the mean top-1 router probability), for expert choice over every (expert, token) pick; 0 when nothing was kept.
             None for Soft MoE, whose combine weights are over slots, not a gate per expert. The number of
             assignments it averages over is ``tokens_per_expert.sum()``.
     """
@@ -60,7 +60,12 @@ class MoEAux:
     routed_per_expert: Tensor
     routing: AnyDecision | None = None
     plan: Plan | None = None
-    mean_gate: Tensor | None = None
+
+    @property
+    def mean_gate(self) -> Tensor | None:
+        if self.routing is None or self.plan is None:
+            return None
+        return _mean_gate(self.routing, self.plan)
 
     @classmethod
     def from_routing(cls, decision: AnyDecision, plan: Plan) -> MoEAux:
@@ -75,7 +80,6 @@ class MoEAux:
             routing=decision,
             plan=plan,
             routed_per_expert=decision.router_load().detach(),
-            mean_gate=_mean_gate(decision, plan),
         )
 
     def metrics(self) -> dict[str, float | list[int]]:
@@ -89,8 +93,9 @@ class MoEAux:
             "max_logit": float(self.max_logit),
             "routed_per_expert": [int(t) for t in self.routed_per_expert.tolist()],
         }
-        if self.mean_gate is not None:
-            m["mean_gate"] = float(self.mean_gate)
+        mean_gate = self.mean_gate
+        if mean_gate is not None:
+            m["mean_gate"] = float(mean_gate)
         return m
 
     def __repr__(self) -> str:
