@@ -46,9 +46,9 @@ class MoEAux:
         mean_gate: (a property, computed when read, so no forward pays for it) float32 scalar, the mean gate (the
             combine weight that multiplies an expert's output) over the assignments that were processed: for token
             choice over the kept (token, choice) pairs (dropped, declined and padding choices excluded; with top-1
-            and Switch's unnormalised gate this is the mean top-1 router probability), for expert choice over every (expert, token) pick; 0 when nothing was kept.
-            None for Soft MoE, whose combine weights are over slots, not a gate per expert. The number of
-            assignments it averages over is ``tokens_per_expert.sum()``.
+            and Switch's unnormalised gate this is the mean top-1 router probability), for expert choice over every
+            (expert, token) pick; 0 when nothing was kept. None for Soft MoE, whose combine weights are over slots,
+            not a gate per expert. The number of assignments it averages over is ``tokens_per_expert.sum()``.
     """
 
     load_balancing_loss: Tensor
