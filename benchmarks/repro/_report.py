@@ -17,6 +17,7 @@ import re
 import statistics
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from moekit.atomic import atomic_write_text
 
@@ -112,3 +113,19 @@ def count_verdict(p: float, difference: int, paper_side: int) -> str:
     if p >= 0.05 or difference == 0:
         return "not resolved at this scale"
     return "reproduced" if (difference > 0) == (paper_side > 0) else "contradicted"
+
+
+def plot_runs(ax: Any, curves: dict[str, list[tuple[int, float]]], colours: dict[str, str], labels: dict[str, str],
+              unigram: float | None) -> None:
+    """Every run's training cross-entropy on ``ax`` (``curves``: ``"arm/seed"`` -> ``(step, loss)`` points), one
+    colour per arm, a log scale so that a divergence shows whole, and the unigram line."""
+    for key, curve in curves.items():
+        ax.plot([s for s, _ in curve], [x for _, x in curve], color=colours[key.split("/")[0]], lw=0.6, alpha=0.6)
+    for arm, colour in colours.items():
+        ax.plot([], [], color=colour, label=f"{labels[arm]} (one line per seed)")
+    if unigram is not None:
+        ax.axhline(unigram, color="black", ls="--", lw=1, label="unigram (validation)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy (nats / token, log scale)")
+    ax.legend()

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _report import count_verdict, interval, plot_runs, verdict, wrap_markdown, write_outputs  # noqa: E402
 from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,18 +160,8 @@ def plot(result: dict, stats: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colours = {"0.1": "tab:blue", "1.0": "tab:red"}
-    for key, curve in result["curves"].items():
-        arm = key.split("/")[0]
-        left.plot([s for s, _ in curve], [x for _, x in curve], color=colours[arm], lw=0.6, alpha=0.6)
-    for arm, c in colours.items():
-        left.plot([], [], color=c, label=f"init scale {arm} (one line per seed)")
     unigram = result["rows"][0].get("unigram_val_loss")
-    if unigram is not None:
-        left.axhline(unigram, color="black", ls="--", lw=1, label="unigram (validation)")
-    left.set_yscale("log")
-    left.set_xlabel("step")
-    left.set_ylabel("training cross-entropy (nats / token, log scale)")
-    left.legend()
+    plot_runs(left, result["curves"], colours, {a: f"init scale {a}" for a in colours}, unigram)
     loss = {(r["arm"], r["seed"]): r["final_val_loss"] for r in result["rows"]}
     for s in stats["seeds"]:
         right.plot([0, 1], [loss["0.1", s], loss["1.0", s]], color="grey", lw=0.7)

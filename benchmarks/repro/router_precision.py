@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, verdict, wrap_markdown, write_outputs  # noqa: E402
+from _report import count_verdict, interval, plot_runs, verdict, wrap_markdown, write_outputs  # noqa: E402
 from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
 from zloss_stability import fisher_two_sided, spikes  # noqa: E402
 
@@ -218,19 +218,9 @@ def plot(result: dict, stats: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colours = {"fp32": "tab:blue", "bf16": "tab:red"}
-    for key, losses in result["losses"].items():
-        arm = key.split("/")[0]
-        left.plot(range(1, len(losses) + 1), losses, color=colours[arm], lw=0.7, alpha=0.7)
-    for arm, c in colours.items():
-        left.plot([], [], color=c, label=f"{arm} router (one line per seed)")
-    unigram = result["rows"][0].get("unigram_val_loss")
-    if unigram is not None:
-        left.axhline(unigram, color="black", ls="--", lw=1, label="unigram (validation)")
-    left.set_yscale("log")
-    left.set_xlabel("step")
-    left.set_ylabel("training cross-entropy (nats / token, log scale)")
+    curves = {key: list(enumerate(losses, start=1)) for key, losses in result["losses"].items()}
+    plot_runs(left, curves, colours, {a: f"{a} router" for a in colours}, result["rows"][0].get("unigram_val_loss"))
     left.set_title(f"lr {stats['lr']}")
-    left.legend()
     d = stats["diff"]
     right.scatter(stats["seeds"], d["per_seed"], color="tab:purple", label="bf16 - fp32, one seed")
     right.axhline(d["mean"], color="tab:purple", lw=1.5, label="mean")
