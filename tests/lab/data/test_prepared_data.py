@@ -330,3 +330,64 @@ def test_a_read_only_run_directory_is_refused_before_the_corpus_is_read(tmp_path
         assert list(run_dir.iterdir()) == []
     finally:
         run_dir.chmod(0o755)
+
+
+# -- 4. data.tokenizer_file: runs on different corpora share one vocabulary ---------------------------------------
+
+
+def test_a_given_tokenizer_file_encodes_another_corpus_with_that_vocabulary(trained_run, tmp_path):
+    from moekit.lab.data.split import cut_pieces, split_pieces
+    from moekit.lab.data.tokenizer import encode_pieces
+
+    other = tmp_path / "other.txt"
+    text = "".join(f"Line {i}: the other corpus speaks of ships, whales and the sea.\n" for i in range(400))
+    other.write_text(text, encoding="utf-8")
+    given = trained_run / TOKENIZER_FILE
+    path = _config(tmp_path, other)
+    path.write_text(path.read_text().replace("[data]\n", f"[data]\ntokenizer_file = \"{given}\"\n"))
+    config = load_run_config(path)
+    run_dir = tmp_path / "run"
+    data = prepare_data(config, run_dir, lambda msg: None)
+    tok = Tokenizer.from_file(str(given))
+    # The run keeps its own copy of the given tokenizer: the same vocabulary, not one trained on this corpus.
+    assert Tokenizer.from_file(str(run_dir / TOKENIZER_FILE)).get_vocab() == tok.get_vocab()
+    assert data.vocab_size == tok.get_vocab_size()
+    # Its token arrays are the given tokenizer's encoding of this corpus' split, end-of-text after each document.
+    train_pieces, val_pieces = split_pieces(cut_pieces([text], config.data.piece_chars), config.data.val_fraction)
+    np.testing.assert_array_equal(_tokens(run_dir)["train"], encode_pieces(tok, train_pieces))
+    np.testing.assert_array_equal(_tokens(run_dir)["val"], encode_pieces(tok, val_pieces))
+    with safe_open(str(run_dir / TOKENS_FILE), framework="np") as f:
+        assert json.loads(f.metadata()["moekit.data"])["tokenizer_file"] == str(given)
+    # A run trains on it, and its data is reused as it was prepared.
+    summary = train_run(config, run_dir, log=lambda m: None)
+    assert summary["steps"] == 2
+
+
+def test_a_missing_tokenizer_file_is_one_line_before_the_corpus_is_read(tmp_path, tiny_corpus, capsys, monkeypatch):
+    path = _config(tmp_path, tiny_corpus)
+    path.write_text(path.read_text().replace("[data]\n", "[data]\ntokenizer_file = \"no/such/tokenizer.json\"\n"))
+    monkeypatch.setattr(tasks, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read"))
+    assert main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]) != 0
+    assert "tokenizer file no/such/tokenizer.json is missing" in _one_error_line(capsys)
+    assert not (tmp_path / "run" / TOKENS_FILE).exists()
+
+
+def test_a_tokenizer_file_without_an_end_of_text_token_is_one_line(tmp_path, tiny_corpus, capsys):
+    from tokenizers import models
+
+    bare = tmp_path / "bare.json"
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(bare))
+    path = _config(tmp_path, tiny_corpus)
+    path.write_text(path.read_text().replace("[data]\n", f"[data]\ntokenizer_file = \"{bare}\"\n"))
+    assert main(["train", "--config", str(path), "--run-dir", str(tmp_path / "run")]) != 0
+    assert "has no <|endoftext|> token" in _one_error_line(capsys)
+
+
+def test_a_tokenizer_file_is_refused_with_an_imported_tokenizer():
+    from moekit.errors import ConfigError
+    from moekit.lab.data.config import DataConfig
+
+    with pytest.raises(ConfigError, match="data.tokenizer_file is for data.tokenizer"):
+        DataConfig(tokenizer="imported", tokenizer_file="tok.json")
+    with pytest.raises(ConfigError, match="must be a file path"):
+        DataConfig(tokenizer_file="  ")

@@ -27,6 +27,10 @@ class DataConfig:
     tokenizer: "bpe" (train a byte-level BPE of ``vocab_size`` on the training split; the model's vocabulary is the
         trained tokenizer's) or "imported" (``tokenizer.json`` and the token arrays came with an imported model,
         ``moekit import-hf``; they are never rebuilt).
+    tokenizer_file: a ``tokenizer.json`` (the Hugging Face ``tokenizers`` format, such as another run's) to encode
+        the corpus with instead of training a BPE on it (None: train one); with ``tokenizer = "bpe"`` only. The
+        model's vocabulary is then that tokenizer's and ``vocab_size`` is not used. Runs on different corpora
+        that should be compared token for token (a data ablation) share one vocabulary this way.
     seq_len: tokens per training sequence (the model's context).
     val_fraction: share of the corpus pieces held out for validation (a fixed, deterministic split).
     piece_chars: documents are cut into pieces of about this many characters before the split, so one long
@@ -39,6 +43,7 @@ class DataConfig:
     corpus: str = "builtin"
     vocab_size: int = 4096
     tokenizer: str = "bpe"
+    tokenizer_file: str | None = None
     seq_len: int = 128
     val_fraction: float = 0.05
     piece_chars: int = 4096
@@ -55,6 +60,14 @@ class DataConfig:
             )
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"data.tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.tokenizer_file is not None:
+            if not isinstance(self.tokenizer_file, str) or not self.tokenizer_file.strip():
+                raise ConfigError(f"data.tokenizer_file must be a file path or \"none\", got {self.tokenizer_file!r}")
+            if self.tokenizer != "bpe":
+                raise ConfigError(
+                    f"data.tokenizer_file is for data.tokenizer = \"bpe\" (an {self.tokenizer} tokenizer comes with "
+                    "its model); remove one of the two"
+                )
         # A BPE trained here stays small; imported vocabularies (Qwen: 151,936) only have to fit the int32 ids.
         limit = 65535 if self.tokenizer == "bpe" else 2**31 - 1
         if self.vocab_size > limit:

@@ -41,7 +41,7 @@ from moekit.lab.data.config import DataConfig, ImageDataConfig
 from moekit.lab.data.corpus import load_corpus
 from moekit.lab.data.images import ImageSplits, load_images
 from moekit.lab.data.split import cut_pieces, split_pieces
-from moekit.lab.data.tokenizer import encode_pieces, train_tokenizer
+from moekit.lab.data.tokenizer import EOT, encode_pieces, load_tokenizer, sentinel_ids, train_tokenizer
 from moekit.lab.training.plots import plot_run
 from moekit.layers.config import MoEConfig, SoftMoEConfig
 from moekit.models import TransformerLM, parameter_counts
@@ -294,8 +294,24 @@ _RECORD_KEY = "moekit.data"
 
 def _data_record(d: DataConfig, sentinels: int) -> dict[str, Any]:
     record = {key: getattr(d, key) for key in _DATA_KEYS}
+    if d.tokenizer_file is not None:  # absent when unset, so the records of older runs still match
+        record["tokenizer_file"] = d.tokenizer_file
     record["sentinels"] = sentinels
     return record
+
+
+def _given_tokenizer(path: str, sentinels: int) -> Tokenizer:
+    """``data.tokenizer_file``, checked for what the run needs of it: an end-of-text token to separate documents
+    and, for span corruption, the sentinels at the ids a trained tokenizer gives them."""
+    tok = load_tokenizer(Path(path).expanduser())
+    if tok.token_to_id(EOT) is None:
+        raise MoekitError(
+            f"data.tokenizer_file {path} has no {EOT} token to end each document with (a tokenizer moekit trained, "
+            "such as another run's tokenizer.json, has one)"
+        )
+    if sentinels:
+        sentinel_ids(tok, sentinels)  # a one-line error naming the first sentinel missing
+    return tok
 
 
 def _record_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
@@ -400,15 +416,19 @@ def prepare_data(
     # Before reading the corpus and training the tokenizer: a directory that cannot take the result is reported
     # now, not after minutes of work.
     check_writable(run_dir)
+    given = None if d.tokenizer_file is None else _given_tokenizer(d.tokenizer_file, sentinels)
     t0 = time.perf_counter()
     docs = load_corpus(d.corpus, d.cache_dir, max_chars=d.max_chars, log=log)
     pieces = cut_pieces(docs, d.piece_chars, d.max_chars)
     del docs  # the pieces hold the text now; a large corpus need not sit in memory twice
     train_pieces, val_pieces = split_pieces(pieces, d.val_fraction)
     n_chars = sum(len(t) for _, t, _ in pieces)
-    if n_chars >= _LOG_STAGES_CHARS:
-        log(f"corpus {d.corpus!r}: {n_chars:,} characters; training the tokenizer (vocabulary {d.vocab_size})")
-    tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size, sentinels=sentinels)
+    if given is not None:
+        tok = given
+    else:
+        if n_chars >= _LOG_STAGES_CHARS:
+            log(f"corpus {d.corpus!r}: {n_chars:,} characters; training the tokenizer (vocabulary {d.vocab_size})")
+        tok = train_tokenizer([text for _, text, _ in train_pieces], d.vocab_size, sentinels=sentinels)
     if n_chars >= _LOG_STAGES_CHARS:
         log(f"corpus {d.corpus!r}: encoding {len(pieces):,} pieces")
     train_tokens = encode_pieces(tok, train_pieces)
