@@ -517,7 +517,7 @@ def plot(stats: dict, path: Path) -> None:
     right.axhline(0.0, color="black", lw=1)
     right.set_xticks(xs, [SET_LABELS[h] for h in HELDOUT_SETS], rotation=15)
     right.set_ylabel("difference in held-out bits per byte")
-    right.set_title("below 0: the first arm is better (GLaM's side for filtered minus the others)")
+    right.set_title("below 0: the first arm is better (GLaM's side)")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
