@@ -1,22 +1,10 @@
 """benchmarks/repro/capacity_factor.py: paired differences and verdicts on made-up runs (the study itself takes
 about half an hour), and its table."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("capacity_factor", ROOT / "benchmarks/repro/capacity_factor.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "capacity_factor"  # benchmarks/repro/capacity_factor.py, loaded by the script fixture (conftest.py)
 
 
 def test_top1_against_top2_is_paired_by_seed(script):

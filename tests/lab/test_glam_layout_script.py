@@ -2,23 +2,11 @@
 verdicts on made-up runs against hand-computed values, and the report's table lines (no end-to-end run: the study
 takes about 50 minutes, and test_switch_scaling_script.py covers the run plumbing the studies share)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("glam_layout", ROOT / "benchmarks/repro/glam_layout.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "glam_layout"  # benchmarks/repro/glam_layout.py, loaded by the script fixture (conftest.py)
 
 
 def _sweep_rows():

@@ -1,24 +1,12 @@
 """benchmarks/repro/init_scale.py: Levene's statistic, its permutation p-value, the paired mean and the verdicts on
 made-up runs (the study itself takes about half an hour)."""
 
-import importlib.util
 import itertools
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("init_scale", ROOT / "benchmarks/repro/init_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "init_scale"  # benchmarks/repro/init_scale.py, loaded by the script fixture (conftest.py)
 
 
 A = [1.0, 1.1, 0.9, 1.05, 0.95]

@@ -5,9 +5,7 @@ end-to-end run: even a tiny one (3 steps, 2 seeds) spawns 8 runs and takes about
 tests/lab/commands/test_analyze_distill.py covers `moekit distill --init scratch --data-offset`, and the study
 itself takes about 53 minutes."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,13 +17,7 @@ CONFIG = {"command": "--out x", "steps": 700, "teacher_steps": 1400, "student_st
           "hard_weight": 0.75, "corpus": "mixed"}
 
 
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("lm_distillation", ROOT / "benchmarks/repro/lm_distillation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "lm_distillation"  # benchmarks/repro/lm_distillation.py, loaded by the script fixture (conftest.py)
 
 
 def _row(seed, dense, teacher, control, student, **extra):

@@ -1,24 +1,12 @@
 """benchmarks/repro/peft_moe.py: the exact McNemar test, paired differences, verdicts and the whole analysis on
 made-up predictions (the study itself takes about 70 minutes), its table and its files."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("peft_moe", ROOT / "benchmarks/repro/peft_moe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "peft_moe"  # benchmarks/repro/peft_moe.py, loaded by the script fixture (conftest.py)
 
 
 def test_mcnemar_exact_golden_values(script):

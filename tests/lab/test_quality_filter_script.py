@@ -2,24 +2,13 @@
 paired differences and verdicts on made-up results, and the whole study end to end on tiny made-up sources (the
 real study takes about 40 minutes)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("quality_filter", ROOT / "benchmarks/repro/quality_filter.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "quality_filter"  # benchmarks/repro/quality_filter.py, loaded by the script fixture (conftest.py)
 
 
 def _sources() -> tuple[dict[str, list[str]], list[str]]:

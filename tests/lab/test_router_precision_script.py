@@ -1,25 +1,13 @@
 """benchmarks/repro/router_precision.py: the paired difference, the Fisher test and the top-1 flip share (on a tiny
 trained run) that the study reports."""
 
-import importlib.util
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report, _runs, zloss_stability
-    spec = importlib.util.spec_from_file_location("router_precision", ROOT / "benchmarks/repro/router_precision.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "router_precision"  # benchmarks/repro/router_precision.py, loaded by the script fixture (conftest.py)
 
 
 def test_analysis_pairs_by_seed(script):

@@ -2,23 +2,12 @@
 interpolates, the paired statistics and verdicts follow the standard, and --section replaces its own section only."""
 
 import argparse
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    path = ROOT / "benchmarks/repro/seq2seq_pretraining.py"
-    spec = importlib.util.spec_from_file_location("seq2seq_pretraining", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "seq2seq_pretraining"  # benchmarks/repro/seq2seq_pretraining.py, loaded by the script fixture (conftest.py)
 
 
 def _args(**kw):

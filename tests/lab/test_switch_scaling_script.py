@@ -3,27 +3,16 @@ differences, speedups and verdicts on made-up runs against hand-computed values;
 word-salad corpus, 4 steps, 2 seeds) whose files agree with each other (the study itself takes about 40 minutes)."""
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.training.tiny_lm import write_tiny_corpus
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("switch_scaling", ROOT / "benchmarks/repro/switch_scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "switch_scaling"  # benchmarks/repro/switch_scaling.py, loaded by the script fixture (conftest.py)
 
 
 def test_steps_to_target_is_the_first_step_at_or_below(script):

@@ -2,9 +2,7 @@
 load-matched hash null, the paired differences and verdicts on made-up rows, and the routing read from a tiny trained
 run's final and step-0 checkpoints (the study itself takes about half an hour)."""
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +13,7 @@ LN2 = math.log(2)
 ROUTINGS = ("trained", "untrained", "hash")
 
 
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("token_specialisation",
-                                                  ROOT / "benchmarks/repro/token_specialisation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "token_specialisation"  # benchmarks/repro/token_specialisation.py, loaded by the script fixture (conftest.py)
 
 
 def test_routing_figures_hand_computed(script):

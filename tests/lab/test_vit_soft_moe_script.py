@@ -2,25 +2,13 @@
 records become, and paired differences, the capacity check, verdicts and the report on made-up runs against
 hand-computed values (the study itself takes about an hour)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report and _runs
-    spec = importlib.util.spec_from_file_location("vit_soft_moe", ROOT / "benchmarks/repro/vit_soft_moe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "vit_soft_moe"  # benchmarks/repro/vit_soft_moe.py, loaded by the script fixture (conftest.py)
 
 
 def test_arms_have_49_tokens_7_experts_and_equal_flops(script):

@@ -2,24 +2,11 @@
 the verdicts the analysis gives on made-up runs (the study itself takes about an hour)."""
 
 import argparse
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "repro"))  # its own folder, for _report
-    path = ROOT / "benchmarks/repro/zloss_stability.py"
-    spec = importlib.util.spec_from_file_location("zloss_stability", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "zloss_stability"  # benchmarks/repro/zloss_stability.py, loaded by the script fixture (conftest.py)
 
 
 def test_fisher_exact_two_sided(script):
