@@ -64,3 +64,24 @@ def test_flip_share_on_a_trained_run(script, tmp_path):
         # Ties in bf16 may break either way between argmax and topk; everything else must agree.
         assert share == pytest.approx(expected, abs=2 / x_SD.shape[0])
     assert statistics.fmean(shares) <= 0.5
+
+
+def test_instability_is_read_on_the_trailing_mean(script):
+    import argparse
+    import math
+
+    args = argparse.Namespace(smooth=4, spike=0.5)
+    # A falling curve with one batch 0.8 nats high at step 6: step by step a spike, averaged over 4 steps it is
+    # 0.2 nats, under the threshold.
+    noisy = [5.0, 4.9, 4.8, 4.7, 4.6, 4.5, 5.3, 4.4, 4.3, 4.2]
+    assert script.spikes(noisy, 0.5) == 1 and script.unstable_steps(noisy, args) == 0
+    # Trailing means of 4: (5.0), (4.95), (4.9), (4.85), then 4.75, 4.65, 4.775 (5.3 in it), 4.7, 4.65, 4.55.
+    assert script.trailing_mean(noisy, 4)[:4] == pytest.approx([5.0, 4.95, 4.9, 4.85])
+    assert script.trailing_mean(noisy, 4)[6] == pytest.approx((4.7 + 4.6 + 4.5 + 5.3) / 4)
+    # A divergence: from step 4 on the loss stays 1 nat up. Trailing means: 5.0, 4.95, 4.9, 4.85, then 5.025,
+    # 5.225, 5.45, 5.7, 5.7; the running minimum stays 4.85, so the last three are more than 0.5 above it.
+    diverging = [5.0, 4.9, 4.8, 4.7, 5.7, 5.7, 5.7, 5.7, 5.7]
+    assert script.trailing_mean(diverging, 4) == pytest.approx([5.0, 4.95, 4.9, 4.85, 5.025, 5.225, 5.45, 5.7, 5.7])
+    assert script.unstable_steps(diverging, args) == 3
+    # A non-finite loss makes every window that holds it unstable.
+    assert script.unstable_steps([5.0, 4.9, math.nan, 4.8, 4.7, 4.6, 4.5], args) == 4
