@@ -86,7 +86,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
-from _runs import data_overrides, distill_all, log, run_all, study_main, study_parser  # noqa: E402
+from _runs import data_overrides, distill_all, log, prepare_shared_data, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -128,15 +128,10 @@ def same_start(a: str | Path, b: str | Path) -> bool | None:
 
 
 def study(args: argparse.Namespace) -> dict:
-    from moekit.lab.training.run_config import load_run_config
-    from moekit.lab.training.tasks import prepare_data
-
     runs = Path(args.runs)
     n, n_t, m = args.steps, args.teacher_steps, args.student_steps
     seeds = list(range(args.seeds))
-    data = runs / "data"
-    log(f"preparing the data in {data}")
-    prepare_data(load_run_config(str(DENSE), train_overrides(0, n, args, moe=False)), data, log)
+    data = prepare_shared_data(runs, str(DENSE), train_overrides(0, n, args, moe=False))
 
     phase1 = [(str(runs / f"teacher-seed{s}"), str(teacher_config(args.experts)), train_overrides(s, n_t, args, True))
               for s in seeds]

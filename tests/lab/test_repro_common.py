@@ -87,3 +87,27 @@ def test_a_second_study_on_the_same_runs_folder_stops(tmp_path):
                 pass
     with _runs.study_lock(runs):
         assert (runs / ".study.lock").read_text().startswith("process ")
+
+
+def test_the_shared_data_is_prepared_once_and_every_run_trains_on_it(tmp_path, tiny_corpus):
+    from safetensors.numpy import load_file
+    from tiny_lm import tiny_config_text
+
+    from moekit.lab.training.tasks import TOKENIZER_FILE, TOKENS_FILE
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_config_text(tiny_corpus, max_steps=2, eval_every=2, checkpoint_every=2))
+    runs = tmp_path / "runs"
+    data = _runs.prepare_shared_data(runs, str(config), [])
+    assert data == runs / "data" and (data / TOKENIZER_FILE).is_file()
+    before = (data / TOKENS_FILE).read_bytes()
+    assert _runs.prepare_shared_data(runs, str(config), []) == data  # reused: the same file, not rebuilt
+    assert (data / TOKENS_FILE).read_bytes() == before
+    jobs = [(str(runs / f"seed{s}"), str(config), [f"train.seed={s}", "train.progress='off'"]) for s in range(2)]
+    done = _runs.run_all(jobs, data, 2)
+    shared = load_file(str(data / TOKENS_FILE))
+    for r in done:
+        assert r["summary"]["steps"] == 2
+        own = load_file(str(Path(r["run_dir"]) / TOKENS_FILE))
+        assert all((own[k] == shared[k]).all() for k in ("train", "val"))
+        assert (Path(r["run_dir"]) / TOKENIZER_FILE).read_bytes() == (data / TOKENIZER_FILE).read_bytes()
