@@ -1,6 +1,6 @@
 """Running the arms of a reproduction study: one training run per (config, overrides) in its own directory, in
-worker processes of one thread each, the first run's tokenizer and token arrays copied into every other run; and
-``moekit distill`` runs of trained teachers the same way.
+worker processes of one thread each, one tokenizer and one set of token arrays (prepared once, or by a first run)
+copied into every run; and ``moekit distill`` runs of trained teachers the same way.
 
 Finished runs (``summary.json``) are skipped, so a study that was interrupted continues where it stopped; an
 unfinished run starts again from nothing (runs are minutes long). Imported by the scripts of ``benchmarks/repro``
