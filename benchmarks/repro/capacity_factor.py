@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
-from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
+from _runs import data_overrides, log, prepare_shared_data, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs" / "repro" / "cap-top1-cf1.0.toml")
@@ -53,10 +53,9 @@ def study(args: argparse.Namespace) -> dict:
     runs = Path(args.runs)
     keys = [(k, cf, s) for s in range(args.seeds) for k in (1, 2) for cf in FACTORS]
     jobs = [(str(runs / f"{arm_name(k, cf)}-seed{s}"), BASE, overrides(k, cf, s, args)) for k, cf, s in keys]
-    log(f"preparing the data with {jobs[0][0]}")
-    first = run_all(jobs[:1], None, 1)
-    log(f"{len(jobs) - 1} more runs, {args.jobs} at a time")
-    done = first + run_all(jobs[1:], jobs[0][0], args.jobs)
+    data = prepare_shared_data(runs, BASE, jobs[0][2])
+    log(f"{len(jobs)} runs, {args.jobs} at a time")
+    done = run_all(jobs, data, args.jobs)
     rows = []
     for (k, cf, s), r in zip(keys, done, strict=True):
         drops = [x.get("drop_fraction", 0.0) for x in r["records"]]

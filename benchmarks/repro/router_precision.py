@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import count_verdict, interval, plot_runs, verdict, wrap_markdown, write_outputs  # noqa: E402
-from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
+from _runs import data_overrides, log, prepare_shared_data, run_all, study_main, study_parser  # noqa: E402
 from zloss_stability import fisher_two_sided, spikes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,10 +131,7 @@ def flip_shares(run_path: str, n_tokens: int) -> list[float]:
 
 def study(args: argparse.Namespace) -> dict:
     lrs = sorted(args.lrs)
-    first = (run_dir(args, "fp32", lrs[0], 0), BASE, overrides("fp32", lrs[0], 0, args))
-    log(f"preparing the data with {first[0]}")
-    run_all([first], None, 1)
-    src = first[0]
+    src = prepare_shared_data(Path(args.runs), BASE, overrides("fp32", lrs[0], 0, args))
 
     keys = [(lr, s) for lr in lrs for s in range(args.sweep_seeds)]
     log(f"sweep: fp32 at lr {lrs}, seeds {list(range(args.sweep_seeds))}")

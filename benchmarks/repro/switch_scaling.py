@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
-from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
+from _runs import data_overrides, log, prepare_shared_data, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "repro"
@@ -150,10 +150,9 @@ def study(args: argparse.Namespace) -> dict:
     runs = Path(args.runs)
     keys = [(arm, s) for s in range(args.seeds) for arm in ARMS]
     jobs = [(str(runs / f"{arm}-seed{s}"), config_of(arm), overrides(arm, s, args)) for arm, s in keys]
-    log(f"preparing the data with {jobs[0][0]}")
-    first = run_all(jobs[:1], None, 1)
-    log(f"{len(jobs) - 1} more runs, {args.jobs} at a time")
-    done = first + run_all(jobs[1:], jobs[0][0], args.jobs)
+    data = prepare_shared_data(runs, jobs[0][1], jobs[0][2])
+    log(f"{len(jobs)} runs, {args.jobs} at a time")
+    done = run_all(jobs, data, args.jobs)
     rows = [row_of(arm, s, r, args.steps) for (arm, s), r in zip(keys, done, strict=True)]
     return {"config": {k: v for k, v in vars(args).items() if k != "section"}, "rows": rows}
 

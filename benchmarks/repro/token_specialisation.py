@@ -57,9 +57,8 @@ the paper's side, "contradicted" on the other, otherwise "not resolved at this s
 Steps: 1,500 (3.1 M tokens, under one epoch of the corpus), more than the 600 of the other switch-e8 studies, to give
 the routing longer to settle; the study has a single arm, so five such runs still fit in the hour.
 
-Usage (runs in parallel, one thread each; the defaults take about 35 minutes on 2 free cores: five runs of about
-9 minutes, two at a time after the first, which also tokenizes the corpus, then a minute or two of routing per run,
-two at a time)::
+Usage (runs in parallel, one thread each; the defaults took 24 minutes on 2 cores: the corpus tokenized once, five
+runs of about 8 minutes two at a time, then a minute or two of routing per run, two at a time)::
 
     python benchmarks/repro/token_specialisation.py --out docs/results/token_specialisation [--runs runs/token-spec]
     python benchmarks/repro/token_specialisation.py --out docs/results/token_specialisation --section docs/RESULTS.md
@@ -83,7 +82,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import interval, verdict, wrap_markdown, write_outputs  # noqa: E402
-from _runs import data_overrides, log, run_all, study_main, study_parser  # noqa: E402
+from _runs import data_overrides, log, prepare_shared_data, run_all, study_main, study_parser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs" / "repro" / "switch-e8.toml")
@@ -195,11 +194,9 @@ def token_routing(run_path: str, n_tokens: int, draws: int, seed: int) -> list[d
 def study(args: argparse.Namespace) -> dict:
     runs = Path(args.runs)
     jobs = [(str(runs / f"seed{s}"), BASE, overrides(s, args)) for s in range(args.seeds)]
-    log(f"preparing the data with {jobs[0][0]}")
-    done = run_all(jobs[:1], None, 1)
-    if len(jobs) > 1:
-        log(f"{len(jobs) - 1} more runs, {args.jobs} at a time")
-        done += run_all(jobs[1:], jobs[0][0], args.jobs)
+    data = prepare_shared_data(runs, BASE, jobs[0][2])
+    log(f"{len(jobs)} runs, {args.jobs} at a time")
+    done = run_all(jobs, data, args.jobs)
     log(f"routing of {args.tokens:,} validation tokens per run, trained and untrained, {args.hash_draws} hashes")
     ctx = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
