@@ -274,6 +274,16 @@ def training_tokens(corpus: Path, tokenizer: Path) -> int:
     return int(encode_pieces(load_tokenizer(tokenizer), train).size)
 
 
+def run_training_tokens(run_dir: Path) -> int:
+    """The tokens of the training split a finished run trained on (its own token file)."""
+    from safetensors import safe_open
+
+    from moekit.lab.training.tasks import TOKENS_FILE
+
+    with safe_open(str(run_dir / TOKENS_FILE), framework="np") as f:
+        return int(f.get_slice("train").get_shape()[0])
+
+
 def corpus_makeup(corpus: Path) -> dict[str, int]:
     """Characters per source of a corpus folder."""
     out: dict[str, int] = {}
@@ -372,16 +382,13 @@ def study(args: argparse.Namespace) -> dict:
     done = run_all(jobs, None, args.jobs)
     torch.set_num_threads(max(1, args.jobs))
     texts = heldout_texts(data)
-    tokens_of: dict[Path, int] = {}
     rows = []
     for (arm, s), r in zip(keys, done, strict=True):
-        corpus = corpora[arm, s]
-        if corpus not in tokens_of:
-            tokens_of[corpus] = training_tokens(corpus, tokenizer)
-        makeup = corpus_makeup(corpus)
+        makeup = corpus_makeup(corpora[arm, s])
+        n_train = run_training_tokens(Path(r["run_dir"]))
         row = {"arm": arm, "seed": s, "steps": steps, "corpus_chars": sum(makeup.values()),
-               "corpus_mail_chars": makeup.get("mail", 0), "training_tokens": tokens_of[corpus],
-               "epochs": steps * TOKENS_PER_STEP / tokens_of[corpus],
+               "corpus_mail_chars": makeup.get("mail", 0), "training_tokens": n_train,
+               "epochs": steps * TOKENS_PER_STEP / n_train,
                "own_val_loss": r["summary"]["final_val_loss"], "run_dir": r["run_dir"]}
         for name in HELDOUT_SETS:
             h = heldout_bits(r["run_dir"], texts[name])
