@@ -171,3 +171,71 @@ def test_dropout_in_training_uses_the_unfused_path():
     x_AD = torch.randn(6, D)
     assert not fused_ok(x_AD, bank.w_in, bank.w_out, bank.activation, bank.dropout, bank.training)
     assert fused_ok(x_AD, bank.w_in, bank.w_out, bank.activation, bank.dropout, False)
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_retained_graph_backward_twice_accumulates(act):
+    """Two autograd nodes, each releasing what it saved only when the graph is not retained: a second backward
+    through a retained graph gives the same gradients again (accumulated: twice the reference)."""
+    bank = _bank(act)
+    counts_E = torch.tensor([3, 0, 4, 2])
+    x_AD = torch.randn(9, D, requires_grad=True)
+    gy_AD = torch.randn(9, D)
+    ref = _grads(bank, x_AD, lambda: _unfused(bank, x_AD, counts_E), gy_AD)
+    bank.zero_grad(set_to_none=True)
+    x_AD.grad = None
+    loss = (bank(x_AD, counts_E) * gy_AD).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for got, want in zip([x_AD.grad, *(p.grad for p in bank.parameters())], ref[1:], strict=True):
+        torch.testing.assert_close(got, 2 * want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_pre_activation_is_freed_before_the_first_half_backward(retain):
+    """The memory property the split into two nodes is for: by the time the gate/up node computes its weight
+    gradients, autograd has released the [A, 2F] pre-activation that the second node saved (unless the graph is
+    retained)."""
+    bank = _bank("swiglu")
+    counts_E = torch.tensor([3, 1, 4, 2])
+    x_AD = torch.randn(10, D, requires_grad=True)
+    y_AD = bank(x_AD, counts_E)
+    act_down = y_AD.grad_fn
+    gate_up = act_down.next_functions[0][0]
+    seen = {}
+
+    def probe(grad_outputs):
+        # Runs as the gradient of h reaches the first half, before any of its GEMMs.
+        seen["grad_h"] = grad_outputs[0].shape
+        try:
+            seen["saved"] = [t.shape for t in act_down.saved_tensors]
+        except RuntimeError as e:  # "... saved tensors ... have already been freed"
+            seen["freed"] = str(e)
+
+    gate_up.register_prehook(probe)
+    y_AD.sum().backward(retain_graph=retain)
+    assert seen["grad_h"] == torch.Size([10, 2 * F])
+    if retain:
+        assert seen.get("saved", [None])[0] == torch.Size([10, 2 * F])
+    else:
+        assert "freed" in seen and "freed" in seen["freed"]
+
+
+@pytest.mark.parametrize("act", ["swiglu", "relu"])
+@pytest.mark.parametrize("grad_x, grad_w", [(False, True), (True, False), (False, False)])
+def test_fused_with_only_some_inputs_needing_gradients(act, grad_x, grad_w):
+    """x without a gradient, every weight frozen, or both but w_out: each node skips what nobody needs and the
+    gradients that are needed match the reference."""
+    bank = _bank(act)
+    for name, p in bank.named_parameters():
+        p.requires_grad_(grad_w or name == "w_out")
+    counts_E = torch.tensor([2, 3, 0, 4])
+    x_AD = torch.randn(9, D, requires_grad=grad_x)
+    gy_AD = torch.randn(9, D)
+    fused = _grads(bank, x_AD, lambda: bank(x_AD, counts_E), gy_AD)
+    ref = _grads(bank, x_AD, lambda: _unfused(bank, x_AD, counts_E), gy_AD)
+    for a, b in zip(fused, ref, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)

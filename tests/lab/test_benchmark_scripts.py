@@ -209,3 +209,36 @@ def test_loss_free_balancing_analysis_by_hand(tmp_path, monkeypatch):
     assert (tmp_path / "res" / "max_violation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| lfb-softmax-aux | 3 | 5.1000 ± 0.2484 | 2.000 ± 0.000 | 0.1000 ± 0.0000 |" in (
         tmp_path / "res" / "loss_free.md").read_text()
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_memory_script_tiny(tmp_path):
+    """benchmarks/layer_memory.py on tiny shapes: the live-tensor peak is exact (the same twice), at least the weight
+    gradients the step creates, and the Markdown ratio is the JSON's."""
+    script = _load_script("layer_memory")
+    E, D, F, S = 4, 16, 32, 64
+    hf = importlib.util.find_spec("transformers") is not None
+    variants = ["moe", "dense"] + (["hf_grouped"] if hf else [])
+    assert script.main(["--experts", str(E), "--top-k", "2", "--tokens", str(S), "--d-model", str(D), "--d-ff", str(F),
+                        "--rss-repeats", "0", "--variants", *variants, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layer_memory.json").read_text())
+    (row,) = data["rows"]
+    live = row["live_mib"]
+    assert set(live) == set(variants) and row["rss_mib"] == {}
+    # The step creates the gradients of w_in, w_gate and w_out (3 * E * D * F floats) and of the router (D * E),
+    # and x's gradient (S * D), all alive at the end: a floor for the peak.
+    floor = (3 * E * D * F + D * E + S * D) * 4 / 2**20
+    assert live["moe"] >= floor
+    case = script.Case(num_experts=E, top_k=2, tokens=S, d_model=D, d_ff=F, activation="swiglu")
+    assert script.live_peak_mib("moe", case) == pytest.approx(live["moe"], abs=0.05)
+    md_row = [c.strip() for c in (tmp_path / "layer_memory.md").read_text().splitlines()[-1].split("|")[1:-1]]
+    if hf:
+        assert float(md_row[3 + len(variants)]) == pytest.approx(live["moe"] / live["hf_grouped"], abs=0.0006)
+    else:
+        assert md_row[3 + len(variants)] == "-"
