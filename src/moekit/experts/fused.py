@@ -12,8 +12,9 @@ intermediate gradient on its own. Here:
 - the gradient of both projections is written straight into one ``[A, 2F]`` buffer, and each weight gradient is a
   contiguous ``[E, D, F]`` tensor that autograd hands to ``.grad`` without a copy;
 - ``x -> h`` and ``h -> y`` are separate autograd nodes, so autograd frees ``h`` between them in the backward and
-  the step's peak holds the weight gradients and one ``[A, 2F]`` gradient, not ``h`` as well (the peak at 64
-  experts is then no higher than transformers' Mixtral block: benchmarks/results/layer_memory.md).
+  the step's peak holds the weight gradients and one ``[A, 2F]`` gradient, not ``h`` as well: the live-tensor
+  peak of transformers' Mixtral block, give or take the router's ``[S, E]`` logits
+  (benchmarks/results/layer_memory.md).
 
 The math, and the elementwise kernels used, are those of ``feed_forward`` (the activation's own aten backward);
 only the grouping of the GEMMs differs, so results agree to float rounding (tests/experts/test_fused.py).
