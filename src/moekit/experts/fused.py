@@ -36,12 +36,18 @@ __all__ = ["expert_ffn", "fused_ok", "gate_up_view"]
 _GELU_APPROX = {"gelu": "none", "geglu": "none", "gelu_tanh": "tanh", "geglu_tanh": "tanh"}
 
 
-def _act_backward(activation: str, grad: Tensor, h: Tensor) -> Tensor:
+def _act_backward(activation: str, grad: Tensor, h: Tensor, out: Tensor | None = None) -> Tensor:
+    """``act'(h) * grad``, the aten backward of the activation; written into ``out`` (which may be a strided slice)
+    when given, so the gated backward needs no ``[A, F]`` temporary."""
     if activation == "swiglu":
-        return torch.ops.aten.silu_backward(grad, h)
-    if activation == "relu":  # relu's mask from its input equals the mask from its output
-        return torch.ops.aten.threshold_backward(grad, h, 0)
-    return torch.ops.aten.gelu_backward(grad, h, approximate=_GELU_APPROX[activation])
+        op, args, kwargs = torch.ops.aten.silu_backward, (grad, h), {}
+    elif activation == "relu":  # relu's mask from its input equals the mask from its output
+        op, args, kwargs = torch.ops.aten.threshold_backward, (grad, h, 0), {}
+    else:
+        op, args, kwargs = torch.ops.aten.gelu_backward, (grad, h), {"approximate": _GELU_APPROX[activation]}
+    if out is None:
+        return op.default(*args, **kwargs)
+    return op.grad_input(*args, **kwargs, grad_input=out)
 
 
 def _act_into(activation: str, h: Tensor, out: Tensor) -> None:
@@ -50,14 +56,6 @@ def _act_into(activation: str, h: Tensor, out: Tensor) -> None:
         torch.ops.aten.silu.out(h, out=out)
     else:
         torch.ops.aten.gelu.out(h, approximate=_GELU_APPROX[activation], out=out)
-
-
-def _act_backward_into(activation: str, grad: Tensor, h: Tensor, out: Tensor) -> None:
-    """``out = act'(h) * grad`` written in place: gated activations only."""
-    if activation == "swiglu":
-        torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=out)
-    else:
-        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=_GELU_APPROX[activation], grad_input=out)
 
 
 def gate_up_view(w_gate_EDF: Tensor, w_in_EDF: Tensor) -> Tensor | None:
@@ -185,7 +183,7 @@ class _ActDown(torch.autograd.Function):
         grad_a_AF = _gmm(grad_AD, w_out_EFD.transpose(1, 2), offsets_E)
         dup_AF.mul_(grad_a_AF)  # d/d up = grad_a * act(gate)
         grad_a_AF.mul_(u_AF)
-        _act_backward_into(activation, grad_a_AF, g_AF, dgate_AF)  # d/d gate = act'(gate) * grad_a * up
+        _act_backward(activation, grad_a_AF, g_AF, out=dgate_AF)  # d/d gate = act'(gate) * grad_a * up
         return grad_h_AF, grad_w_out, None, None, None
 
 
