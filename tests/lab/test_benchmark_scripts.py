@@ -83,6 +83,38 @@ def test_bench_writes_a_new_run_folder_never_the_committed_results(tmp_path, mon
     assert [c["malloc"] for c in data["cases"]] == ["default"] and data["meta"]["warmup"] == 1
 
 
+def test_bench_cpu_clock_end_to_end(tmp_path, monkeypatch, capsys):
+    """``--clock cpu`` reaches the timing child and the results say which clock timed them."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--experts", "2", "--top-k", "1", "--tokens", "16", "--d-model", "8", "--d-ff", "16",
+            "--rounds", "2", "--warmup", "1", "--allocators", "default", "--activations", "gelu",
+            "--variants", "moe", "dense", "--no-memory", "--threads", "1", "--clock", "cpu", "--out", "out"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "out" / "layer_throughput.json").read_text())
+    assert data["meta"]["clock"] == "cpu"
+    assert all(len(t) == 2 and min(t) > 0 for t in data["cases"][0]["times_ms"].values())
+    assert "Times are CPU milliseconds" in (tmp_path / "out" / "layer_throughput.md").read_text()
+
+
+def test_time_case_reads_the_chosen_clock(monkeypatch):
+    """Each timed step is the difference of two readings of the chosen clock (a fake one here that advances 5 ms
+    per reading, so every step takes exactly 5 ms), not of the wall clock."""
+    import itertools
+
+    import moekit.lab.bench.layer as layer
+
+    ticks = itertools.count()
+    monkeypatch.setitem(layer.CLOCKS, "cpu", lambda: next(ticks) * 0.005)
+    case = layer.Case(num_experts=2, top_k=1, tokens=8, d_model=8, d_ff=16)
+    layer.time_case(case, ("moe", "dense"), rounds=3, warmup=0, clock="cpu")
+    assert case.times_ms == {"moe": [pytest.approx(5.0)] * 3, "dense": [pytest.approx(5.0)] * 3}
+
+
+def test_bench_cpu_clock_needs_one_thread(capsys):
+    assert main(["bench", "--clock", "cpu", "--threads", "2", "--no-tune-malloc"]) == 2
+    assert "--clock cpu needs --threads 1" in capsys.readouterr().err
+
+
 def test_new_run_dir_never_reuses_a_folder(tmp_path):
     from moekit.lab.bench.layer import new_run_dir
 

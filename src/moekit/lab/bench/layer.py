@@ -127,9 +127,18 @@ def make_inputs(case: Case, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return x, grad
 
 
-def time_case(case: Case, variants: tuple[str, ...], rounds: int, warmup: int = 2) -> None:
+# How a step is timed: "wall" (time.perf_counter), or "cpu" (time.process_time: the CPU time this process used,
+# kernel time for page faults included). With one thread, CPU time is the work of the step whatever else runs on
+# the machine (time spent waiting for a core is not counted), so a loaded machine still gives comparable ratios;
+# with more threads it would also count the threads' busy-waiting, so "cpu" needs --threads 1.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_case(case: Case, variants: tuple[str, ...], rounds: int, warmup: int = 2, clock: str = "wall") -> None:
     """``rounds`` interleaved timed steps of every variant after ``warmup`` untimed ones each (first-touch page
-    faults, caches, lazy initialisation: a cold first step is not what a training loop sees)."""
+    faults, caches, lazy initialisation: a cold first step is not what a training loop sees), by ``clock``
+    (:data:`CLOCKS`)."""
+    now = CLOCKS[clock]
     x, grad = make_inputs(case)
     modules = {v: build_variant(v, case) for v in variants}
     for v in variants:
@@ -141,9 +150,9 @@ def time_case(case: Case, variants: tuple[str, ...], rounds: int, warmup: int = 
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for v in order:
             _zero(modules[v], x)
-            t0 = time.perf_counter()
+            t0 = now()
             _step(modules[v], x, grad)
-            case.times_ms[v].append((time.perf_counter() - t0) * 1e3)
+            case.times_ms[v].append((now() - t0) * 1e3)
 
 
 def _rss_kb(field_name: str) -> int:
@@ -248,7 +257,9 @@ def render_markdown(cases: list[Case], meta: dict) -> str:
         lines += ["**Quick run: a smoke test.** Sizes this small are dominated by per-call overheads; the ratios say "
                   "nothing about real layer sizes.", ""]
     lines += [
-        "Times are milliseconds per forward + backward step: median (min-max) over the rounds. `dense` is the FFN "
+        ("Times are CPU milliseconds (`--clock cpu`: the process's CPU time, one thread, so other jobs on the machine "
+         "do not count) " if meta.get("clock") == "cpu" else "Times are wall-clock milliseconds ")
+        + "per forward + backward step: median (min-max) over the rounds. `dense` is the FFN "
         "with the same active FLOPs (hidden k * d_ff); `HF` is transformers' `MixtralSparseMoeBlock` with its "
         "experts implementation, built from moekit's weights and checked equal to moekit's output; `geglu` is "
         "the gated GELU that Mixtral's block computes with `hidden_act=\"gelu\"`. best HF / moe > 1 means moekit "
@@ -312,7 +323,7 @@ SLOW_PEERS = ("hf_eager", "loop", "einsum")
 def time_cases(
     experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, *,
     activations: tuple[str, ...] = ("gelu",), variants: tuple[str, ...] = VARIANTS, warmup: int = 2,
-    malloc: str = "default", slow_max_experts: int | None = None,
+    malloc: str = "default", slow_max_experts: int | None = None, clock: str = "wall",
 ) -> list[Case]:
     """Check and time every (activation, E, k) case in this process; ``malloc`` records the allocator setting the
     caller applied. Variants that cannot run for an activation are left out with a note on stderr, and so are the
@@ -330,7 +341,7 @@ def time_cases(
                 case = Case(num_experts=E, top_k=k, tokens=tokens, d_model=d_model, d_ff=d_ff, activation=act,
                             malloc=malloc)
                 case.max_abs_diff = check_agreement(case, run_vars)
-                time_case(case, run_vars, rounds, warmup)
+                time_case(case, run_vars, rounds, warmup, clock)
                 _progress(case, note)
                 cases.append(case)
     return cases
@@ -349,13 +360,13 @@ def timing_child(spec_json: str, malloc: str) -> None:
 def run_allocators(
     experts: list[int], top_ks: list[int], tokens: int, d_model: int, d_ff: int, rounds: int, threads: int, *,
     allocators: tuple[str, ...] = ALLOCATORS, activations: tuple[str, ...] = ("swiglu",),
-    variants: tuple[str, ...] = VARIANTS, warmup: int = 2, slow_max_experts: int | None = None,
+    variants: tuple[str, ...] = VARIANTS, warmup: int = 2, slow_max_experts: int | None = None, clock: str = "wall",
 ) -> list[Case]:
     """:func:`time_cases` once per allocator setting, each in a fresh child process with ``threads`` threads
     (glibc's tuning cannot be undone in a process). Progress goes to stderr."""
     spec = {"experts": experts, "top_ks": top_ks, "tokens": tokens, "d_model": d_model, "d_ff": d_ff,
             "rounds": rounds, "activations": list(activations), "variants": list(variants), "warmup": warmup,
-            "slow_max_experts": slow_max_experts, "set_to_none": _SET_TO_NONE["value"]}
+            "slow_max_experts": slow_max_experts, "clock": clock, "set_to_none": _SET_TO_NONE["value"]}
     cases: list[Case] = []
     for malloc in allocators:
         if malloc not in ALLOCATORS:
@@ -381,7 +392,7 @@ def write_results(cases: list[Case], out_dir: Path, meta: dict) -> None:
 
 
 def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int, rounds: int, warmup: int,
-          command: str, quick: bool = False, slow_max_experts: int | None = None) -> dict:
+          command: str, quick: bool = False, slow_max_experts: int | None = None, clock: str = "wall") -> dict:
     try:
         import transformers
         tf_version = transformers.__version__
@@ -394,6 +405,7 @@ def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "quick": quick,
         "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse", "slow_max_experts": slow_max_experts,
+        "clock": clock,
     }
 
 
@@ -471,6 +483,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if "moe" not in args.variants or "dense" not in args.variants:
         raise ConfigError("--variants must include moe and dense (the ratios are to them)")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ConfigError(f"--clock cpu needs --threads 1 (CPU time of several threads counts their busy-waiting), "
+                          f"got --threads {args.threads}")
     _SET_TO_NONE["value"] = args.grad_policy == "none"
     out = Path(args.out) if args.out else new_run_dir()
     command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
@@ -480,10 +495,11 @@ def main_from_args(args: argparse.Namespace) -> int:
           flush=True)
     cases = run_allocators(experts, top_ks, tokens, d_model, d_ff, rounds, args.threads,
                            allocators=tuple(args.allocators), activations=tuple(activations),
-                           variants=tuple(args.variants), warmup=warmup, slow_max_experts=args.slow_max_experts)
+                           variants=tuple(args.variants), warmup=warmup, slow_max_experts=args.slow_max_experts,
+                           clock=args.clock)
     if not args.quick and args.memory:
         add_peak_memory(cases, args.threads)
     write_results(cases, out, _meta(cases, tokens, d_model, d_ff, args.threads, rounds, warmup, command,
-                                    quick=args.quick, slow_max_experts=args.slow_max_experts))
+                                    quick=args.quick, slow_max_experts=args.slow_max_experts, clock=args.clock))
     print(f"results written to {out}/layer_throughput.md")
     return 0

@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds (default 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="time steps by the wall clock (default) or by this process's CPU time (needs --threads 1; other jobs "
+             "on the machine then do not count)",
+    )
+    p.add_argument(
         "--activations", nargs="+", default=["swiglu", "geglu"], choices=ACTIVATION_NAMES,
         help="expert activations (default swiglu geglu; transformers' Mixtral block is a peer for the gated ones)",
     )
