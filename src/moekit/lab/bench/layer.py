@@ -128,9 +128,9 @@ def make_inputs(case: Case, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # How a step is timed: "wall" (time.perf_counter), or "cpu" (time.process_time: the CPU time this process used,
-# kernel time for page faults included). With one thread, CPU time is the work of the step whatever else runs on
-# the machine (time spent waiting for a core is not counted), so a loaded machine still gives comparable ratios;
-# with more threads it would also count the threads' busy-waiting, so "cpu" needs --threads 1.
+# kernel time for page faults included). With one thread it leaves out the time the step waited for a core while
+# other jobs ran, though not what they cost it in shared caches and memory bandwidth; with more threads it would
+# also count the threads' busy-waiting, so "cpu" needs --threads 1.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -257,8 +257,8 @@ def render_markdown(cases: list[Case], meta: dict) -> str:
         lines += ["**Quick run: a smoke test.** Sizes this small are dominated by per-call overheads; the ratios say "
                   "nothing about real layer sizes.", ""]
     lines += [
-        ("Times are CPU milliseconds (`--clock cpu`: the process's CPU time, one thread, so other jobs on the machine "
-         "do not count) " if meta.get("clock") == "cpu" else "Times are wall-clock milliseconds ")
+        ("Times are CPU milliseconds (`--clock cpu`: the process's CPU time, one thread; time spent waiting for a "
+         "core is left out, contention for caches and memory bandwidth is not) " if meta.get("clock") == "cpu" else "Times are wall-clock milliseconds ")
         + "per forward + backward step: median (min-max) over the rounds. `dense` is the FFN "
         "with the same active FLOPs (hidden k * d_ff); `HF` is transformers' `MixtralSparseMoeBlock` with its "
         "experts implementation, built from moekit's weights and checked equal to moekit's output; `geglu` is "

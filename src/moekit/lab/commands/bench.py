@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
-        help="time steps by the wall clock (default) or by this process's CPU time (needs --threads 1; other jobs "
-             "on the machine then do not count)",
+        help="time steps by the wall clock (default) or by this process's CPU time (needs --threads 1; time spent "
+             "waiting for a core then does not count, cache contention still does)",
     )
     p.add_argument(
         "--activations", nargs="+", default=["swiglu", "geglu"], choices=ACTIVATION_NAMES,
