@@ -258,7 +258,8 @@ def render_markdown(cases: list[Case], meta: dict) -> str:
                   "nothing about real layer sizes.", ""]
     lines += [
         ("Times are CPU milliseconds (`--clock cpu`: the process's CPU time, one thread; time spent waiting for a "
-         "core is left out, contention for caches and memory bandwidth is not) " if meta.get("clock") == "cpu" else "Times are wall-clock milliseconds ")
+         "core is left out, contention for caches and memory bandwidth is not) " if meta.get("clock") == "cpu"
+         else "Times are wall-clock milliseconds ")
         + "per forward + backward step: median (min-max) over the rounds. `dense` is the FFN "
         "with the same active FLOPs (hidden k * d_ff); `HF` is transformers' `MixtralSparseMoeBlock` with its "
         "experts implementation, built from moekit's weights and checked equal to moekit's output; `geglu` is "
