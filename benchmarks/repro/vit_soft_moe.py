@@ -63,9 +63,12 @@ Budget (each study under about an hour on 2 cores): measured on this machine's 2
 two other training jobs, the CPU time of one training step of 128 images, the five arms interleaved on real batches
 (one thread), was 201 ms (dense), 222 (top-1), 252 (top-2), 224 (expert choice) and 219 (Soft MoE); the earlier
 study's dense ViT, interleaved with them, took 122 ms against the 56.3 ms it took with a free core, so a free core
-runs these steps in about 93, 102, 116, 104 and 101 ms. A run of 4,690 steps, 10 evaluations of 10,000 images
-(about 3 s each) and its start-up take about 8.7 minutes, and 15 runs at 2 at a time about 65 minutes (70 with the
-last run alone) on 2 free cores. A larger machine can train longer (``--epochs 30``) or run more seeds.
+runs these steps in about 93, 102, 116, 104 and 101 ms. A run of 4,690 steps, 10 evaluations of 10,000 images (about
+3 s each) and its start-up take about 8.7 minutes, and 15 runs at 2 at a time about 65 minutes (70 with the last run
+alone) on 2 free cores. The committed run took longer: on a 2-core AMD EPYC machine, mostly free, the side-by-side
+steps took 181 (dense) to 214 ms, a run 14 to 24 minutes two at a time (the longer ones beside other measurements),
+and the study 2 h 37 min; ``--epochs 5`` fits about an hour there. A larger machine can train longer
+(``--epochs 30``) or run more seeds.
 
 Soft MoE's scale, checked on a 63-step trial: the combine entropy stayed at 3.545-3.547 nats (of ln 35 = 3.555)
 with the scale initialised to 1.0, and was 3.20-3.25 with sqrt(40).
