@@ -44,15 +44,17 @@ def _grads(bank: ExpertBank, x_AD: torch.Tensor, fn, gy_AD: torch.Tensor | None)
 
 
 def _assert_fused_matches_reference(bank: ExpertBank, x_AD: torch.Tensor, counts_E: torch.Tensor,
-                                    gy_AD: torch.Tensor | None) -> None:
-    """Output and every gradient of the fused path equal the unfused reference's (None where neither has one)."""
-    fused = _grads(bank, x_AD, lambda: bank(x_AD, counts_E), gy_AD)
+                                    gy_AD: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Output and every gradient of the fused path equal the unfused reference's (None where neither has one).
+    The fused path runs last, so the bank's ``.grad`` are its gradients afterwards; returns them as ``_grads`` does."""
     ref = _grads(bank, x_AD, lambda: _unfused(bank, x_AD, counts_E), gy_AD)
+    fused = _grads(bank, x_AD, lambda: bank(x_AD, counts_E), gy_AD)
     for a, b in zip(fused, ref, strict=True):
         if b is None:
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    return fused
 
 
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
@@ -63,12 +65,10 @@ def test_fused_equals_unfused_outputs_and_gradients(act, counts):
     x_AD = torch.randn(sum(counts), D, requires_grad=True)
     gy_AD = torch.randn(sum(counts), D)
     assert fused_ok(x_AD, bank.w_in, bank.w_out, act, bank.dropout, bank.training)
-    fused = _grads(bank, x_AD, lambda: bank(x_AD, counts_E), gy_AD)
-    ref = _grads(bank, x_AD, lambda: _unfused(bank, x_AD, counts_E), gy_AD)
-    assert len(fused) == len(ref) == 2 + len(list(bank.parameters()))
-    for a, b in zip(fused, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
-    # Weight gradients are plain contiguous tensors of the parameters' shapes (no copies of a fused gradient).
+    fused = _assert_fused_matches_reference(bank, x_AD, counts_E, gy_AD)
+    assert len(fused) == 2 + len(list(bank.parameters())) and all(g is not None for g in fused)
+    # The fused path's weight gradients are plain contiguous tensors of the parameters' shapes (no copies of a
+    # fused gradient).
     for p in bank.parameters():
         assert p.grad.shape == p.shape and p.grad.is_contiguous()
 
