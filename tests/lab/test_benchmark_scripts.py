@@ -139,6 +139,7 @@ def test_quick_says_it_is_a_smoke_test(tmp_path, monkeypatch, capsys):
     assert calls["warmup"] >= 1 and calls["args"][:5] == ([4], [1, 2], 512, 64, 128)
     md = next((tmp_path / "runs").iterdir()) / "layer_throughput.md"
     assert "smoke test" in md.read_text()
+    assert "Each case (allocator setting, activation, E, k) ran in its own fresh process." in md.read_text()
 
 
 def test_bench_parser_names_match_the_module():
@@ -274,3 +275,45 @@ def test_layer_memory_script_tiny(tmp_path):
         assert float(md_row[3 + len(variants)]) == pytest.approx(live["moe"] / live["hf_grouped"], abs=0.0006)
     else:
         assert md_row[3 + len(variants)] == "-"
+
+
+def test_run_allocators_times_every_case_in_its_own_process(monkeypatch):
+    """One child per (allocator, activation, E, k), so no case inherits another's heap; the tuned children tune the
+    allocator and the default ones do not; the cases come back in the order asked."""
+    import subprocess
+    from dataclasses import asdict
+
+    import moekit.lab.bench.layer as layer
+
+    children = []
+
+    def fake_run(argv, **kwargs):
+        code = argv[-1]
+        spec = json.loads(json.loads(code.split("timing_child(")[1].rsplit(", ", 1)[0]))
+        malloc = code.rsplit(", ", 1)[1].strip("')\"")
+        children.append((malloc, "tune_malloc()" in code, spec["activations"], spec["experts"], spec["top_ks"]))
+        case = layer.Case(num_experts=spec["experts"][0], top_k=spec["top_ks"][0], tokens=spec["tokens"],
+                          d_model=spec["d_model"], d_ff=spec["d_ff"], activation=spec["activations"][0],
+                          malloc=malloc)
+        return subprocess.CompletedProcess(argv, 0, stdout="progress\n" + json.dumps([asdict(case)]) + "\n")
+
+    monkeypatch.setattr(layer.subprocess, "run", fake_run)
+    cases = layer.run_allocators([2, 8], [1, 2], 16, 8, 16, rounds=1, threads=1, activations=("swiglu",))
+    assert children == [
+        (m, m == "tuned", ["swiglu"], [E], [k]) for m in ("default", "tuned") for E in (2, 8) for k in (1, 2)
+    ]
+    assert [(c.malloc, c.num_experts, c.top_k) for c in cases] == [
+        (m, E, k) for m in ("default", "tuned") for E in (2, 8) for k in (1, 2)
+    ]
+
+
+def test_run_allocators_rejects_top_k_above_experts_before_timing(monkeypatch):
+    import moekit.lab.bench.layer as layer
+    from moekit.errors import ConfigError
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child process started before the sizes were checked")
+
+    monkeypatch.setattr(layer.subprocess, "run", no_child)
+    with pytest.raises(ConfigError, match="top_k=2 must be <= num_experts=1"):
+        layer.run_allocators([8, 1], [2], 16, 8, 16, rounds=1, threads=1)

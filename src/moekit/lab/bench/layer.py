@@ -17,8 +17,9 @@ its "eager" and "grouped_mm" experts implementations; gated activations only, sk
 is not importable). Every peer holds the moekit layer's weights and is checked equal to it before timing.
 
 Allocator: glibc's malloc tuning (``moekit.lab.runtime.tune_malloc``) is process-wide and cannot be undone, so
-:func:`run_allocators` times each setting ("default", "tuned") in its own fresh child process; :func:`run_benchmark`
-times in the calling process and records the setting the caller says it has.
+:func:`run_allocators` times each setting ("default", "tuned") in fresh child processes, one per case (activation,
+E, k), so that no case inherits another's heap; :func:`run_benchmark` times in the calling process and records the
+setting the caller says it has.
 
 Output: ``moekit bench`` writes ``layer_throughput.{md,json}`` into a new folder ``runs/bench-<UTC time>/`` under
 the current directory unless ``--out`` names one; it never writes into ``benchmarks/results`` by itself.
@@ -27,6 +28,7 @@ the current directory unless ``--out`` names one; it never writes into ``benchma
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -237,6 +239,14 @@ def best_hf(case: Case) -> float | None:
     return min(meds) if meds else None
 
 
+# How the cases shared processes; results written before "process_per" existed ran one process per allocator.
+_PROCESS_NOTE = {
+    "case": "Each case (allocator setting, activation, E, k) ran in its own fresh process. ",
+    "allocator": "Each allocator setting ran in its own fresh process. ",
+    "caller": "Every case ran in the calling process, one after another. ",
+}
+
+
 def render_markdown(cases: list[Case], meta: dict) -> str:
     """Time table (median and min-max over rounds, ms) per allocator setting, then peak memory."""
     lines = [
@@ -246,7 +256,8 @@ def render_markdown(cases: list[Case], meta: dict) -> str:
         f"threads, torch {meta['torch']}, transformers {meta['transformers']}, {meta['warmup']} warm-up steps then "
         f"{meta['rounds']} interleaved rounds per case, gradients reset with "
         f"set_to_none={meta['grad_policy'] == 'none'}. "
-        f"Each allocator setting ran in its own fresh process. Command: `{meta['command']}`. Measured {meta['date']} "
+        + _PROCESS_NOTE[meta.get("process_per", "allocator")]
+        + f"Command: `{meta['command']}`. Measured {meta['date']} "
         f"on {meta['machine']}.",
         "",
     ]
@@ -363,25 +374,33 @@ def run_allocators(
     allocators: tuple[str, ...] = ALLOCATORS, activations: tuple[str, ...] = ("swiglu",),
     variants: tuple[str, ...] = VARIANTS, warmup: int = 2, slow_max_experts: int | None = None, clock: str = "wall",
 ) -> list[Case]:
-    """:func:`time_cases` once per allocator setting, each in a fresh child process with ``threads`` threads
-    (glibc's tuning cannot be undone in a process). Progress goes to stderr."""
-    spec = {"experts": experts, "top_ks": top_ks, "tokens": tokens, "d_model": d_model, "d_ff": d_ff,
-            "rounds": rounds, "activations": list(activations), "variants": list(variants), "warmup": warmup,
-            "slow_max_experts": slow_max_experts, "clock": clock, "set_to_none": _SET_TO_NONE["value"]}
-    cases: list[Case] = []
+    """:func:`time_cases` for every (allocator setting, activation, E, k), each in a fresh child process with
+    ``threads`` threads: glibc's tuning cannot be undone in a process, and with it tuned the heap never shrinks, so
+    in a shared process one case's freed blocks would serve the next case's allocations. Progress goes to stderr."""
     for malloc in allocators:
         if malloc not in ALLOCATORS:
             raise ConfigError(f"allocator must be one of {ALLOCATORS}, got {malloc!r}")
+    for E in experts:  # every user error before the first (minutes-long) child starts
+        for k in top_ks:
+            if k > E:
+                raise ConfigError(f"top_k={k} must be <= num_experts={E}")
+    cases: list[Case] = []
+    for malloc in allocators:
         tune = (
             "from moekit.lab.runtime import tune_malloc; "
             "assert tune_malloc(), 'tune_malloc() could not tune this libc'; " if malloc == "tuned" else ""
         )
-        code = (
-            f"import torch; torch.set_num_threads({threads}); {tune}"
-            f"from moekit.lab.bench.layer import timing_child; timing_child({json.dumps(json.dumps(spec))}, {malloc!r})"
-        )
-        out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
-        cases += [Case(**c) for c in json.loads(out.stdout.strip().splitlines()[-1])]
+        for act, E, k in itertools.product(activations, experts, top_ks):
+            spec = {"experts": [E], "top_ks": [k], "tokens": tokens, "d_model": d_model, "d_ff": d_ff,
+                    "rounds": rounds, "activations": [act], "variants": list(variants), "warmup": warmup,
+                    "slow_max_experts": slow_max_experts, "clock": clock, "set_to_none": _SET_TO_NONE["value"]}
+            code = (
+                f"import torch; torch.set_num_threads({threads}); {tune}"
+                f"from moekit.lab.bench.layer import timing_child; "
+                f"timing_child({json.dumps(json.dumps(spec))}, {malloc!r})"
+            )
+            out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
+            cases += [Case(**c) for c in json.loads(out.stdout.strip().splitlines()[-1])]
     return cases
 
 
@@ -393,7 +412,8 @@ def write_results(cases: list[Case], out_dir: Path, meta: dict) -> None:
 
 
 def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int, rounds: int, warmup: int,
-          command: str, quick: bool = False, slow_max_experts: int | None = None, clock: str = "wall") -> dict:
+          command: str, quick: bool = False, slow_max_experts: int | None = None, clock: str = "wall",
+          process_per: str = "case") -> dict:
     try:
         import transformers
         tf_version = transformers.__version__
@@ -406,7 +426,7 @@ def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "quick": quick,
         "grad_policy": "none" if _SET_TO_NONE["value"] else "reuse", "slow_max_experts": slow_max_experts,
-        "clock": clock,
+        "clock": clock, "process_per": process_per,
     }
 
 
@@ -428,7 +448,8 @@ def run_benchmark(
     if measure_memory:
         add_peak_memory(cases, threads)
     if out_dir is not None:
-        write_results(cases, out_dir, _meta(cases, tokens, d_model, d_ff, threads, rounds, warmup, command))
+        write_results(cases, out_dir, _meta(cases, tokens, d_model, d_ff, threads, rounds, warmup, command,
+                                              process_per="caller"))
         print(f"results written to {out_dir}/layer_throughput.md")
     return cases
 

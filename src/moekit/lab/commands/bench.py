@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--allocators", nargs="+", default=["default", "tuned"], choices=["default", "tuned"],
-        help="glibc malloc settings, each timed in its own fresh process (default: both)",
+        help="glibc malloc settings, each case timed in its own fresh process (default: both)",
     )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"what to time (default all: {' '.join(VARIANTS)})")
