@@ -317,3 +317,33 @@ def test_run_allocators_rejects_top_k_above_experts_before_timing(monkeypatch):
     monkeypatch.setattr(layer.subprocess, "run", no_child)
     with pytest.raises(ConfigError, match="top_k=2 must be <= num_experts=1"):
         layer.run_allocators([8, 1], [2], 16, 8, 16, rounds=1, threads=1)
+
+
+def test_layer_profile_script_tiny(tmp_path):
+    """benchmarks/layer_profile.py on tiny shapes: GEMM calls counted exactly, the step split into GEMM and other
+    time, and the bounds computed from the table's own figures."""
+    script = _load_script("layer_profile")
+    E, D, F, S = 4, 16, 32, 64
+    hf = importlib.util.find_spec("transformers") is not None
+    variants = ["moe", "dense"] + (["hf_grouped"] if hf else [])
+    assert script.main(["--experts", str(E), "--top-k", "2", "--tokens", str(S), "--d-model", str(D), "--d-ff", str(F),
+                        "--rounds", "2", "--allocator", "default", "--variants", *variants,
+                        "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "layer_profile.json").read_text())["rows"]
+    moe, dense = row["variants"]["moe"], row["variants"]["dense"]
+    # moekit: 7 GEMMs per expert (forward gate|up and down; backward: the down projection's input and weight
+    # gradients, the gate and up weight gradients apart, their joint input gradient), every expert holding rows of
+    # 64 tokens x 2 choices, plus the router's forward, input and weight gradients: 7 * 4 + 3 = 31.
+    assert moe["gemm_calls"] == 7 * E + 3
+    assert dense["gemm_calls"] == 9  # gate, up, down forward; an input and a weight gradient for each
+    for s in row["variants"].values():
+        assert s["total_ms"] == pytest.approx(s["gemm_ms"] + s["other_ms"], rel=1e-6, abs=1e-6)
+        assert all(name not in script.GEMM_OPS for name, _ in s["top_other"])
+    b = row["bounds"]
+    assert b["moe_over_dense"] == pytest.approx(moe["total_ms"] / dense["total_ms"])
+    if hf:
+        assert b["hf_over_1_2_ms"] == pytest.approx(row["variants"]["hf_grouped"]["total_ms"] / 1.2)
+        assert b["best_hf_over_moe_gemms_only"] == pytest.approx(row["variants"]["hf_grouped"]["total_ms"]
+                                                                  / moe["gemm_ms"])
+    md = (tmp_path / "layer_profile.md").read_text()
+    assert f"| {E} | 2 | moe | {moe['total_ms']:.0f} | {moe['gemm_ms']:.0f} | {7 * E + 3} |" in md
