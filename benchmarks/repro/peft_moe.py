@@ -17,7 +17,9 @@ Setup (``moekit finetune``'s dual-encoder multiple-choice scorer, docs/ALGORITHM
   is an error, nothing is downloaded); BIG-bench inputs lose a preamble shared by a whole task (``drop_preamble``).
 - Phase 1, learning-rate sweep on the development split (a tenth of each seen task's keys, disjoint from test;
   50 examples per task), seed 0: each method at 3 learning rates (``LRS``), chosen by the dev mean over seen tasks
-  at the end of training.
+  at the end of training. When the best of a method's grid is its highest or lowest point, the grid gains the next
+  half-decade point beyond it and the sweep runs again, at most ``MAX_EXTEND`` (2) times per method: a choice at
+  the grid's end would say only that the best lr lies beyond it.
 - Phase 2: each method at its chosen lr with ``--seeds`` seeds (seed 0 is the phase-1 run, scored on test from its
   saved tensors; seed s changes the split and the initialisation, and every method of seed s shares them, so
   predictions pair by (seed, task, example)); the frozen encoder (zero-shot) and a logistic-regression probe on it
@@ -54,7 +56,8 @@ Where the defaults fall short of the reproduction standard (docs/RESULTS.md prea
   (12.7 x the standard error); the paired item-level tests carry the comparisons.
 - 200 steps of 16 examples (about 460 examples per seen task), a little over the hour: whether that is enough is
   measured (the last-quarter dev gain), not assumed; ``--steps 400`` costs about 2 h.
-- The lr grid has 3 points per method, at one seed; a chosen lr at the edge of its grid is flagged.
+- The lr grid has 3 points per method (up to 5 where extended), at one seed; a chosen lr still at the edge of its
+  grid after the extensions is flagged.
 - analytic_entailment has 70 items and entailed_polarity 148: all of them are scored, fewer than 300.
 - One backbone (MiniLM-L6, 22.7 M) with a cosine dual-encoder scorer instead of T5 with a generative scorer.
 
@@ -108,6 +111,19 @@ COMPARISONS = [
 ]
 MARGIN = 0.02
 ROUTED = ("mov10", "molora10")
+# Points a method's grid may gain beyond LRS when its best dev mean sits at an end of the grid (one per round).
+MAX_EXTEND = 2
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The next point of the half-decade grid 1, 3, 10, 30, ... (times a power of ten) above or below ``lr``."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = lr / 10**e
+    if up:
+        nxt = 3 * 10**e if m < 2 else 10 ** (e + 1)
+    else:
+        nxt = 10**e if m >= 2 else 3 * 10 ** (e - 1)
+    return float(f"{nxt:.1e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,17 +234,31 @@ def study(args: argparse.Namespace) -> dict:
         raise SystemExit(f"task(s) {missing} are not in the local cache; the study never downloads (fetch them "
                          f"once as docs/DATA.md section 6 says, or name other tasks with --seen / --heldout)")
     runs = Path(args.runs)
-    lrs = {m: LRS[m][:1] if args.one_lr else LRS[m] for m in args.methods}
-    sweep_keys = [(m, lr) for m in args.methods for lr in lrs[m]]
-    jobs = [(str(runs / f"sweep-{m}-lr{lr:g}-seed0"),
-             {**base, **METHODS[m], "lr": lr, "seed": 0, "splits": ["dev"], "save_trainable": True,
-              "name": f"{m}-lr{lr:g}"}, ["dev"]) for m, lr in sweep_keys]
-    sweep_cfg = {j[0]: j[1] for j in jobs}
-    log(f"phase 1: {len(jobs)} sweep runs on the dev split, {args.jobs} at a time")
-    sweep_res = _run_all(jobs, args.jobs)
+    lrs = {m: list(LRS[m][:1] if args.one_lr else LRS[m]) for m in args.methods}
+    sweep_cfg: dict[str, dict] = {}
+    sweep_done: dict[tuple[str, float], dict] = {}
+    for _ in range(1 + (0 if args.one_lr else MAX_EXTEND)):
+        todo = [(m, lr) for m in args.methods for lr in lrs[m] if (m, lr) not in sweep_done]
+        if not todo:
+            break
+        jobs = [(str(runs / f"sweep-{m}-lr{lr:g}-seed0"),
+                 {**base, **METHODS[m], "lr": lr, "seed": 0, "splits": ["dev"], "save_trainable": True,
+                  "name": f"{m}-lr{lr:g}"}, ["dev"]) for m, lr in todo]
+        sweep_cfg.update({j[0]: j[1] for j in jobs})
+        log(f"phase 1: {len(jobs)} sweep runs on the dev split, {args.jobs} at a time")
+        sweep_done.update(zip(todo, _run_all(jobs, args.jobs), strict=True))
+        for m in args.methods:  # a grid whose best point is an end gets the next point beyond it
+            if len(lrs[m]) - len(LRS[m]) >= MAX_EXTEND:
+                continue
+            grid = sorted(lrs[m])
+            best = max(grid, key=lambda lr: sweep_done[m, lr]["splits"]["dev"]["seen_mean"])
+            if len(grid) > 1 and best in (grid[0], grid[-1]):
+                lrs[m].append(next_lr(best, up=best == grid[-1]))
+                log(f"{m}: best dev mean at the grid's end ({best:g}); adding {lrs[m][-1]:g}")
+    sweep_keys = sorted(sweep_done, key=lambda k: (args.methods.index(k[0]), k[1]))
     sweep = [{"method": m, "lr": lr, "dev_mean": r["splits"]["dev"]["seen_mean"], "curve": r.get("curve", []),
               "train_time_s": r["train_time_s"], "run_dir": r["run_dir"]}
-             for (m, lr), r in zip(sweep_keys, sweep_res, strict=True)]
+             for (m, lr), r in ((k, sweep_done[k]) for k in sweep_keys)]
     chosen = {m: max((s for s in sweep if s["method"] == m), key=lambda s: s["dev_mean"])["lr"] for m in args.methods}
     log(f"chosen learning rates: {chosen}")
     jobs, keys = [], []
@@ -435,6 +465,7 @@ def render(result: dict, stats: dict) -> str:
     cfg = result["config"]
     seen, held = cfg["seen_tasks"], cfg["heldout_tasks"]
     n_seeds = len(stats["seeds"])
+    n_lrs = max((len(s["rows"]) for s in stats["sweep"].values()), default=0)
     lines = [HEADING, "", "```sh", "python benchmarks/repro/peft_moe.py " + cfg.get("command", ""), "```", "",
              f"MiniLM-L6 encoder, dual-encoder multiple-choice scorer; AdamW, {cfg['warmup_steps']} warm-up steps then "
              f"a constant learning rate, {cfg['steps']} steps of 16 examples; seen tasks {', '.join(seen)}; held-out "
@@ -445,10 +476,10 @@ def render(result: dict, stats: dict) -> str:
              "Held-out tasks: balanced accuracy after calibration against content-free inputs (chance = 1 / "
              "classes).", "",
              "### Learning-rate sweep (dev mean accuracy over seen tasks, seed 0)", "",
-             "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen | at the grid's edge |",
-             "|---|---|---|---|---|---|"]
+             "| method | " + " | ".join(f"lr {i + 1}" for i in range(n_lrs)) + " | chosen | at the grid's edge |",
+             "|---|" + "---|" * (n_lrs + 2)]
     for m, s in stats["sweep"].items():
-        cells = [f"{lr:g}: {v:.3f}" for lr, v in s["rows"]] + ["-"] * (3 - len(s["rows"]))
+        cells = [f"{lr:g}: {v:.3f}" for lr, v in s["rows"]] + ["-"] * (n_lrs - len(s["rows"]))
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {s['best']:g} | {'yes' if s['edge'] else 'no'} |")
     lines += ["", "### Test accuracy", "",
               "| method | lr | trainable | seen mean | held-out calibrated balanced acc. | held-out uncalibrated "

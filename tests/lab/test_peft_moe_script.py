@@ -147,3 +147,48 @@ def test_report_and_files(script, tmp_path):
     assert script.main(["--out", str(tmp_path), "--section", str(md)]) == 0
     body = md.read_text()
     assert "## Other\n\ntext\n" in body and script.HEADING in body and "](lr_sweep.png)" in body
+
+
+def test_next_lr_walks_the_half_decade_grid(script):
+    assert [script.next_lr(x, up=True) for x in (1e-4, 3e-4, 3e-2, 1e-3)] == [3e-4, 1e-3, 1e-1, 3e-3]
+    assert [script.next_lr(x, up=False) for x in (1e-5, 3e-4, 3e-3, 1.0)] == [3e-6, 1e-4, 1e-3, 0.3]
+
+
+def test_sweep_extends_a_grid_whose_best_point_is_an_end(script, monkeypatch, tmp_path):
+    """The sweep adds the next half-decade point beyond an end that wins, reruns, and stops after MAX_EXTEND points
+    or once the best is inside the grid; phase 2 then trains at the final choice."""
+    import argparse
+
+    import moekit.lab.adapters.tasks as tasks
+
+    # Made-up dev means, falling with the distance in decades from a peak: full fine-tuning peaks at 3e-4 (one
+    # point beyond its grid: found, then confirmed by the point after it), (IA)3 keeps rising (the cap stops it at
+    # 0.3, two points beyond 0.03), LoRA peaks inside its grid at 1e-3.
+    peak = {"full": 3e-4, "ia3": 10.0, "lora": 1e-3}
+    calls = []
+
+    def fake_run_all(jobs, workers):
+        calls.append([j[0].rsplit("/", 1)[-1] for j in jobs])
+        out = []
+        for run_dir, cfg, _ in jobs:
+            lr = cfg.get("lr")
+            dev = -abs(math.log10(lr) - math.log10(peak[cfg["method"]])) if lr else 0.0
+            out.append({"splits": {"dev": {"seen_mean": dev}}, "train_time_s": 1.0, "run_dir": run_dir, "lr": lr,
+                        "trainable_params": 1, "trainable_fraction": 0.1})
+        return out
+
+    monkeypatch.setattr(script, "_run_all", fake_run_all)
+    monkeypatch.setattr(tasks, "missing_offline", lambda names: [])
+    args = argparse.Namespace(runs=str(tmp_path), seeds=2, steps=8, jobs=2, n_test=10, n_dev=5, routing_items=4,
+                              methods=list(peak), one_lr=False, seen=None, heldout=None, model=None, section=None,
+                              out=str(tmp_path))
+    result = script.study(args)
+    assert calls[:3] == [
+        [f"sweep-{m}-lr{lr:g}-seed0" for m in peak for lr in script.LRS[m]],
+        ["sweep-full-lr0.0003-seed0", "sweep-ia3-lr0.1-seed0"],  # both ends won: one more point each
+        ["sweep-full-lr0.001-seed0", "sweep-ia3-lr0.3-seed0"],  # both new points won again: the last extension
+    ]
+    assert result["chosen"] == {"full": 3e-4, "ia3": 0.3, "lora": 1e-3}
+    assert [s["lr"] for s in result["sweep"] if s["method"] == "full"] == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    assert [s["lr"] for s in result["sweep"] if s["method"] == "ia3"] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
+    assert "full-lr0.0003-seed1" in calls[3] and "ia3-lr0.3-seed1" in calls[3]
