@@ -21,9 +21,7 @@ experts, checked equal to moekit's output first) and ``dense`` (the FFN with the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +29,16 @@ from pathlib import Path
 import torch
 
 from moekit.atomic import atomic_write_text
-from moekit.lab.bench.layer import Case, _step, _zero, build_variant, check_agreement, make_inputs, measure_peak
+from moekit.lab.bench.layer import (
+    Case,
+    _step,
+    _zero,
+    build_variant,
+    check_agreement,
+    make_inputs,
+    measure_peak,
+    script_meta,
+)
 from moekit.lab.bench.peers import hf_unavailable
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,15 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(act, E, k, v, row["live_mib"][v], row["rss_mib"].get(v, ""), flush=True)
                 rows.append(row)
     meta = {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "dtype": "float32",
-            "torch": torch.__version__, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python benchmarks/layer_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    try:
-        import transformers
-
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        meta["transformers"] = None
+            **script_meta("layer_memory.py", argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "layer_memory.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     atomic_write_text(args.out / "layer_memory.md", render(meta, rows, variants))

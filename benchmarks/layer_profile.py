@@ -24,9 +24,7 @@ settings. Writes ``layer_profile.{json,md}`` into ``--out`` (default benchmarks/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +32,15 @@ from pathlib import Path
 import torch
 
 from moekit.atomic import atomic_write_text
-from moekit.lab.bench.layer import Case, _step, _zero, build_variant, check_agreement, make_inputs
+from moekit.lab.bench.layer import (
+    Case,
+    _step,
+    _zero,
+    build_variant,
+    check_agreement,
+    make_inputs,
+    script_meta,
+)
 from moekit.lab.bench.peers import hf_unavailable
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -176,16 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"experts": E, "top_k": k, "variants": result, "bounds": bounds(result)})
             print(E, k, {v: round(s["total_ms"]) for v, s in result.items()}, flush=True)
     meta = {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "activation": args.activation,
-            "allocator": args.allocator, "rounds": args.rounds, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-            "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python benchmarks/layer_profile.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    try:
-        import transformers
-
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        meta["transformers"] = None
+            "allocator": args.allocator, "rounds": args.rounds, **script_meta("layer_profile.py", argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "layer_profile.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     atomic_write_text(args.out / "layer_profile.md", render(meta, rows))
