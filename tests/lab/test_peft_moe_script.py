@@ -113,9 +113,14 @@ def test_analysis_on_hand_made_predictions(script):
     assert comp["ia3", "full", "seen"]["verdict"] == "reproduced"  # 40 only full right, paper side -1
     assert comp["lora", "full", "seen"]["verdict"] == "-"
     held = comp["mov10", "ia3", "held-out"]
-    assert (held["a_only"], held["b_only"]) == (20, 0)  # calibrated answers 20 vs 10 right per seed
+    # Calibrated, per seed: MoV right on 20 of the 25 gold-x items, (IA)3 on 10, neither on gold y: balanced
+    # 0.4 - 0.2 = +0.2 in both seeds; every resample keeps MoV's 10 extra x items ahead.
+    assert held["n"] == 100 and held["diff"] == pytest.approx(0.2)
+    assert 0 < held["low"] < 0.2 < held["high"] and held["p"] == 0.0 and held["verdict"] == "reproduced"
     transfer = {c["a"]: c for c in stats["transfer"]}
-    assert transfer["full"]["a_only"] == 30 and transfer["full"]["verdict"] == "reproduced"
+    # full 20 against frozen 5 of the gold-x items: 0.4 - 0.1 = +0.3.
+    assert transfer["full"]["diff"] == pytest.approx(0.3) and transfer["full"]["verdict"] == "reproduced"
+    assert comp["lora", "full", "held-out"]["verdict"] == "-"
     r = stats["routing"]
     # MoV: 4 sites x 2 seeds all above the null: sign test 2 / 2^8 = 0.0078; MoLoRA equal to its null: no sign.
     assert (r["mov10"]["sites_up"], r["mov10"]["sites_down"]) == (8, 0)
@@ -134,8 +139,11 @@ def test_report_and_files(script, tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith(script.HEADING + "\n")
     # 38 discordant pairs, all for MoV: diff 0.19, se sqrt(38 - 38^2 / 200) / 200 = 0.0276, p = 2 / 2^38.
-    assert ("| MoV-10 vs (IA)3 | seen | 200 | 38 | 0 | +0.190 ± 0.054 | 7.3e-12 | MoV-10 beats (IA)3 | reproduced |"
+    assert ("| MoV-10 vs (IA)3 | 200 | 38 | 0 | +0.190 ± 0.054 | 7.3e-12 | MoV-10 beats (IA)3 | reproduced |"
             in text)
+    held = next(c for c in stats["comparisons"] if (c["a"], c["b"], c["split"]) == ("mov10", "ia3", "held-out"))
+    assert (f"| MoV-10 vs (IA)3 | 100 | +0.200 [{held['low']:+.3f}, {held['high']:+.3f}] | < 0.0005 | "
+            "MoV-10 beats (IA)3 | reproduced |") in text
     assert "| (IA)3 | 0.003: 0.500 | 0.01: 0.600 | 0.03: 0.550 | 0.01 | no |" in text
     for name in ("lr_sweep.png", "accuracy.png", "learning_curves.png", "runs.csv"):
         assert (tmp_path / name).stat().st_size > 100
@@ -192,3 +200,32 @@ def test_sweep_extends_a_grid_whose_best_point_is_an_end(script, monkeypatch, tm
     assert [s["lr"] for s in result["sweep"] if s["method"] == "full"] == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
     assert [s["lr"] for s in result["sweep"] if s["method"] == "ia3"] == [3e-3, 1e-2, 3e-2, 0.1, 0.3]
     assert "full-lr0.0003-seed1" in calls[3] and "ia3-lr0.3-seed1" in calls[3]
+
+
+def test_paired_bootstrap_balanced_golden_values(script):
+    # Identical answers: every resampled difference is 0, so the interval is [0, 0] and p = 1.
+    gold = ["x"] * 8 + ["y"] * 2
+    same = script.paired_bootstrap_balanced([(gold, gold[:5] + ["y"] * 5, gold[:5] + ["y"] * 5)], resamples=200)
+    assert (same["diff"], same["low"], same["high"], same["p"]) == (0.0, 0.0, 0.0, 1.0)
+    # a always right (balanced 1), b always "x" (recall x 1, y 0: balanced 0.5): the difference is 0.5 in every
+    # resample that holds a y item, and 1 - 1 = 0 in one that holds none (10 draws miss both y items with
+    # probability 0.8^10 = 0.107), so the interval's top is 0.5 and p = 2 x that share.
+    r = script.paired_bootstrap_balanced([(gold, gold, ["x"] * 10)], resamples=4000)
+    assert r["diff"] == pytest.approx(0.5) and r["high"] == pytest.approx(0.5) and r["low"] == 0.0
+    assert r["p"] == pytest.approx(2 * 0.8**10, abs=0.03)
+    # Plain accuracy favours b, balanced accuracy a: gold 80 x / 20 y; a gets 48 of the x and 16 of the y right
+    # (accuracy 0.64, balanced (0.6 + 0.8) / 2 = 0.7), b answers x throughout (accuracy 0.8, balanced 0.5).
+    gold = ["x"] * 80 + ["y"] * 20
+    a = ["x"] * 48 + ["y"] * 32 + ["y"] * 16 + ["x"] * 4
+    r = script.paired_bootstrap_balanced([(gold, a, ["x"] * 100)])
+    assert r["diff"] == pytest.approx(0.2) and r["low"] > 0 and r["p"] < 0.05
+    plain = script.paired_difference([x == g for x, g in zip(a, gold, strict=True)], [g == "x" for g in gold])
+    assert plain["diff"] == pytest.approx(0.64 - 0.8)
+    # Two strata average: +0.2 and 0 give +0.1.
+    both = script.paired_bootstrap_balanced([(gold, a, ["x"] * 100), (gold, gold, gold)])
+    assert both["diff"] == pytest.approx(0.1) and both["n"] == 200
+    assert script.interval_verdict(0.01, 0.2, +1) == "reproduced"
+    assert script.interval_verdict(-0.2, -0.01, +1) == "contradicted"
+    assert script.interval_verdict(-0.015, 0.03, 0) == "reproduced"  # above the -0.02 margin
+    assert script.interval_verdict(-0.05, -0.03, 0) == "contradicted"
+    assert script.interval_verdict(-0.05, 0.01, -1) == "not resolved at this scale"
