@@ -61,7 +61,8 @@ def profile_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -
 
 
 def summarise(ops_per_round: list[dict[str, tuple[float, int]]]) -> dict:
-    """Medians over rounds: the step's total, its GEMM time and calls, the rest, and the costliest other ops."""
+    """Medians over rounds: the step's total, its GEMM time and calls, the rest (the difference of the two medians),
+    and the costliest other ops (each op's median)."""
     totals = [sum(ms for ms, _ in ops.values()) for ops in ops_per_round]
     gemm = [sum(ops[k][0] for k in GEMM_OPS if k in ops) for ops in ops_per_round]
     calls = [sum(ops[k][1] for k in GEMM_OPS if k in ops) for ops in ops_per_round]
@@ -71,7 +72,8 @@ def summarise(ops_per_round: list[dict[str, tuple[float, int]]]) -> dict:
     return {
         "total_ms": statistics.median(totals), "gemm_ms": statistics.median(gemm),
         "gemm_calls": int(statistics.median(calls)),
-        "other_ms": statistics.median(t - g for t, g in zip(totals, gemm, strict=True)),
+        # step minus GEMM of the medians, so that the three columns add up in the table
+        "other_ms": statistics.median(totals) - statistics.median(gemm),
         "top_other": [[k, round(v, 2)] for k, v in top], "rounds_total_ms": [round(t, 1) for t in totals],
     }
 
