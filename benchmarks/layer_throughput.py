@@ -3,9 +3,9 @@
 Run: ``python benchmarks/layer_throughput.py [moekit bench options]``. Unlike ``moekit bench`` (which writes to a new
 ``runs/bench-<time>/`` folder), this script is how the committed ``benchmarks/results/layer_throughput.{md,json}``
 of this repository are regenerated: it passes ``--out <repository>/benchmarks/results`` unless ``--out`` is given.
-The committed results were made with the equivalent ``moekit bench --out benchmarks/results --activations swiglu
---variants moe dense hf_grouped hf_eager --slow-peers-max-experts 8 --rounds 3 --warmup 1 --no-memory`` (a scope
-cut to what a shared, heavily loaded 2-core machine could run in the time; see their header for date and machine).
+The committed results were made with ``python benchmarks/layer_throughput.py --activations swiglu geglu
+--variants moe dense hf_grouped hf_eager --slow-peers-max-experts 8`` on a 2-core machine with nothing else running
+(about 30 minutes; see their header for date and machine).
 """
 
 import sys
