@@ -11,14 +11,16 @@ bounds that follow:
   at these sizes; grouped GEMMs over E experts (about k * S / E rows each) run at or below it;
 - ``moe GEMMs``: moekit's own GEMM time, what is left when every other op costs nothing.
 
-If ``HF / 1.2`` lies below both GEMM figures, no change outside the GEMM kernel can reach 1.2x. The variants run
-one step each per round, interleaved over ``--rounds`` rounds after two warm-up steps each, in one process with one
-thread; the figures are medians over rounds of the profiler's self CPU time (so a step's time here includes the
-profiler's own overhead per op, a few per cent for the many small ops of the grouped paths). ``--allocator tuned``
-(default) applies ``moekit.lab.runtime.tune_malloc`` first, as a tuned training run does; ``default`` keeps glibc's
-settings. Writes ``layer_profile.{json,md}`` into ``--out`` (default benchmarks/results).
+If ``HF / 1.2`` lies below both GEMM figures, no change outside the GEMM kernel can reach 1.2x. The variants run one
+step each per round, interleaved over ``--rounds`` rounds after two warm-up steps each, in one process with one
+thread unless ``--threads`` says more; the figures are medians over rounds of the profiler's self CPU time (so a
+step's time here includes the profiler's own overhead per op, a few per cent for the many small ops of the grouped
+paths). ``--allocator tuned`` (default) applies ``moekit.lab.runtime.tune_malloc`` first, as a tuned training run
+does; ``default`` keeps glibc's settings. Writes ``layer_profile.{json,md}`` into ``--out`` (default
+benchmarks/results).
 
     .venv/bin/python benchmarks/layer_profile.py [--experts 8 64] [--top-k 2] [--rounds 3] [--allocator tuned]
+        [--threads 1] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def render(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# Where an MoE layer step's CPU time goes (per-op profile)", "",
         f"{meta['tokens']} tokens, d_model {meta['d_model']}, d_ff {meta['d_ff']}, {meta['activation']}, float32, "
-        f"1 thread, allocator {meta['allocator']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"{meta.get('threads', 1)} thread(s), allocator {meta['allocator']}, torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, "
         f"{meta['machine']}, measured {meta['when']}, median of {meta['rounds']} interleaved rounds of one profiled "
         f"forward + backward step each. Command: `{meta['command']}`.", "",
         "Self CPU ms per step. *GEMM*: `aten::mm` and `aten::addmm`, where every variant's matmuls end on CPU. "
@@ -158,18 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--allocator", default="tuned", choices=["tuned", "default"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1; with more, an op's self time is the wall time the calling "
+                        "thread spends in it, the other threads' work included)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if "moe" not in args.variants or "dense" not in args.variants:
         p.error("--variants must include moe and dense (the bounds are theirs)")
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.allocator == "tuned":
         from moekit.lab.runtime import tune_malloc
 
         if not tune_malloc():
             p.error("--allocator tuned: tune_malloc() could not tune this libc")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     variants = list(args.variants)
     if hf_unavailable(args.activation) and any(v.startswith("hf_") for v in variants):
         print(f"transformers peers skipped: {hf_unavailable(args.activation)}", file=sys.stderr)
@@ -184,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"experts": E, "top_k": k, "variants": result, "bounds": bounds(result)})
             print(E, k, {v: round(s["total_ms"]) for v, s in result.items()}, flush=True)
     meta = {"tokens": args.tokens, "d_model": args.d_model, "d_ff": args.d_ff, "activation": args.activation,
-            "allocator": args.allocator, "rounds": args.rounds, **script_meta("layer_profile.py", argv)}
+            "allocator": args.allocator, "rounds": args.rounds, "threads": args.threads,
+            **script_meta("layer_profile.py", argv)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "layer_profile.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     atomic_write_text(args.out / "layer_profile.md", render(meta, rows))
