@@ -93,12 +93,17 @@ def write_outputs(out: Path, result: dict, stats: dict, markdown: str, rows: lis
 
 
 def verdict(mean: float, half: float, paper_side: int) -> str:
-    """The reading of a paired difference's 95 % interval against the paper's side (``-1``: the paper expects it
-    below zero, ``+1``: above)."""
+    """The reading of a paired difference's 95 % interval ``mean ± half`` against the paper's side (``-1``: the
+    paper expects it below zero, ``+1``: above)."""
+    return verdict_of_interval(mean - half, mean + half, paper_side)
+
+
+def verdict_of_interval(low: float, high: float, paper_side: int) -> str:
+    """:func:`verdict` for any interval ``[low, high]`` (e.g. a bootstrap percentile interval); nan bounds read as
+    not resolved."""
     if paper_side not in (-1, 1):
         raise ValueError(f"paper_side must be -1 or +1, got {paper_side}")
-    low, high = mean - half, mean + half
-    if math.isnan(half):
+    if math.isnan(low) or math.isnan(high):
         return "not resolved at this scale"
     if (high < 0 and paper_side < 0) or (low > 0 and paper_side > 0):
         return "reproduced"

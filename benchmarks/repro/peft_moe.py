@@ -93,7 +93,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import count_verdict, interval, verdict, wrap_markdown  # noqa: E402
+from _report import count_verdict, interval, verdict, verdict_of_interval, wrap_markdown  # noqa: E402
 from _runs import log, study_main  # noqa: E402
 
 HEADING = "## MoV / MoLoRA against (IA)3, LoRA and full fine-tuning (parameter-efficient MoE paper, Table 1)"
@@ -165,13 +165,7 @@ def paired_difference(correct_a: list[bool], correct_b: list[bool]) -> dict:
 def parity_verdict(diff: float, half: float, margin: float = MARGIN) -> str:
     """Non-inferiority: reproduced when the interval of (method - reference) lies above ``-margin``, contradicted
     when it lies below ``-margin``."""
-    if math.isnan(diff) or math.isnan(half):
-        return "not resolved at this scale"
-    if diff - half > -margin:
-        return "reproduced"
-    if diff + half < -margin:
-        return "contradicted"
-    return "not resolved at this scale"
+    return interval_verdict(diff - half, diff + half, 0, margin)
 
 
 BOOTSTRAP_RESAMPLES = 4000
@@ -216,17 +210,13 @@ def paired_bootstrap_balanced(strata: list[tuple[list[str], list[str], list[str]
 
 
 def interval_verdict(low: float, high: float, side: int, margin: float = MARGIN) -> str:
-    """The reading of an interval ``[low, high]`` of (method - reference): ``side`` +1 / -1 as :func:`verdict`,
-    0 a parity claim with ``margin`` as :func:`parity_verdict`."""
+    """The reading of an interval ``[low, high]`` of (method - reference): ``side`` +1 / -1 as ``_report``'s
+    :func:`verdict_of_interval`, 0 a parity claim: reproduced above ``-margin``, contradicted below it."""
+    if side != 0:
+        return verdict_of_interval(low, high, side)
     if math.isnan(low) or math.isnan(high):
         return "not resolved at this scale"
-    if side == 0:
-        return "reproduced" if low > -margin else "contradicted" if high < -margin else "not resolved at this scale"
-    if (low > 0 and side > 0) or (high < 0 and side < 0):
-        return "reproduced"
-    if (low > 0 and side < 0) or (high < 0 and side > 0):
-        return "contradicted"
-    return "not resolved at this scale"
+    return "reproduced" if low > -margin else "contradicted" if high < -margin else "not resolved at this scale"
 
 
 def balanced_accuracy(gold: list[str], pred: list[str]) -> float:
@@ -298,7 +288,7 @@ def study(args: argparse.Namespace) -> dict:
     lrs = {m: list(LRS[m][:1] if args.one_lr else LRS[m]) for m in args.methods}
     sweep_cfg: dict[str, dict] = {}
     sweep_done: dict[tuple[str, float], dict] = {}
-    for _ in range(1 + (0 if args.one_lr else MAX_EXTEND)):
+    for _ in range(1 + MAX_EXTEND):  # a one-point grid (--one-lr) has no end to extend
         todo = [(m, lr) for m in args.methods for lr in lrs[m] if (m, lr) not in sweep_done]
         if not todo:
             break

@@ -411,14 +411,17 @@ def write_results(cases: list[Case], out_dir: Path, meta: dict) -> None:
     atomic_write_text(out_dir / "layer_throughput.md", render_markdown(cases, meta))
 
 
-def script_meta(script: str, argv: list[str] | None) -> dict:
-    """What a benchmark script records about its run: versions, machine, UTC time and the command line."""
+def _transformers_version() -> str | None:
     try:
         import transformers
-        tf_version: str | None = transformers.__version__
     except ImportError:
-        tf_version = None
-    return {"torch": torch.__version__, "transformers": tf_version,
+        return None
+    return transformers.__version__
+
+
+def script_meta(script: str, argv: list[str] | None) -> dict:
+    """What a benchmark script records about its run: versions, machine, UTC time and the command line."""
+    return {"torch": torch.__version__, "transformers": _transformers_version(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -427,11 +430,7 @@ def script_meta(script: str, argv: list[str] | None) -> dict:
 def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int, rounds: int, warmup: int,
           command: str, quick: bool = False, slow_max_experts: int | None = None, clock: str = "wall",
           process_per: str = "case") -> dict:
-    try:
-        import transformers
-        tf_version = transformers.__version__
-    except ImportError:
-        tf_version = "not installed"
+    tf_version = _transformers_version() or "not installed"
     return {
         "tokens": tokens, "d_model": d_model, "d_ff": d_ff, "activations": sorted({c.activation for c in cases}),
         "allocators": sorted({c.malloc for c in cases}), "threads": threads, "rounds": rounds, "warmup": warmup,
