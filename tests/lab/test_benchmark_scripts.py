@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moekit.lab.bench.layer import run_benchmark
+from moekit.lab.bench.layer import command_line, run_benchmark
 from moekit.lab.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -347,3 +347,10 @@ def test_layer_profile_script_tiny(tmp_path):
                                                                   / moe["gemm_ms"])
     md = (tmp_path / "layer_profile.md").read_text()
     assert f"| {E} | 2 | moe | {moe['total_ms']:.0f} | {moe['gemm_ms']:.0f} | {7 * E + 3} |" in md
+
+
+def test_results_record_the_command_as_it_was_typed():
+    assert command_line(["/x/bin/moekit", "bench", "--quick"]) == "moekit bench --quick"
+    assert command_line(["/x/moekit/__main__.py", "bench", "--rounds", "3"]) == "moekit bench --rounds 3"
+    assert (command_line(["benchmarks/layer_throughput.py", "--experts", "8"])
+            == "python benchmarks/layer_throughput.py --experts 8")

@@ -419,6 +419,14 @@ def _transformers_version() -> str | None:
     return transformers.__version__
 
 
+def command_line(argv: list[str]) -> str:
+    """How the results say they were made: ``moekit bench ...`` from the command line, ``python <script> ...`` from a
+    benchmark script (whose ``sys.argv[0]`` is the script's path)."""
+    if argv[1:2] == ["bench"]:
+        return "moekit bench " + " ".join(argv[2:])
+    return " ".join(["python", *argv] if argv[0].endswith(".py") else argv)
+
+
 def script_meta(script: str, argv: list[str] | None) -> dict:
     """What a benchmark script records about its run: versions, machine, UTC time and the command line."""
     return {"torch": torch.__version__, "transformers": _transformers_version(),
@@ -522,7 +530,7 @@ def main_from_args(args: argparse.Namespace) -> int:
                           f"got --threads {args.threads}")
     _SET_TO_NONE["value"] = args.grad_policy == "none"
     out = Path(args.out) if args.out else new_run_dir()
-    command = "moekit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
+    command = command_line(sys.argv)
     print(f"sizes: {tokens} tokens, d_model {d_model}, d_ff {d_ff}, E {experts}, k {top_ks}, activations "
           f"{activations}, allocators {args.allocators}, {args.threads} threads; times in ms per forward + "
           f"backward step, {warmup} warm-up steps, then median (min-max) of {rounds} interleaved rounds",
