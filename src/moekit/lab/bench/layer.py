@@ -432,7 +432,7 @@ def script_meta(script: str, argv: list[str] | None) -> dict:
     return {"torch": torch.__version__, "transformers": _transformers_version(),
             "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command_line([f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])])}
 
 
 def _meta(cases: list[Case], tokens: int, d_model: int, d_ff: int, threads: int, rounds: int, warmup: int,
